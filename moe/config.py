@@ -1,0 +1,235 @@
+"""Typed configuration: frozen dataclasses loaded from YAML, with dotted overrides.
+
+A YAML file holds sections named after the fields of `Config` (`model:`, ...). A file may
+start from another with `base: other.yaml` (a path relative to the file); its keys are
+merged over the base's, section by section. Command-line overrides (`model.n_experts=4`)
+are applied last. Everything is validated here, in one place, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what is wrong and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer: dense (n_experts == 0) or sparse mixture of experts."""
+
+    vocab_size: int = 32000
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    d_ff: int = 14336  # hidden width of the dense MLP, or of each expert
+    n_experts: int = 0  # 0: dense SwiGLU MLP in every layer
+    top_k: int = 2  # experts per token (ignored when dense)
+    rope_theta: float = 10000.0
+    sliding_window: Optional[int] = None  # None: plain causal attention
+    max_seq_len: int = 32768
+    rms_norm_eps: float = 1e-5
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    moe_dispatch: Literal["auto", "dense", "ragged"] = "auto"  # see moe/model/dispatch.py
+    remat: Literal["none", "full", "save_dots"] = "none"
+    init_std: float = 0.02
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs. Later sections (train, data, mesh) sit beside `model`."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Reject every inconsistent model; each message names the field and the fix."""
+    positive = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"]
+    for name in positive:
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}) "
+            "for grouped-query attention; pick n_kv_heads among the divisors of n_heads"
+        )
+    if m.head_dim is None and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) is not divisible by model.n_heads ({m.n_heads}); "
+            "set model.head_dim explicitly"
+        )
+    head_dim = m.resolved_head_dim
+    if head_dim < 2 or head_dim % 2:
+        raise ConfigError(
+            f"model.head_dim must be a positive even number (rotary embedding rotates pairs), "
+            f"got {head_dim}"
+        )
+    if m.n_experts < 0:
+        raise ConfigError(f"model.n_experts must be >= 0 (0 means dense), got {m.n_experts}")
+    if m.n_experts == 1:
+        raise ConfigError("model.n_experts=1 is a dense model with a router; use n_experts=0")
+    if m.is_moe and not 1 <= m.top_k <= m.n_experts:
+        raise ConfigError(
+            f"model.top_k ({m.top_k}) must be between 1 and model.n_experts ({m.n_experts})"
+        )
+    if m.sliding_window is not None and m.sliding_window < 1:
+        raise ConfigError(
+            f"model.sliding_window must be >= 1 (keys attended, itself included) or null for "
+            f"plain causal attention, got {m.sliding_window}"
+        )
+    if m.rope_theta <= 0:
+        raise ConfigError(f"model.rope_theta must be > 0, got {m.rope_theta}")
+    if not 0 < m.rms_norm_eps < 1:
+        raise ConfigError(f"model.rms_norm_eps must be in (0, 1), got {m.rms_norm_eps}")
+    if m.init_std <= 0:
+        raise ConfigError(f"model.init_std must be > 0, got {m.init_std}")
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of fields, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a config file and everything it builds on (`base:`), merged into one dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config 'base' chain loops back to {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path to another config file")
+    return _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings; values are parsed as YAML (`4`, `1e-3`, `null`, `true`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        data = _merge(data, nested)
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
+    """Load, merge, override and validate a config file."""
+    return from_dict(apply_overrides(read_yaml(path), list(overrides)))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    """The resolved config as YAML; loading it back gives an equal Config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,45 @@
+"""The model as functional Flax linen modules, plus thin init/apply helpers.
+
+    params = moe.model.init(cfg, jax.random.key(0))            # plain nested dict
+    logits = moe.model.logits(cfg, params, token_ids)           # float32 [batch, seq, vocab]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from moe.config import ModelConfig
+from moe.model.transformer import Transformer
+
+
+def init_boxed(cfg: ModelConfig, rng):
+    """Params with their logical-axis metadata (nn.Partitioned leaves)."""
+    return Transformer(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init(cfg: ModelConfig, rng):
+    """Plain params: a nested dict of arrays."""
+    return nn.unbox(init_boxed(cfg, rng))
+
+
+def param_shapes(cfg: ModelConfig):
+    """ShapeDtypeStructs of every parameter, computed without allocating any weight."""
+    return nn.unbox(jax.eval_shape(lambda: init_boxed(cfg, jax.random.key(0))))
+
+
+def logical_axes(cfg: ModelConfig):
+    """The logical axis names of every parameter, as a tree of PartitionSpecs."""
+    boxed = jax.eval_shape(lambda: init_boxed(cfg, jax.random.key(0)))
+    return nn.get_partition_spec(boxed)
+
+
+def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
+    """(float32 logits [batch, seq, vocab], router stats stacked per layer)."""
+    return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def logits(cfg: ModelConfig, params, token_ids):
+    """float32 logits [batch, seq, vocab] for int token ids [batch, seq]."""
+    return apply(cfg, params, jnp.asarray(token_ids, jnp.int32))[0]

@@ -1,0 +1,76 @@
+"""Small building blocks: RMSNorm, rotary embedding (Hugging Face half layout), SwiGLU MLP.
+
+Every parameter is created with logical axis names (see moe/sharding.py for the mapping
+to mesh axes). Kernels are stored input-dimension first: y = x @ W.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from moe.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
+    """A parameter annotated with logical axis names, one per dimension."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def kernel_init(cfg: ModelConfig):
+    return nn.initializers.normal(stddev=cfg.init_std)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back to the input dtype, times the weight."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # [..., d_model]
+        scale = param_with_axes(
+            self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), DTYPES[self.cfg.param_dtype]
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """cos and sin of shape [batch, seq, head_dim] for the half layout, in float32."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [head_dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [batch, seq, head_dim]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[i], x[i + d/2]): x * cos + rotate_half(x) * sin.
+
+    x: [batch, seq, heads, head_dim]; cos, sin: [batch, seq, head_dim] (float32).
+    """
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class SwiGLU(nn.Module):
+    """Dense MLP: w2(silu(x @ w1) * (x @ w3)); w1 = gate, w3 = up, w2 = down."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # [batch, seq, d_model]
+        cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        pdt, init = DTYPES[cfg.param_dtype], kernel_init(cfg)
+        w1 = param_with_axes(self, "w1", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt)
+        w3 = param_with_axes(self, "w3", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt)
+        w2 = param_with_axes(self, "w2", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt)
+        x = x.astype(dtype)
+        h = nn.silu(x @ w1.astype(dtype)) * (x @ w3.astype(dtype))  # [batch, seq, d_ff]
+        return h @ w2.astype(dtype)

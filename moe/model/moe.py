@@ -1,0 +1,90 @@
+"""The sparse MoE block: router, top-k, renormalized weights, SwiGLU experts, aux statistics.
+
+Router numerics follow Mixtral: logits = x @ W_gate (no bias), softmax in float32, take the
+top-k probabilities and renormalize them to sum to 1.
+
+The block also returns per-layer sums from which the losses are formed over any set of
+tokens, layers and devices (sums reduce; means do not):
+  expert_counts [E]  top-k assignments per expert        (-> f_e of the balancing loss)
+  prob_sum      [E]  router probabilities summed over tokens (-> P_e)
+  z_sum         []   sum of logsumexp(router logits)^2   (-> router z-loss)
+  n_tokens      []   tokens counted (padding excluded)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from moe.config import ModelConfig
+from moe.model import dispatch as dispatch_lib
+from moe.model.layers import DTYPES, kernel_init, param_with_axes
+
+
+def route(logits_te, top_k: int):
+    """float32 softmax over experts, top-k, renormalized. Returns (probs, weights, indices)."""
+    probs_te = jax.nn.softmax(logits_te.astype(jnp.float32), axis=-1)
+    weight_tk, expert_idx_tk = jax.lax.top_k(probs_te, top_k)
+    weight_tk = weight_tk / jnp.sum(weight_tk, axis=-1, keepdims=True)
+    return probs_te, weight_tk, expert_idx_tk
+
+
+def router_stats(logits_te, probs_te, expert_idx_tk, valid_t):
+    """Per-layer sums for the balancing and z losses; `valid_t` masks out padding."""
+    n_experts = probs_te.shape[-1]
+    valid = valid_t.astype(jnp.float32)
+    counts = jnp.einsum("tke,t->e", jax.nn.one_hot(expert_idx_tk, n_experts, dtype=jnp.float32), valid)
+    z = jax.nn.logsumexp(logits_te.astype(jnp.float32), axis=-1)
+    return {
+        "expert_counts": counts,
+        "prob_sum": jnp.einsum("te,t->e", probs_te, valid),
+        "z_sum": jnp.sum(z * z * valid),
+        "n_tokens": jnp.sum(valid),
+    }
+
+
+class SparseMoE(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, valid=None):  # x: [batch, seq, d_model]; valid: [batch, seq] bool
+        cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        pdt, init = DTYPES[cfg.param_dtype], kernel_init(cfg)
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+        gate = param_with_axes(self, "gate", init, (d, e), ("embed", "exp"), pdt)
+        w1 = param_with_axes(self, "w1", init, (e, d, f), ("exp", "embed", "mlp"), pdt)
+        w3 = param_with_axes(self, "w3", init, (e, d, f), ("exp", "embed", "mlp"), pdt)
+        w2 = param_with_axes(self, "w2", init, (e, f, d), ("exp", "mlp", "embed"), pdt)
+
+        batch, seq, _ = x.shape
+        x_td = x.reshape(batch * seq, d)
+        logits_te = x_td.astype(jnp.float32) @ gate.astype(jnp.float32)  # [tokens, experts]
+        probs_te, weight_tk, expert_idx_tk = route(logits_te, cfg.top_k)
+        valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
+        stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t)
+
+        fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch)]
+        y_td = fn(x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
+                  w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
+        return y_td.reshape(batch, seq, d), stats
+
+
+def load_balancing_loss(expert_counts, prob_sum, n_tokens):
+    """Switch/Mixtral balancing loss, E * sum_e f_e * P_e, over all rows given.
+
+    expert_counts, prob_sum: [..., E] summed over the tokens (and layers) of the batch;
+    n_tokens: the number of rows counted. Leading axes (layers) are summed first, which is
+    Hugging Face's formula over the rows of all layers concatenated. Perfect balance
+    gives top_k.
+    """
+    n_experts = expert_counts.shape[-1]
+    counts = expert_counts.reshape(-1, n_experts).sum(0)
+    probs = prob_sum.reshape(-1, n_experts).sum(0)
+    rows = jnp.maximum(n_tokens, 1.0)
+    return n_experts * jnp.sum((counts / rows) * (probs / rows))
+
+
+def z_loss(z_sum, n_tokens):
+    """ST-MoE router z-loss: mean over rows of logsumexp(logits)^2."""
+    return jnp.sum(z_sum) / jnp.maximum(n_tokens, 1.0)

@@ -1,0 +1,109 @@
+"""The decoder: embedding -> n_layers x [attention, MLP or MoE] (nn.scan) -> norm -> logits.
+
+Parameter tree (the checkpoint format; moe/convert maps it to Hugging Face names):
+  embed/embedding            [vocab, d_model]
+  layers/attn_norm/scale     [layers, d_model]
+  layers/attn/{q,k,v}        [layers, d_model, heads | kv_heads, head_dim]
+  layers/attn/o              [layers, heads, head_dim, d_model]
+  layers/mlp_norm/scale      [layers, d_model]
+  layers/mlp/{w1,w3}, w2     [layers, d_model, d_ff], [layers, d_ff, d_model]          (dense)
+  layers/moe/gate            [layers, d_model, experts]                                 (MoE)
+  layers/moe/{w1,w3}, w2     [layers, experts, d_model, d_ff], [layers, experts, d_ff, d_model]
+  final_norm/scale           [d_model]
+  lm_head/kernel             [d_model, vocab]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from moe.config import ModelConfig
+from moe.model.attention import Attention, attention_mask
+from moe.model.layers import DTYPES, RMSNorm, SwiGLU, kernel_init, param_with_axes, rope_cos_sin
+from moe.model.moe import SparseMoE
+
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, valid):  # x: [batch, seq, d_model]
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        h = x + Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, mask)
+        normed = RMSNorm(self.cfg, name="mlp_norm")(h)
+        if self.cfg.is_moe:
+            y, stats = SparseMoE(self.cfg, name="moe")(normed, valid)
+        else:
+            y, stats = SwiGLU(self.cfg, name="mlp")(normed), {}
+        out = nn.with_logical_constraint((h + y).astype(x.dtype), ACTIVATION_AXES)
+        return out, stats
+
+
+def _layer_stack(cfg: ModelConfig):
+    layer = DecoderLayer
+    if cfg.remat != "none":
+        layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    return nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Embed(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens):  # [batch, seq] int
+        cfg = self.cfg
+        table = param_with_axes(self, "embedding", kernel_init(cfg), (cfg.vocab_size, cfg.d_model),
+                                ("vocab", "embed"), DTYPES[cfg.param_dtype])
+        return jnp.take(table, tokens, axis=0).astype(DTYPES[cfg.dtype])  # [batch, seq, d_model]
+
+
+class LMHead(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # [batch, seq, d_model]
+        cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        kernel = param_with_axes(self, "kernel", kernel_init(cfg), (cfg.d_model, cfg.vocab_size),
+                                 ("embed", "vocab"), DTYPES[cfg.param_dtype])
+        return (x.astype(dtype) @ kernel.astype(dtype)).astype(jnp.float32)  # [batch, seq, vocab]
+
+
+class Transformer(nn.Module):
+    """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], per-layer router stats).
+
+    positions [batch, seq] feed the rotary embedding (default 0..seq-1); segment_ids
+    [batch, seq] mark packed documents (attention stays within a document; id 0 is
+    padding and is left out of the router statistics).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        cfg = self.cfg
+        batch, seq = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        x = Embed(cfg, name="embed")(tokens)
+        cos, sin = rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        mask = attention_mask(seq, cfg.sliding_window, segment_ids)
+        valid = jnp.ones((batch, seq), bool) if segment_ids is None else segment_ids != 0
+        x, stats = _layer_stack(cfg)(cfg, name="layers")(x, cos, sin, mask, valid)
+        x = RMSNorm(cfg, name="final_norm")(x)
+        return LMHead(cfg, name="lm_head")(x), stats

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -40,6 +42,11 @@ def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
     return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg: ModelConfig, params, token_ids):
+    return apply(cfg, params, token_ids)[0]
+
+
 def logits(cfg: ModelConfig, params, token_ids):
-    """float32 logits [batch, seq, vocab] for int token ids [batch, seq]."""
-    return apply(cfg, params, jnp.asarray(token_ids, jnp.int32))[0]
+    """float32 logits [batch, seq, vocab] for int token ids [batch, seq] (jit-compiled)."""
+    return _logits(cfg, params, jnp.asarray(token_ids, jnp.int32))

@@ -1,0 +1,30 @@
+import subprocess
+import sys
+
+import pytest
+
+from moe.cli import main
+from helpers import ROOT
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("mistral-7b", "7,241,732,096", "7,241,732,096"),
+    ("mixtral-8x7b", "46,702,792,704", "12,879,925,248"),
+    ("mixtral-8x22b", "140,630,071,296", "39,161,468,928"),
+])
+def test_moe_params_prints_published_counts(name, total, active, capsys):
+    assert main(["params", str(ROOT / f"configs/{name}.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"total parameters: {total}" in out and f"active parameters per token: {active}" in out
+
+
+def test_python_dash_m_and_overrides():
+    result = subprocess.run([sys.executable, "-m", "moe", "params", str(ROOT / "configs/tiny-moe.yaml"),
+                             "model.n_experts=4"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "4 experts, top-2" in result.stdout
+
+
+def test_bad_config_exits_2_with_the_message(capsys):
+    assert main(["params", str(ROOT / "configs/tiny-moe.yaml"), "model.top_k=12"]) == 2
+    assert "top_k (12) must be between 1 and model.n_experts (8)" in capsys.readouterr().err

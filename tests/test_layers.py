@@ -1,0 +1,72 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe.model.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+from helpers import tiny_model
+
+
+def test_rmsnorm_matches_formula():
+    cfg = tiny_model(rms_norm_eps=1e-5)
+    x = np.random.default_rng(0).normal(size=(2, 3, cfg.d_model)).astype(np.float32)
+    scale = np.random.default_rng(1).normal(size=(cfg.d_model,)).astype(np.float32)
+    y = RMSNorm(cfg).apply({"params": {"scale": scale}}, x)
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-5) * scale
+    np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rmsnorm_runs_in_float32_for_bfloat16_inputs():
+    cfg = tiny_model()
+    x = jnp.full((1, 1, cfg.d_model), 300.0, jnp.bfloat16)  # x^2 overflows nothing in f32
+    y = RMSNorm(cfg).apply({"params": {"scale": jnp.ones(cfg.d_model)}}, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), 1.0, atol=1e-2)
+
+
+def rope_reference(x, positions, theta):
+    """Rotate pair (x[i], x[i + d/2]) by angle p * theta^(-2i/d), in float64."""
+    d = x.shape[-1]
+    out = np.array(x, np.float64)
+    for b in range(x.shape[0]):
+        for s in range(x.shape[1]):
+            for i in range(d // 2):
+                a = positions[b, s] * theta ** (-2.0 * i / d)
+                x1, x2 = x[b, s, :, i], x[b, s, :, i + d // 2]
+                out[b, s, :, i] = x1 * np.cos(a) - x2 * np.sin(a)
+                out[b, s, :, i + d // 2] = x2 * np.cos(a) + x1 * np.sin(a)
+    return out
+
+
+def test_rope_matches_half_layout_formula():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 3, 4], [7, 8, 0, 1, 30]])
+    cos, sin = rope_cos_sin(jnp.asarray(positions), 8, 10000.0)
+    np.testing.assert_allclose(np.asarray(apply_rope(x, cos, sin)), rope_reference(x, positions, 1e4),
+                               atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(2, 1, 1, 1, 16)).astype(np.float32)
+
+    def score(pq, pk):
+        cq, sq = rope_cos_sin(jnp.array([[pq]]), 16, 1e6)
+        ck, sk = rope_cos_sin(jnp.array([[pk]]), 16, 1e6)
+        return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+    assert abs(score(5, 2) - score(105, 102)) < 1e-4
+    assert abs(score(5, 2) - score(5, 3)) > 1e-4
+
+
+def test_swiglu_matches_formula():
+    cfg = tiny_model()
+    params = SwiGLU(cfg).init(jax.random.key(0), jnp.zeros((1, 1, cfg.d_model)))["params"]
+    params = jax.tree_util.tree_map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
+                                    is_leaf=lambda p: hasattr(p, "unbox"))
+    x = np.random.default_rng(0).normal(size=(2, 3, cfg.d_model)).astype(np.float32)
+    w1, w3, w2 = (np.asarray(params[n], np.float64) for n in ("w1", "w3", "w2"))
+    g = x @ w1
+    expected = (g / (1 + np.exp(-g)) * (x @ w3)) @ w2
+    np.testing.assert_allclose(np.asarray(SwiGLU(cfg).apply({"params": params}, x)), expected, atol=1e-5)

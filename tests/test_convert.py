@@ -1,0 +1,169 @@
+"""Hugging Face conversion, with transformers (PyTorch, CPU) as the numerical reference."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM)
+
+import moe.model as M
+from moe.checkpoint import restore_params
+from moe.convert import ConversionError, convert_from_hf, convert_to_hf, load_hf, save_hf
+from helpers import ROOT
+
+SEQ = 12
+COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              initializer_range=0.1, rms_norm_eps=1e-5)
+VARIANTS = {
+    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2,
+                                                          rope_theta=1e6)),
+    "mistral-window": (MistralForCausalLM, MistralConfig, dict(sliding_window=5, rope_theta=1e4)),
+    "mistral-head-dim": (MistralForCausalLM, MistralConfig, dict(head_dim=16, sliding_window=None)),
+}
+
+
+def make_hf(tmp_path, variant, dtype=torch.float32, seed=0):
+    model_cls, config_cls, extra = VARIANTS[variant]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**COMMON, **extra)).to(dtype)
+    path = tmp_path / f"hf-{variant}"
+    model.save_pretrained(path)
+    return path
+
+
+def hf_logits(path, tokens):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def tokens_for(vocab=97, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=(2, SEQ))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_hf_to_ours_matches_transformers_logits(tmp_path, variant):
+    hf_dir = make_hf(tmp_path, variant)
+    cfg, params = load_hf(hf_dir)
+    tokens = tokens_for()
+    ours = np.asarray(M.logits(cfg, params, tokens))
+    assert np.abs(ours - hf_logits(hf_dir, tokens)).max() <= 1e-4
+    # the streaming converter writes a checkpoint that restores to the same params
+    convert_from_hf(hf_dir, tmp_path / "ckpt")
+    restored = restore_params(tmp_path / "ckpt" / "params")
+    np.testing.assert_array_equal(np.asarray(M.logits(cfg, restored, tokens)), ours)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_ours_to_hf_loads_in_transformers_with_same_logits(tmp_path, variant):
+    cfg, params = load_hf(make_hf(tmp_path, variant, seed=1))
+    save_hf(cfg, params, tmp_path / "out")
+    tokens = tokens_for(seed=2)
+    expected = np.asarray(M.logits(cfg, params, tokens))
+    assert np.abs(hf_logits(tmp_path / "out", tokens) - expected).max() <= 1e-4
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == [("Mixtral" if cfg.is_moe else "Mistral") + "ForCausalLM"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", ["mixtral", "mistral-head-dim"])
+def test_round_trip_is_bit_exact(tmp_path, variant, dtype):
+    hf_dir = make_hf(tmp_path, variant, dtype=dtype)
+    convert_from_hf(hf_dir, tmp_path / "ckpt")
+    convert_to_hf(tmp_path / "ckpt", tmp_path / "back")
+    before, after = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for name, tensor in before.items():
+        assert after[name].dtype == dtype and after[name].shape == tensor.shape, name
+        assert torch.equal(after[name].view(bits), tensor.view(bits)), name
+
+
+def test_multi_shard_output_loads_in_transformers(tmp_path):
+    hf_dir = make_hf(tmp_path, "mixtral", seed=3)
+    convert_from_hf(hf_dir, tmp_path / "ckpt")
+    convert_to_hf(tmp_path / "ckpt", tmp_path / "sharded", max_shard_size="40KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    tokens = tokens_for(seed=4)
+    np.testing.assert_allclose(hf_logits(tmp_path / "sharded", tokens), hf_logits(hf_dir, tokens), atol=1e-6)
+    # and the sharded folder converts back in
+    cfg, params = load_hf(tmp_path / "sharded")
+    assert np.abs(np.asarray(M.logits(cfg, params, tokens)) - hf_logits(hf_dir, tokens)).max() <= 1e-4
+
+
+def _edit_config(hf_dir, **changes):
+    path = hf_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(architectures=["LlamaForCausalLM"], model_type="llama"), "architecture 'LlamaForCausalLM' is not supported"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling=.* is not implemented"),
+    (dict(rope_parameters={"rope_theta": 1e6, "rope_type": "yarn"}), "rope_type 'yarn' is not supported"),
+    (dict(attention_bias=True), "attention_bias=True .* is not implemented"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings=True .* is not implemented"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(num_attention_heads=3), "invalid model: model.n_heads \\(3\\) must be divisible"),
+    (dict(hidden_size=64), "expected shape \\(97, 64\\) from config.json, found \\(97, 32\\)"),
+    (dict(vocab_size=None), "missing the field 'vocab_size'"),
+])
+def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, changes, message):
+    hf_dir = make_hf(tmp_path, "mixtral")
+    _edit_config(hf_dir, **changes)
+    with pytest.raises(ConversionError, match=message):
+        load_hf(hf_dir)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    hf_dir = make_hf(tmp_path, "mixtral")
+    tensors = load_file(hf_dir / "model.safetensors")
+    missing = dict(tensors)
+    del missing["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(missing, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="missing .*layers.1.block_sparse_moe.experts.3.w2.weight"):
+        load_hf(hf_dir)
+    extra = dict(tensors, **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)})
+    save_file(extra, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="unexpected tensors .*q_proj.bias"):
+        load_hf(hf_dir)
+
+
+def test_legacy_hub_config_loads(tmp_path):
+    hf_dir = make_hf(tmp_path, "mixtral", dtype=torch.bfloat16)
+    config = json.loads((hf_dir / "config.json").read_text())
+    theta = config["rope_parameters"]["rope_theta"]
+    _edit_config(hf_dir, rope_parameters=None, dtype=None, rope_theta=theta, torch_dtype="bfloat16")
+    cfg, params = load_hf(hf_dir)
+    assert cfg.rope_theta == theta and cfg.param_dtype == "bfloat16"
+    tokens = tokens_for()
+    np.testing.assert_allclose(np.asarray(M.logits(cfg, params, tokens)), hf_logits(hf_dir, tokens), atol=1e-4)
+
+
+def test_cli_convert_both_directions(tmp_path):
+    hf_dir = make_hf(tmp_path, "mistral-window")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moe", "convert", *map(str, a)],
+                                    capture_output=True, text=True, cwd=ROOT)
+    r = run("from-hf", hf_dir, tmp_path / "ckpt")
+    assert r.returncode == 0, r.stderr
+    r = run("to-hf", tmp_path / "ckpt", tmp_path / "out", "--tokenizer", "mistral-v1", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "tokenizer.model").stat().st_size > 100_000
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    r = run("from-hf", tmp_path / "nowhere", tmp_path / "x")
+    assert r.returncode == 1 and "has no config.json" in r.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import jax
@@ -125,3 +126,51 @@ class ParamReader:
 
     def read(self, path: tuple[str, ...], index: tuple[int, ...]) -> np.ndarray:
         return np.asarray(self._store(path)[index].read().result())
+
+
+class RunCheckpoints:
+    """A run's checkpoints: DIR/checkpoints/<step>/{params, opt_state, data, meta}.
+
+    Orbax writes each checkpoint into a temporary folder and renames it when complete, so
+    a kill during a save leaves the earlier checkpoints as they were; `restore_latest`
+    falls back to an older checkpoint, with a warning, when the newest cannot be read.
+    """
+
+    ITEMS = ("params", "opt_state", "data", "meta")
+
+    def __init__(self, directory: str | Path, keep: int, async_save: bool):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(epath.Path(directory).absolute(), options=options,
+                                             item_names=self.ITEMS)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                                  data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_params, abstract_opt_state):
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
+                                  opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                                  data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        restored = self.manager.restore(step, args=args)
+        return restored.params, restored.opt_state, restored.data, restored.meta
+
+    def restore_latest(self, abstract_params, abstract_opt_state):
+        """(step, params, opt_state, data_state, meta) of the newest readable checkpoint, or None."""
+        for step in reversed(self.steps()):
+            try:
+                return (step, *self.restore(step, abstract_params, abstract_opt_state))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+                warnings.warn(f"checkpoint at step {step} cannot be restored ({type(e).__name__}: "
+                              f"{str(e)[:300]}); falling back to the previous one", stacklevel=2)
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -38,6 +38,60 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import logging
+
+    from moe import loop
+
+    cfg = config_lib.load(args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        record = loop.run(cfg, args.run_dir, progress=not args.no_progress)
+    except loop.TrainingError as e:
+        print(f"moe train: {e}", file=sys.stderr)
+        return 1
+    if record:
+        print(f"step {record['step']}: loss {record['loss']:.4f} -> {args.run_dir}")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from moe import data, tokenizer
+
+    files = data.resolve_paths(tuple(args.inputs)) if args.inputs else data.stdlib_files()
+    path = tokenizer.train(files, args.out, args.vocab_size)
+    sp = tokenizer.load(str(path))
+    print(f"trained {path} (vocab {sp.vocab_size()}) on {len(files)} files; "
+          f"use it with data.tokenizer={path} model.vocab_size={sp.vocab_size()}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from moe import plot
+
+    for path in plot.plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def _add_train_and_tools(sub) -> None:
+    p = sub.add_parser("train", help="train (or resume) a run")
+    _add_config_args(p)
+    p.add_argument("--run-dir", required=True, help="run directory; an existing one is resumed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("tokenizer", help="sentencepiece tokenizers")
+    tsub = p.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("train", help="train a BPE sentencepiece model on a corpus")
+    t.add_argument("inputs", nargs="*", help="files, directories or globs (default: the stdlib corpus)")
+    t.add_argument("--vocab-size", type=int, default=8000)
+    t.add_argument("--out", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    t.set_defaults(func=cmd_tokenizer)
+    p = sub.add_parser("plot", help="PNG plots of a run: losses and per-layer expert load")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face")
     directions = p.add_subparsers(dest="direction", required=True)
@@ -63,11 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_params)
     _add_convert(sub)
+    _add_train_and_tools(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may come after options: moe train CFG --run-dir D a.b=c
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except config_lib.ConfigError as e:

@@ -57,10 +57,58 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Text in, packed token sequences out (moe/data.py)."""
+
+    paths: tuple[str, ...] = ()  # files, directories or globs; empty: the embedded stdlib corpus
+    format: Literal["auto", "text", "jsonl"] = "auto"  # auto: by extension (.jsonl / .json)
+    text_field: str = "text"  # the JSONL field holding a document
+    val_paths: tuple[str, ...] = ()  # empty: hold out val_fraction of the documents
+    val_fraction: float = 0.05
+    tokenizer: str = "mistral-v1"  # "mistral-v1" (from mistral-common) or a .model path
+    workers: int = 2  # grain worker processes; 0 reads in the training process
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimization (moe/train.py); batch_size counts sequences of seq_len tokens."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    lr: float = 3e-4  # peak learning rate
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    aux_loss_coef: float = 0.02  # load balancing, as Mixtral
+    z_loss_coef: float = 1e-3  # router z-loss, as ST-MoE
+    freeze_router: bool = False  # ablation: the router keeps its initial weights
+    max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100
+    keep: int = 3  # most recent checkpoints kept
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a run needs. Later sections (train, data, mesh) sit beside `model`."""
+    """Everything a run needs."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     seed: int = 0
 
 
@@ -110,8 +158,33 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.init_std must be > 0, got {m.init_std}")
 
 
+def validate_train(cfg: Config) -> None:
+    t, d = cfg.train, cfg.data
+    for name in ["steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                 "log_every", "max_nonfinite_steps"]:
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
+                          f"({t.grad_accum}): each micro-batch holds batch_size / grad_accum sequences")
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    if t.warmup_steps < 0 or t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("train.lr must be > 0, train.warmup_steps >= 0 and train.min_lr_ratio in [0, 1]")
+    for name in ["weight_decay", "clip_norm", "aux_loss_coef", "z_loss_coef"]:
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.workers < 0:
+        raise ConfigError(f"data.workers must be >= 0, got {d.workers}")
+    if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.every_steps and checkpoint.keep must be >= 1")
+
+
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
+    validate_train(cfg)
 
 
 # ----------------------------------------------------------------------------- building
@@ -137,6 +210,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -227,7 +307,13 @@ def load(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(cfg))
 
 
 def dump(cfg: Config) -> str:

@@ -1,0 +1,173 @@
+"""The data pipeline (Grain): documents -> sentencepiece tokens -> packed fixed-length batches.
+
+    documents   text files (one document each), JSONL lines (a text field), or by default
+                the Python standard library's own source files, found through sysconfig
+    split       validation = data.val_paths, or a stable hash of each document's location
+    shuffle     by seed, reshuffled every epoch (grain index shuffling; no buffers)
+    tokenize    [bos] + pieces + [eos]; inputs = ids[:-1], targets = ids[1:]
+    pack        concatenate then split into seq_len rows, with segment ids (1, 2, ...) and
+                positions restarting per document; the model masks attention across them
+    batch       [batch_size, seq_len] int32 arrays: inputs, targets, segment_ids, positions
+
+The iterator's state (`get_state`/`set_state`) is small and JSON-serializable; it goes into
+every checkpoint so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+
+import grain
+from absl import flags
+import numpy as np
+
+from moe import tokenizer as tokenizer_lib
+from moe.config import Config, DataConfig
+
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ""}
+
+
+class DataError(ValueError):
+    """Missing or unusable training data; the message says what and where."""
+
+
+def stdlib_files() -> list[Path]:
+    """The embedded default corpus: the standard library's .py files (no site-packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
+    if not files:
+        raise DataError(f"found no .py files under the standard library at {root}")
+    return files
+
+
+def resolve_paths(patterns: tuple[str, ...]) -> list[Path]:
+    """Files named by paths, directories (searched recursively) and globs, sorted."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise DataError(f"data path {pattern!r} matches no files or directories; check data.paths")
+        for match in map(Path, matches):
+            if match.is_dir():
+                files += sorted(p for p in match.rglob("*") if p.is_file())
+            else:
+                files.append(match)
+    return sorted(set(files))
+
+
+def _is_jsonl(path: Path, fmt: str) -> bool:
+    return fmt == "jsonl" or (fmt == "auto" and path.suffix in (".jsonl", ".json"))
+
+
+class DocumentSource:
+    """Random access to documents, read lazily: (path, byte offset or -1 for a whole file)."""
+
+    def __init__(self, locations: list[tuple[str, int]], text_field: str):
+        self.locations, self.text_field = locations, text_field
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, index: int) -> str:
+        path, offset = self.locations[index]
+        if offset < 0:
+            return Path(path).read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            record = json.loads(f.readline())
+        if self.text_field not in record:
+            raise DataError(f"{path} at byte {offset}: no field {self.text_field!r} (set data.text_field)")
+        return str(record[self.text_field])
+
+
+def locate_documents(files: list[Path], cfg: DataConfig) -> list[tuple[str, int]]:
+    locations = []
+    for path in files:
+        if _is_jsonl(path, cfg.format):
+            offset = 0
+            with open(path, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        locations.append((str(path), offset))
+                    offset += len(line)
+        elif path.stat().st_size > 0:
+            locations.append((str(path), -1))
+    return locations
+
+
+def _held_out(location: tuple[str, int], fraction: float) -> bool:
+    key = f"{location[0]}:{location[1]}".encode()
+    return zlib.crc32(key) % 10_000 < fraction * 10_000
+
+
+def split_documents(cfg: DataConfig) -> tuple[DocumentSource, DocumentSource]:
+    """(train, validation) document sources; refuses an empty corpus or split."""
+    files = resolve_paths(cfg.paths) if cfg.paths else stdlib_files()
+    docs = locate_documents(files, cfg)
+    if not docs:
+        raise DataError(f"the corpus is empty: {len(files)} files matched data.paths but hold no text")
+    if cfg.val_paths:
+        train, val = docs, locate_documents(resolve_paths(cfg.val_paths), cfg)
+    else:
+        train = [d for d in docs if not _held_out(d, cfg.val_fraction)]
+        val = [d for d in docs if _held_out(d, cfg.val_fraction)]
+    if not train or not val:
+        which = "training" if not train else "validation"
+        raise DataError(f"the {which} split is empty ({len(docs)} documents in all); add documents, "
+                        "set data.val_paths, or change data.val_fraction")
+    return DocumentSource(train, cfg.text_field), DocumentSource(val, cfg.text_field)
+
+
+class Tokenize(grain.transforms.Map):
+    """text -> {"inputs": ids[:-1], "targets": ids[1:]} with ids = [bos] + pieces + [eos]."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def map(self, text: str) -> dict:
+        sp = tokenizer_lib.load(self.spec)
+        ids = np.asarray([sp.bos_id(), *sp.encode(text), sp.eos_id()], np.int32)
+        return {"inputs": ids[:-1], "targets": ids[1:]}
+
+
+def _to_batch(packed: dict) -> dict:
+    return {"inputs": packed["inputs"], "targets": packed["targets"],
+            "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
+            "positions": packed["inputs_positions"].astype(np.int32)}
+
+
+def dataset(source: DocumentSource, cfg: Config, *, shuffle: bool, workers: int) -> grain.IterDataset:
+    """An endless IterDataset of packed batches [batch_size, seq_len]."""
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(None).map(Tokenize(cfg.data.tokenizer)).to_iter_dataset()
+    seq_len = cfg.train.seq_len
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
+    ds = ds.map(_to_batch).batch(cfg.train.batch_size, drop_remainder=True)
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return ds
+
+
+def check(cfg: Config) -> tuple[DocumentSource, DocumentSource]:
+    """Everything that can be wrong with the data, found before compiling anything."""
+    tokenizer_lib.check_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
+    return split_documents(cfg.data)
+
+
+def train_iterator(cfg: Config, source: DocumentSource):
+    return iter(dataset(source, cfg, shuffle=True, workers=cfg.data.workers))
+
+
+def val_batches(cfg: Config, source: DocumentSource) -> list[dict]:
+    """The fixed validation set: the first eval_batches batches, in order."""
+    it = iter(dataset(source, cfg, shuffle=False, workers=0))
+    return [next(it) for _ in range(cfg.train.eval_batches)]

@@ -1,0 +1,169 @@
+"""`moe train`: one linear loop. Setup, data, state (fresh or resumed), compile, steps, finish.
+
+A run directory holds config.yaml (the resolved config), train.log, metrics.jsonl,
+tensorboard/ and checkpoints/<step>/. Calling `moe train` again with the same directory
+resumes from the newest readable checkpoint, with the data iterator where it was.
+SIGTERM or SIGINT (TPU preemption, Ctrl-C) saves a checkpoint and returns normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from moe import config as config_lib
+from moe import data as data_lib
+from moe import metrics as metrics_lib
+from moe import train as train_lib
+from moe.checkpoint import RunCheckpoints
+from moe.config import Config
+from moe.params import count_params
+
+log = logging.getLogger("moe.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; a checkpoint was saved first where that was possible."""
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after every step."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _setup_run_dir(cfg: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        previous = yaml.safe_load(saved.read_text()) or {}
+        if previous.get("model") != config_lib.to_dict(cfg)["model"]:
+            raise TrainingError(f"{run_dir} holds a run of a different model (see {saved}); "
+                                "resume with the same model config or use a new --run-dir")
+    saved.write_text(config_lib.dump(cfg))
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.info("resolved config:\n%s", config_lib.dump(cfg))
+
+
+def _initial_state(cfg: Config, checkpoints: RunCheckpoints):
+    """(state, data iterator state or None): the newest readable checkpoint, or a fresh init."""
+    def fresh():
+        return train_lib.init_state(cfg, jax.random.key(cfg.seed))
+
+    abstract = jax.eval_shape(fresh)
+    restored = checkpoints.restore_latest(abstract.params, abstract.opt_state)
+    if restored is None:
+        log.info("starting from step 0")
+        return fresh(), None
+    step, params, opt_state, data_state, meta = restored
+    log.info("resumed from the checkpoint at step %d", step)
+    return train_lib.TrainState(np.int32(meta["step"]), params, opt_state), data_state
+
+
+def _evaluate(cfg: Config, eval_fn, params, batches) -> dict:
+    ce, tokens = 0.0, 0.0
+    for batch in batches:
+        out = jax.device_get(eval_fn(params, batch))
+        ce, tokens = ce + float(out["ce_sum"]), tokens + float(out["n_tokens"])
+    val_loss = ce / max(tokens, 1.0)
+    return {"val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 80.0)))}
+
+
+def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
+    """Train to cfg.train.steps (or until stopped); returns the last step's record."""
+    # --- setup
+    run_dir = Path(run_dir)
+    _setup_run_dir(cfg, run_dir)
+    train_docs, val_docs = data_lib.check(cfg)
+    log.info("data: %d training and %d validation documents", len(train_docs), len(val_docs))
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+
+    # --- state and data, fresh or resumed
+    state, data_state = _initial_state(cfg, checkpoints)
+    start = int(state.step)
+    batches = data_lib.train_iterator(cfg, train_docs)
+    if data_state is not None:
+        batches.set_state(data_state)
+    val_set = data_lib.val_batches(cfg, val_docs)
+
+    # --- compile
+    optimizer = train_lib.make_optimizer(cfg, state.params)
+    train_step, eval_step = train_lib.jit_steps(cfg, optimizer)
+    flops_per_token = train_lib.flops_per_token(cfg, count_params(cfg.model).active)
+    peak, peak_source = metrics_lib.peak_flops(cfg.model.dtype)
+    log.info("MFU against %.3g FLOP/s (%s); %.4g FLOPs per token", peak, peak_source, flops_per_token)
+
+    # --- steps
+    metrics_log = metrics_lib.MetricsLog(run_dir, start)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    record, last_saved = {}, start
+
+    def save(step):
+        meta = {"step": step, "config": config_lib.to_dict(cfg)}
+        checkpoints.save(step, state.params, state.opt_state, batches.get_state(), meta)
+        return step
+
+    try:
+        with StopRequest() as stop:
+            for step in range(start + 1, cfg.train.steps + 1):
+                batch = next(batches)
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, batch)
+                metrics = jax.device_get(metrics)
+                tokens = float(np.sum(batch["segment_ids"] != 0))
+                record = metrics_lib.step_record(step, metrics, tokens, time.perf_counter() - t0,
+                                                 flops_per_token, peak)
+                record["batch_crc32"] = zlib.crc32(np.ascontiguousarray(batch["inputs"]).tobytes())
+                metrics_log.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    val = _evaluate(cfg, eval_step, state.params, val_set)
+                    metrics_log.write({"step": step, **val})
+                    log.info("step %d: loss %.4f, val_loss %.4f, val_ppl %.2f", step, record["loss"],
+                             val["val_loss"], val["val_ppl"])
+                if metrics["nonfinite_consecutive"] >= cfg.train.max_nonfinite_steps:
+                    last_saved = save(step)
+                    raise TrainingError(
+                        f"{int(metrics['nonfinite_consecutive'])} steps in a row had non-finite gradients "
+                        f"(up to step {step}); a checkpoint was saved. Lower train.lr, raise "
+                        "train.warmup_steps or check the data, then resume.")
+                if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+                    last_saved = save(step)
+                if stop.signal_name:
+                    if last_saved != step:
+                        last_saved = save(step)
+                    log.info("%s received: saved step %d and stopped", stop.signal_name, step)
+                    break
+    finally:
+        bar.close()
+        checkpoints.close()
+        metrics_log.close()
+        if hasattr(batches, "close"):
+            batches.close()
+    return record

@@ -1,0 +1,134 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import moe.model as M
+from moe import config as C
+from moe import train as T
+from helpers import tiny_model
+
+
+def run_config(**train):
+    model = tiny_model(n_experts=4, top_k=2)
+    return C.Config(model=model, train=dataclasses.replace(C.TrainConfig(seq_len=16, batch_size=4, lr=1e-2,
+                                                                          warmup_steps=0, steps=50), **train))
+
+
+def fixed_batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    b, s = cfg.train.batch_size, cfg.train.seq_len
+    tokens = rng.integers(0, cfg.model.vocab_size, size=(b, s + 1))
+    segments = np.ones((b, s), np.int32)
+    segments[1, 10:] = 2  # two documents in row 1
+    segments[2, 12:] = 0  # padding at the end of row 2
+    positions = np.where(segments == 2, np.arange(s) - 10, np.arange(s))
+    return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+            "segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions, jnp.int32)}
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
+    cfg = run_config()
+    state = T.init_state(cfg, jax.random.key(0))
+    step, _ = T.jit_steps(cfg, T.make_optimizer(cfg, state.params))
+    batch, losses = fixed_batch(cfg), []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert int(state.step) == 8
+
+
+def test_gradients_reach_the_router_and_every_expert():
+    cfg = run_config(batch_size=8)
+    state = T.init_state(cfg, jax.random.key(1))
+    _, grads, metrics = T.grads_and_metrics(cfg, state.params, fixed_batch(cfg))
+    g = grads["layers"]["moe"]
+    assert np.all(np.abs(np.asarray(g["gate"])).sum(axis=(1,)) > 0)  # every layer, every expert column
+    for name in ("w1", "w2", "w3"):
+        per_expert = np.abs(np.asarray(g[name])).sum(axis=(2, 3))  # [layers, experts]
+        assert np.all(per_expert > 0), (name, per_expert)
+    assert np.all(np.asarray(metrics["expert_load"]) > 0)
+
+
+def test_freezing_the_router_keeps_it_and_trains_the_rest():
+    cfg = run_config(freeze_router=True)
+    state = T.init_state(cfg, jax.random.key(2))
+    gate_before = np.asarray(state.params["layers"]["moe"]["gate"])
+    w1_before = np.asarray(state.params["layers"]["moe"]["w1"])
+    step, _ = T.jit_steps(cfg, T.make_optimizer(cfg, state.params))
+    state, _ = step(state, fixed_batch(cfg))
+    np.testing.assert_array_equal(np.asarray(state.params["layers"]["moe"]["gate"]), gate_before)
+    assert not np.array_equal(np.asarray(state.params["layers"]["moe"]["w1"]), w1_before)
+
+
+def test_balancing_loss_pushes_a_skewed_router_toward_balance():
+    from moe.model.moe import load_balancing_loss, route, router_stats
+
+    n_tokens, d_model, n_experts = 256, 16, 4
+    x = jax.random.normal(jax.random.key(0), (n_tokens, d_model)) + 1.0  # tokens share a direction
+    gate = 0.1 * jax.random.normal(jax.random.key(1), (d_model, n_experts))
+    gate = gate.at[:, 0].add(0.3)  # ... which the router maps to expert 0
+
+    def aux_and_load(gate):
+        logits = x @ gate
+        probs, _, idx = route(logits, 2)
+        stats = router_stats(logits, probs, idx, jnp.ones(n_tokens, bool))
+        aux = load_balancing_loss(stats["expert_counts"], stats["prob_sum"], stats["n_tokens"])
+        return aux, stats["expert_counts"] / (2 * n_tokens)
+
+    @jax.jit
+    def descend(gate):
+        step = lambda g, _: (g - 0.5 * jax.grad(lambda g: aux_and_load(g)[0])(g), None)
+        return jax.lax.scan(step, gate, length=100)[0]
+
+    aux0, load0 = aux_and_load(gate)
+    aux1, load1 = aux_and_load(descend(gate))
+    assert float(load0[0]) > 0.45  # expert 0 takes nearly every token as one of its two
+    assert float(aux1) < float(aux0) - 0.2
+    assert float(jnp.max(load1) - jnp.min(load1)) < 0.5 * float(jnp.max(load0) - jnp.min(load0)), (load0, load1)
+
+
+def test_gradient_accumulation_matches_one_big_batch_for_dense():
+    cfg = dataclasses.replace(run_config(), model=tiny_model(n_experts=0))
+    params = T.init_state(cfg, jax.random.key(4)).params
+    batch = fixed_batch(cfg)
+    loss1, g1, _ = T.grads_and_metrics(cfg, params, batch)
+    cfg4 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=4))
+    loss4, g4, _ = T.grads_and_metrics(cfg4, params, batch)
+    assert abs(float(loss1 - loss4)) < 1e-5
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g4)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_non_finite_gradients_skip_the_step_and_are_counted():
+    cfg = run_config()
+    state = T.init_state(cfg, jax.random.key(5))
+    step, _ = T.jit_steps(cfg, T.make_optimizer(cfg, state.params))
+    before = jax.tree_util.tree_map(np.asarray, state.params)
+    bad = dict(state.params, final_norm={"scale": state.params["final_norm"]["scale"].at[0].set(jnp.nan)})
+    state = T.TrainState(state.step, bad, state.opt_state)
+    state, metrics = step(state, fixed_batch(cfg))
+    assert int(metrics["nonfinite_consecutive"]) == 1 and int(metrics["nonfinite_total"]) == 1
+    np.testing.assert_array_equal(np.asarray(state.params["lm_head"]["kernel"]), before["lm_head"]["kernel"])
+
+
+def test_weight_decay_skips_norms():
+    mask = T.decay_mask(M.init(tiny_model(), jax.random.key(0)))
+    assert mask["final_norm"]["scale"] is False and mask["layers"]["attn_norm"]["scale"] is False
+    assert mask["layers"]["moe"]["w1"] is True and mask["embed"]["embedding"] is True
+
+
+def test_loss_ignores_padding_and_matches_manual_cross_entropy():
+    cfg = run_config()
+    params = T.init_state(cfg, jax.random.key(6)).params
+    batch = fixed_batch(cfg)
+    terms = T.loss_terms(cfg, params, batch)
+    logits, _ = M.apply(cfg.model, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    mask = np.asarray(batch["segment_ids"]) != 0
+    nll = -np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    assert float(terms["n_tokens"]) == mask.sum()
+    np.testing.assert_allclose(float(terms["ce_sum"]), nll[mask].sum(), rtol=1e-5)

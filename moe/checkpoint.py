@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class ParamReader:
         if not (self.directory / "_METADATA").exists():
             raise FileNotFoundError(f"{self.directory} is not an Orbax params checkpoint (no _METADATA in it)")
         self.use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
+        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
         self._stores = {}
 
     def _store(self, path: tuple[str, ...]):
@@ -113,9 +115,9 @@ class ParamReader:
             info = ocp.type_handlers.ParamInfo(name=array_name(path), parent_dir=self.directory, use_zarr3=False)
             spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
             try:
-                self._stores[path] = ts.open(spec).result()
+                self._stores[path] = ts.open(spec, context=self._context).result()
             except ValueError as e:
-                raise KeyError(f"{self.directory} has no array {array_name(path)}: {e}") from None
+                raise ValueError(f"{self.directory} has no array {array_name(path)}: {e}") from None
         return self._stores[path]
 
     def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
@@ -164,9 +166,19 @@ class RunCheckpoints:
             try:
                 return (step, *self.restore(step, abstract_params, abstract_opt_state))
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+                kept = self._set_aside(step)
                 warnings.warn(f"checkpoint at step {step} cannot be restored ({type(e).__name__}: "
-                              f"{str(e)[:300]}); falling back to the previous one", stacklevel=2)
+                              f"{str(e)[:300]}); moved it to {kept} and falling back to the previous one",
+                              stacklevel=2)
         return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Rename a damaged checkpoint out of the way (kept for inspection, never reused)."""
+        folder = Path(self.manager.directory) / str(step)
+        target = folder.with_name(f"{step}.damaged-{int(time.time())}")
+        folder.rename(target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

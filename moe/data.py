@@ -100,9 +100,19 @@ def locate_documents(files: list[Path], cfg: DataConfig) -> list[tuple[str, int]
     return locations
 
 
-def _held_out(location: tuple[str, int], fraction: float) -> bool:
-    key = f"{location[0]}:{location[1]}".encode()
-    return zlib.crc32(key) % 10_000 < fraction * 10_000
+def _hold_out(docs: list[tuple[str, int]], fraction: float) -> tuple[list, list]:
+    """Split by a hash of each document's path relative to the corpus root (and offset), so
+    the split is the same wherever the corpus lives; each side gets at least one document."""
+    root = os.path.commonpath([path for path, _ in docs]) if len(docs) > 1 else ""
+    score = {d: zlib.crc32(f"{os.path.relpath(d[0], root) if root else d[0]}:{d[1]}".encode()) % 10_000
+             for d in docs}
+    val = [d for d in docs if score[d] < fraction * 10_000]
+    if not val and len(docs) > 1:
+        val = [min(docs, key=score.get)]
+    if len(val) == len(docs) and len(docs) > 1:
+        val.remove(max(docs, key=score.get))
+    held = set(val)
+    return [d for d in docs if d not in held], val
 
 
 def split_documents(cfg: DataConfig) -> tuple[DocumentSource, DocumentSource]:
@@ -114,8 +124,7 @@ def split_documents(cfg: DataConfig) -> tuple[DocumentSource, DocumentSource]:
     if cfg.val_paths:
         train, val = docs, locate_documents(resolve_paths(cfg.val_paths), cfg)
     else:
-        train = [d for d in docs if not _held_out(d, cfg.val_fraction)]
-        val = [d for d in docs if _held_out(d, cfg.val_fraction)]
+        train, val = _hold_out(docs, cfg.val_fraction)
     if not train or not val:
         which = "training" if not train else "validation"
         raise DataError(f"the {which} split is empty ({len(docs)} documents in all); add documents, "

@@ -69,6 +69,7 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
     return opt_state.notfinite_count, opt_state.total_notfinite
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_state(cfg: Config, rng) -> TrainState:
     params = model_lib.init(cfg.model, rng)
     opt_state = make_optimizer(cfg, params).init(params)

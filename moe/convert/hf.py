@@ -126,7 +126,8 @@ def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "auto"
     writer = ParamWriter(out / "params", param_shapes(cfg))
     hf_to_params(cfg, source, writer.write, cfg.param_dtype)
     writer.close()
-    (out / "config.yaml").write_text(config_lib.dump(config_lib.Config(model=cfg)))
+    train = config_lib.TrainConfig(seq_len=min(config_lib.TrainConfig.seq_len, cfg.max_seq_len))
+    (out / "config.yaml").write_text(config_lib.dump(config_lib.Config(model=cfg, train=train)))
     if (Path(hf_dir) / "tokenizer.model").is_file():
         shutil.copy(Path(hf_dir) / "tokenizer.model", out / "tokenizer.model")
     return cfg

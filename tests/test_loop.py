@@ -1,0 +1,128 @@
+"""End-to-end `moe train` runs in subprocesses: resume, kills, signals, damaged checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
+         "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=2", "train.eval_every=4",
+         "train.eval_batches=1", "checkpoint.keep=5"]
+
+
+def moe_train(run_dir, *overrides, wait=True):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir", str(run_dir),
+               "--no-progress", *SMALL, *overrides]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def records(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
+
+
+def checkpoint_steps(run_dir):
+    folder = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def wait_for(condition, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise TimeoutError("the training run did not get there in time")
+
+
+def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path):
+    n = 4
+    full = moe_train(tmp_path / "full", f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2")
+    assert full.returncode == 0, full.stdout + full.stderr
+
+    child = moe_train(tmp_path / "killed", f"train.steps={2 * n}", f"checkpoint.every_steps={n}",
+                      "data.workers=2", wait=False)
+    wait_for(lambda: n in checkpoint_steps(tmp_path / "killed"))
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed_steps = [r["step"] for r in records(tmp_path / "killed")]
+    assert max(killed_steps) < 2 * n, "the run finished before it was killed; the test proves nothing"
+
+    resumed = moe_train(tmp_path / "killed", f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from the checkpoint at step 4" in resumed.stdout + resumed.stderr
+    a, b = records(tmp_path / "full"), records(tmp_path / "killed")
+    assert [r["step"] for r in b] == list(range(1, 2 * n + 1))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise, as logged
+    assert [r["batch_crc32"] for r in a] == [r["batch_crc32"] for r in b]  # the same batches
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    child = moe_train(tmp_path / "run", "train.steps=1000", "checkpoint.every_steps=1000", wait=False)
+    wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists() and len(records(tmp_path / "run")) >= 2)
+    child.send_signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == 0, out
+    steps = checkpoint_steps(tmp_path / "run")
+    assert len(steps) == 1 and steps[0] >= 2 and steps[0] < 1000
+    assert "SIGTERM received" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    first = moe_train(run, "train.steps=4", "checkpoint.every_steps=2", "checkpoint.async_save=false")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert checkpoint_steps(run) == [2, 4]
+    for f in (run / "checkpoints" / "4" / "params").rglob("*"):
+        if f.is_file() and f.name not in ("_CHECKPOINT_METADATA", "commit_success.txt"):
+            f.write_bytes(b"damaged")
+    # a save interrupted by a kill leaves only a temporary folder, which is ignored
+    (run / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
+    second = moe_train(run, "train.steps=6", "checkpoint.every_steps=2")
+    assert second.returncode == 0, second.stdout + second.stderr
+    output = second.stdout + second.stderr
+    assert "checkpoint at step 4 cannot be restored" in output and "falling back" in output
+    assert "resumed from the checkpoint at step 2" in output
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_changed_model_is_refused_in_an_existing_run_dir(tmp_path):
+    first = moe_train(tmp_path / "run", "train.steps=1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = moe_train(tmp_path / "run", "train.steps=2", "model.n_layers=3")
+    assert second.returncode == 1 and "holds a run of a different model" in second.stderr
+
+
+def test_train_then_plot_and_convert_to_hf(tmp_path):
+    run = tmp_path / "run"
+    result = moe_train(run, "train.steps=4", "checkpoint.every_steps=4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rec = records(run)[-1]
+    for key in ("step", "loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+                "expert_load", "expert_imbalance"):
+        assert key in rec
+    assert len(rec["expert_load"]) == 2 and abs(sum(rec["expert_load"][0]) - 1) < 1e-4
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    plot = subprocess.run([sys.executable, "-m", "moe", "plot", str(run)], capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr
+    assert (run / "plots" / "loss.png").stat().st_size > 1000
+    assert (run / "plots" / "expert_load_layer1.png").exists()
+    convert = subprocess.run([sys.executable, "-m", "moe", "convert", "to-hf", str(run / "checkpoints" / "4"),
+                              str(tmp_path / "hf")], capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_local_experts"] == 8
+
+
+def test_missing_data_fails_clearly_before_compiling(tmp_path):
+    result = moe_train(tmp_path / "run", f"data.paths=[{tmp_path / 'nope'}]")
+    assert result.returncode == 1 and "matches no files" in result.stderr

@@ -42,6 +42,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     moe_dispatch: Literal["auto", "dense", "ragged"] = "auto"  # see moe/model/dispatch.py
+    capacity_factor: Optional[float] = None  # expert-parallel buffers; None: dropless
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02
     bos_id: int = 1
@@ -102,6 +103,31 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (moe/sharding.py): sizes of the named axes; -1 fills the rest."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    dcn_data: int = 1  # multislice: how much of each axis crosses slices (DCN)
+    dcn_fsdp: int = 1
+    dcn_expert: int = 1
+    dcn_tensor: int = 1
+    rules: Literal["default", "replicated"] = "default"  # logical-axis rules preset
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host start through jax.distributed; automatic on TPU pods. Elsewhere set these
+    or MOE_COORDINATOR_ADDRESS, MOE_NUM_PROCESSES, MOE_PROCESS_ID."""
+
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs."""
 
@@ -109,6 +135,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     seed: int = 0
 
 
@@ -154,6 +182,8 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.rope_theta must be > 0, got {m.rope_theta}")
     if not 0 < m.rms_norm_eps < 1:
         raise ConfigError(f"model.rms_norm_eps must be in (0, 1), got {m.rms_norm_eps}")
+    if m.capacity_factor is not None and m.capacity_factor <= 0:
+        raise ConfigError(f"model.capacity_factor must be > 0 or null (dropless), got {m.capacity_factor}")
     if m.init_std <= 0:
         raise ConfigError(f"model.init_std must be > 0, got {m.init_std}")
 

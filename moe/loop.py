@@ -22,6 +22,7 @@ from tqdm import tqdm
 from moe import config as config_lib
 from moe import data as data_lib
 from moe import metrics as metrics_lib
+from moe import sharding as sharding_lib
 from moe import train as train_lib
 from moe.checkpoint import RunCheckpoints
 from moe.config import Config
@@ -70,19 +71,29 @@ def _setup_run_dir(cfg: Config, run_dir: Path) -> None:
     log.info("resolved config:\n%s", config_lib.dump(cfg))
 
 
-def _initial_state(cfg: Config, checkpoints: RunCheckpoints):
-    """(state, data iterator state or None): the newest readable checkpoint, or a fresh init."""
-    def fresh():
-        return train_lib.init_state(cfg, jax.random.key(cfg.seed))
-
-    abstract = jax.eval_shape(fresh)
-    restored = checkpoints.restore_latest(abstract.params, abstract.opt_state)
+def _initial_state(cfg: Config, checkpoints: RunCheckpoints, mesh):
+    """(state, state shardings, data iterator state or None): the newest readable
+    checkpoint, or a fresh init, laid out on the mesh."""
+    rng = jax.random.key(cfg.seed)
+    abstract = jax.eval_shape(lambda r: train_lib.fresh_state(cfg, r), rng)
+    shardings = sharding_lib.state_shardings(cfg, mesh, abstract)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, shardings)
+    restored = checkpoints.restore_latest(target.params, target.opt_state)
     if restored is None:
         log.info("starting from step 0")
-        return fresh(), None
+        init = jax.jit(lambda r: train_lib.fresh_state(cfg, r), out_shardings=shardings)
+        return init(rng), shardings, None
     step, params, opt_state, data_state, meta = restored
     log.info("resumed from the checkpoint at step %d", step)
-    return train_lib.TrainState(np.int32(meta["step"]), params, opt_state), data_state
+    step_array = jax.device_put(np.int32(meta["step"]), shardings.step)
+    return train_lib.TrainState(step_array, params, opt_state), shardings, data_state
+
+
+def _on_mesh(batch: dict, sharding) -> dict:
+    """The global batch (the same on every process) as arrays split over the mesh."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in batch.items()}
 
 
 def _evaluate(cfg: Config, eval_fn, params, batches) -> dict:
@@ -96,30 +107,35 @@ def _evaluate(cfg: Config, eval_fn, params, batches) -> dict:
 
 def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     """Train to cfg.train.steps (or until stopped); returns the last step's record."""
-    # --- setup
+    # --- setup: processes, mesh, run directory, data
+    sharding_lib.initialize_distributed(cfg)
+    mesh = sharding_lib.make_mesh(cfg)  # refuses layouts that do not divide, before compiling
     run_dir = Path(run_dir)
     _setup_run_dir(cfg, run_dir)
+    log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
     train_docs, val_docs = data_lib.check(cfg)
     log.info("data: %d training and %d validation documents", len(train_docs), len(val_docs))
     checkpoints = RunCheckpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
 
     # --- state and data, fresh or resumed
-    state, data_state = _initial_state(cfg, checkpoints)
-    start = int(state.step)
+    with jax.set_mesh(mesh):
+        state, state_sharding, data_state = _initial_state(cfg, checkpoints, mesh)
+    start = int(jax.device_get(state.step))
     batches = data_lib.train_iterator(cfg, train_docs)
     if data_state is not None:
         batches.set_state(data_state)
-    val_set = data_lib.val_batches(cfg, val_docs)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    val_set = [_on_mesh(b, batch_sharding) for b in data_lib.val_batches(cfg, val_docs)]
 
     # --- compile
     optimizer = train_lib.make_optimizer(cfg, state.params)
-    train_step, eval_step = train_lib.jit_steps(cfg, optimizer)
+    train_step, eval_step = train_lib.jit_steps(cfg, optimizer, mesh, state_sharding)
     flops_per_token = train_lib.flops_per_token(cfg, count_params(cfg.model).active)
     peak, peak_source = metrics_lib.peak_flops(cfg.model.dtype)
     log.info("MFU against %.3g FLOP/s (%s); %.4g FLOPs per token", peak, peak_source, flops_per_token)
 
     # --- steps
-    metrics_log = metrics_lib.MetricsLog(run_dir, start)
+    metrics_log = metrics_lib.MetricsLog(run_dir, start, enabled=jax.process_index() == 0)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     record, last_saved = {}, start
 
@@ -129,11 +145,11 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
         return step
 
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, jax.set_mesh(mesh):
             for step in range(start + 1, cfg.train.steps + 1):
                 batch = next(batches)
                 t0 = time.perf_counter()
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, _on_mesh(batch, batch_sharding))
                 metrics = jax.device_get(metrics)
                 tokens = float(np.sum(batch["segment_ids"] != 0))
                 record = metrics_lib.step_record(step, metrics, tokens, time.perf_counter() - t0,

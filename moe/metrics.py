@@ -56,7 +56,10 @@ def _plain(value):
 class MetricsLog:
     """Appends to DIR/metrics.jsonl and TensorBoard; on resume, drops records past `step`."""
 
-    def __init__(self, run_dir: Path, resume_step: int):
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool = True):
+        self.enabled = enabled  # only the first process writes, in multi-host runs
+        if not enabled:
+            return
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -68,6 +71,8 @@ class MetricsLog:
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         record = {k: _plain(v) for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
@@ -82,6 +87,8 @@ class MetricsLog:
                         self.tb.add_scalar(f"expert_load/layer{layer}/expert{expert}", load, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         self.tb.close()
 

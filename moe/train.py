@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import optax
 
 import moe.model as model_lib
@@ -69,11 +70,13 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
     return opt_state.notfinite_count, opt_state.total_notfinite
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def init_state(cfg: Config, rng) -> TrainState:
-    params = model_lib.init(cfg.model, rng)
+def fresh_state(cfg: Config, rng) -> TrainState:
+    params = nn.unbox(model_lib.init_boxed(cfg.model, rng))
     opt_state = make_optimizer(cfg, params).init(params)
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+init_state = jax.jit(fresh_state, static_argnums=0)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -167,12 +170,30 @@ def eval_step(cfg: Config, params, batch) -> dict:
     return {"ce_sum": terms["ce_sum"], "n_tokens": terms["n_tokens"]}
 
 
-def jit_steps(cfg: Config, optimizer, state_sharding=None, batch_sharding=None):
-    """(train_step, eval_step), compiled; the train step donates the old state."""
-    train = jax.jit(functools.partial(train_step, cfg, optimizer), donate_argnums=0,
-                    in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
-                    out_shardings=(state_sharding, None) if state_sharding is not None else None)
-    evaluate = jax.jit(functools.partial(eval_step, cfg))
+def _with_rules(cfg: Config, fn):
+    """Trace `fn` with the logical-axis rules of cfg.mesh.rules active."""
+    from moe.sharding import rules
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with nn.logical_axis_rules(rules(cfg)):
+            return fn(*args)
+    return wrapped
+
+
+def jit_steps(cfg: Config, optimizer, mesh=None, state_sharding=None):
+    """(train_step, eval_step), compiled; the train step donates the old state. With a
+    mesh, call them inside `jax.set_mesh(mesh)`; batches are split over the batch axes."""
+    train_fn = _with_rules(cfg, functools.partial(train_step, cfg, optimizer))
+    eval_fn = _with_rules(cfg, functools.partial(eval_step, cfg))
+    if mesh is None:
+        return jax.jit(train_fn, donate_argnums=0), jax.jit(eval_fn)
+    from moe.sharding import batch_sharding, replicated
+
+    batch, rep = batch_sharding(mesh), replicated(mesh)
+    train = jax.jit(train_fn, donate_argnums=0, in_shardings=(state_sharding, batch),
+                    out_shardings=(state_sharding, rep))
+    evaluate = jax.jit(eval_fn, in_shardings=(state_sharding.params, batch), out_shardings=rep)
     return train, evaluate
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from moe import expert_parallel
 from moe.config import ModelConfig
 from moe.model import dispatch as dispatch_lib
 from moe.model.layers import DTYPES, kernel_init, param_with_axes
@@ -65,8 +66,13 @@ class SparseMoE(nn.Module):
         stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t)
 
         fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch)]
-        y_td = fn(x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
-                  w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
+        args = (x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
+                w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
+        mesh = expert_parallel.active_mesh()
+        if expert_parallel.wants_expert_parallel(mesh, x_td.shape[0]):
+            y_td = expert_parallel.dispatch(mesh, *args, local_dispatch=fn, capacity_factor=cfg.capacity_factor)
+        else:
+            y_td = fn(*args)
         return y_td.reshape(batch, seq, d), stats
 
 

@@ -1,0 +1,173 @@
+"""Sharding policy: the device mesh from config, and the logical-axis rules presets.
+
+The model names only logical axes (moe/model); this file maps them to the mesh axes
+    data    pure data parallelism (gradients all-reduced)
+    fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3)
+    expert  expert parallelism: each device holds n_experts / expert experts
+    tensor  tensor parallelism over heads, MLP width and vocabulary
+Changing the layout is a config change: `mesh.fsdp=4 mesh.expert=2 mesh.rules=default`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe.config import Config, ConfigError, MeshConfig
+
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over these (expert too, outside the MoE block)
+
+RULES = {
+    # FSDP over the embedding dimension, experts over `expert`, heads / MLP / vocab over `tensor`.
+    "default": (
+        ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
+        ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+        ("kv_heads", "tensor"), ("head_dim", None), ("exp", "expert"), ("layers", None), ("norm", None),
+    ),
+    # Every parameter replicated; only the batch is split (plain data parallelism).
+    "replicated": (
+        ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
+        ("vocab", None), ("embed", None), ("mlp", None), ("heads", None), ("kv_heads", None),
+        ("head_dim", None), ("exp", None), ("layers", None), ("norm", None),
+    ),
+}
+
+
+def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 filled from the device count; refuses what does not multiply out."""
+    sizes = {axis: getattr(mesh_cfg, axis) for axis in AXES}
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1 (fill), got {fill}")
+    if any(s < 1 for a, s in sizes.items() if a not in fill):
+        raise ConfigError(f"mesh axis sizes must be >= 1 or -1, got {sizes}")
+    known = math.prod(s for a, s in sizes.items() if a not in fill)
+    if fill:
+        if n_devices % known:
+            raise ConfigError(f"mesh {sizes}: {n_devices} devices are not divisible by {known}")
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {n_devices} are present; "
+                          "set one axis to -1 to fill")
+    return sizes
+
+
+def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
+    """Refuse layouts that do not divide, before anything compiles."""
+    m, t = cfg.model, cfg.train
+    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = t.batch_size // t.grad_accum
+    if micro % batch_ways:
+        raise ConfigError(f"the micro-batch ({micro} sequences = train.batch_size / train.grad_accum) must divide "
+                          f"over data x fsdp x expert = {batch_ways} devices; change train.batch_size or the mesh")
+    if sizes["expert"] > 1 and (not m.is_moe or m.n_experts % sizes["expert"]):
+        raise ConfigError(f"model.n_experts ({m.n_experts}) must be divisible by mesh.expert ({sizes['expert']})")
+    tp = sizes["tensor"]
+    for name, value in [("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff),
+                        ("vocab_size", m.vocab_size)]:
+        if tp > 1 and value % tp:
+            raise ConfigError(f"model.{name} ({value}) must be divisible by mesh.tensor ({tp})")
+    if sizes["fsdp"] > 1 and m.d_model % sizes["fsdp"]:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by mesh.fsdp ({sizes['fsdp']})")
+
+
+def make_mesh(cfg: Config, devices=None) -> Mesh:
+    """The device mesh for cfg.mesh over all devices of all processes (hybrid ICI x DCN
+    for multislice when any mesh.dcn_* size is above 1)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(cfg.mesh, len(devices))
+    check_divisibility(cfg, sizes)
+    dcn = {axis: getattr(cfg.mesh, f"dcn_{axis}") for axis in AXES}
+    shape = tuple(sizes[a] for a in AXES)
+    if math.prod(dcn.values()) > 1:
+        from jax.experimental import mesh_utils
+
+        ici = tuple(sizes[a] // dcn[a] for a in AXES)
+        if any(sizes[a] % dcn[a] for a in AXES):
+            raise ConfigError(f"mesh sizes {sizes} must be divisible by the DCN sizes {dcn}")
+        grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in AXES), devices)
+    else:
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, AXES)
+
+
+def rules(cfg: Config):
+    return RULES[cfg.mesh.rules]
+
+
+def logical_to_sharding(mesh: Mesh, rule_set, logical_specs):
+    """NamedShardings for a tree of logical PartitionSpecs."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rule_set)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def bytes_per_device(tree) -> dict:
+    """Bytes each device holds of a tree of jax.Arrays, keyed by device id."""
+    held: dict = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+    return held
+
+
+def _dict_path(path) -> tuple[str, ...]:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def param_shardings(cfg: Config, mesh: Mesh):
+    """NamedSharding of every parameter, from its logical axes and the rules preset."""
+    from moe.model import logical_axes
+
+    return logical_to_sharding(mesh, rules(cfg), logical_axes(cfg.model))
+
+
+def state_shardings(cfg: Config, mesh: Mesh, abstract_state):
+    """Shardings of a TrainState: params by the rules; optimizer leaves that mirror a
+    parameter (Adam's mu and nu) like that parameter; everything else replicated."""
+    params = param_shardings(cfg, mesh)
+    shapes = {_dict_path(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
+    by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def like_param(path, leaf):
+        names = _dict_path(path)
+        for start in range(len(names)):
+            key = names[start:]
+            if key in by_path and shapes[key] == leaf.shape:
+                return by_path[key]
+        return replicated(mesh)
+
+    opt_state = jax.tree_util.tree_map_with_path(like_param, abstract_state.opt_state)
+    return type(abstract_state)(replicated(mesh), params, opt_state)
+
+
+def initialize_distributed(cfg: Config) -> None:
+    """Join the multi-host runtime when more than one process is configured (config first,
+    then MOE_* environment variables); on TPU pods jax finds the settings itself."""
+    import os
+
+    d = cfg.distributed
+    address = d.coordinator_address or os.environ.get("MOE_COORDINATOR_ADDRESS")
+    count = d.num_processes or int(os.environ.get("MOE_NUM_PROCESSES", "0") or 0)
+    pid = d.process_id if d.process_id is not None else os.environ.get("MOE_PROCESS_ID")
+    if jax.distributed.is_initialized():
+        return
+    if address and count > 1:
+        if pid is None:
+            raise ConfigError("multi-host: set distributed.process_id or MOE_PROCESS_ID for each process")
+        if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=int(pid))
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()  # TPU pod or multislice: settings come from the environment

@@ -1,0 +1,139 @@
+"""Sharded train steps on 8 CPU devices equal the single-device step."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe import config as C
+from moe import sharding as S
+from moe import train as T
+from moe.checkpoint import restore_params, save_params
+from helpers import tiny_model
+
+MESHES = {
+    "data=8": dict(data=8),
+    "fsdp=8": dict(data=1, fsdp=8),
+    "expert=8": dict(data=1, expert=8),
+    "data=2,expert=4": dict(data=2, expert=4),
+    "fsdp=2,expert=2,tensor=2": dict(data=1, fsdp=2, expert=2, tensor=2),
+}
+
+
+def run_config(mesh=None, **model):
+    m = tiny_model(vocab_size=128, d_model=32, n_experts=8, top_k=2, d_ff=48, **model)
+    return C.Config(model=m, train=C.TrainConfig(batch_size=8, seq_len=16, warmup_steps=0, lr=1e-2),
+                    mesh=C.MeshConfig(**(mesh or {})))
+
+
+def batch_for(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.model.vocab_size, size=(8, 17))
+    segments = np.ones((8, 16), np.int32)
+    segments[3, 9:] = 2
+    positions = np.where(segments == 2, np.arange(16) - 9, np.arange(16))
+    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+            "segment_ids": segments, "positions": positions.astype(np.int32)}
+
+
+def sharded_grads(cfg, params, batch):
+    mesh = S.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        p_sh = S.param_shardings(cfg, mesh)
+        params = jax.device_put(params, p_sh)
+        batch = jax.device_put(batch, S.batch_sharding(mesh))
+        fn = jax.jit(T._with_rules(cfg, lambda p, b: T.grads_and_metrics(cfg, p, b)),
+                     in_shardings=(p_sh, S.batch_sharding(mesh)))
+        loss, grads, metrics = fn(params, batch)
+        return jax.device_get((loss, grads, metrics)), params
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cfg = run_config()
+    params = jax.device_get(T.init_state(cfg, jax.random.key(0)).params)
+    with jax.default_device(jax.devices()[0]):
+        loss, grads, metrics = jax.jit(lambda p, b: T.grads_and_metrics(cfg, p, b))(params, batch_for(cfg))
+    return params, jax.device_get((loss, grads, metrics))
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_sharded_loss_and_grads_equal_single_device(name, reference):
+    params, (ref_loss, ref_grads, ref_metrics) = reference
+    cfg = run_config(MESHES[name])
+    (loss, grads, metrics), _ = sharded_grads(cfg, params, batch_for(cfg))
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5
+    np.testing.assert_allclose(metrics["aux_loss"], ref_metrics["aux_loss"], atol=1e-6)  # global, not per shard
+    np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree_util.tree_leaves(ref_grads)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_per_device_parameter_bytes_follow_the_mesh(reference):
+    params, _ = reference
+    total = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
+    # expert weights and the router's expert columns are split over `expert`
+    expert_bytes = sum(np.asarray(params["layers"]["moe"][w]).nbytes for w in ("w1", "w2", "w3", "gate"))
+    for name, expect in [("expert=8", total - expert_bytes * 7 / 8), ("fsdp=8", None), ("data=8", total)]:
+        cfg = run_config(MESHES[name])
+        mesh = S.make_mesh(cfg)
+        placed = jax.device_put(params, S.param_shardings(cfg, mesh))
+        held = S.bytes_per_device(placed)
+        assert len(held) == 8 and len(set(held.values())) == 1
+        per_device = next(iter(held.values()))
+        if expect is not None:
+            assert per_device == expect, name
+        else:  # FSDP: every weight with an embed dimension is split 8 ways; norms and vectors stay whole
+            assert per_device < total / 6
+        experts = S.bytes_per_device(placed["layers"]["moe"]["w1"])
+        if name == "expert=8":
+            assert next(iter(experts.values())) * 8 == np.asarray(params["layers"]["moe"]["w1"]).nbytes
+
+
+def test_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path, reference):
+    params, _ = reference
+    cfg_a, cfg_b = run_config(MESHES["expert=8"]), run_config(MESHES["fsdp=2,expert=2,tensor=2"])
+    mesh_a, mesh_b = S.make_mesh(cfg_a), S.make_mesh(cfg_b)
+    save_params(tmp_path / "params", jax.device_put(params, S.param_shardings(cfg_a, mesh_a)))
+    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    params, S.param_shardings(cfg_b, mesh_b))
+    restored = restore_params(tmp_path / "params", target)
+    for a, b, s in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params),
+                       jax.tree_util.tree_leaves(S.param_shardings(cfg_b, mesh_b))):
+        assert a.sharding == s
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_capacity_factor_drops_only_overflow():
+    cfg = run_config(MESHES["expert=8"])
+    params = jax.device_get(T.init_state(cfg, jax.random.key(1)).params)
+    (dropless, _, _), _ = sharded_grads(cfg, params, batch_for(cfg))
+    roomy = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, capacity_factor=8.0))
+    (same, _, _), _ = sharded_grads(roomy, params, batch_for(cfg))
+    tight = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, capacity_factor=0.25))
+    (dropped, _, _), _ = sharded_grads(tight, params, batch_for(cfg))
+    assert abs(float(same) - float(dropless)) <= 1e-6  # capacity 8x covers every copy: nothing dropped
+    assert abs(float(dropped) - float(dropless)) > 1e-4  # a quarter of the room drops copies
+
+
+@pytest.mark.parametrize("mesh,message", [
+    (dict(data=3), "needs 3 devices but 8 are present"),
+    (dict(data=-1, fsdp=-1), "at most one mesh axis may be -1"),
+    (dict(data=1, expert=8), None),
+    (dict(data=2, tensor=4), "model.n_kv_heads \\(2\\) must be divisible by mesh.tensor \\(4\\)"),
+])
+def test_mesh_layouts_that_do_not_divide_are_refused(mesh, message):
+    cfg = run_config(mesh)
+    if message is None:
+        S.make_mesh(cfg)
+        bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_experts=4, top_k=2))
+        with pytest.raises(C.ConfigError, match="n_experts \\(4\\) must be divisible by mesh.expert \\(8\\)"):
+            S.make_mesh(bad)
+        bad_batch = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=4))
+        with pytest.raises(C.ConfigError, match="must divide over data x fsdp x expert = 8"):
+            S.make_mesh(bad_batch)
+    else:
+        with pytest.raises(C.ConfigError, match=message):
+            S.make_mesh(cfg)

@@ -74,7 +74,20 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_aot(args) -> int:
+    from moe import aot
+
+    cfg = config_lib.load(args.config, args.overrides)
+    report = aot.compile_for_topology(cfg, args.topology)
+    print(report.format())
+    return 0 if report.fits else 3
+
+
 def _add_train_and_tools(sub) -> None:
+    p = sub.add_parser("aot", help="compile the train step for a TPU topology here; per-chip memory and FLOPs")
+    _add_config_args(p)
+    p.add_argument("--topology", required=True, help="e.g. v5p-128, v5e-16 or v5p:2x2x2 (needs the tpu extra)")
+    p.set_defaults(func=cmd_aot)
     p = sub.add_parser("train", help="train (or resume) a run")
     _add_config_args(p)
     p.add_argument("--run-dir", required=True, help="run directory; an existing one is resumed")

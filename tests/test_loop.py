@@ -126,3 +126,39 @@ def test_train_then_plot_and_convert_to_hf(tmp_path):
 def test_missing_data_fails_clearly_before_compiling(tmp_path):
     result = moe_train(tmp_path / "run", f"data.paths=[{tmp_path / 'nope'}]")
     assert result.returncode == 1 and "matches no files" in result.stderr
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_log_the_same_losses_as_one(tmp_path):
+    common = ["train.steps=3", "checkpoint.every_steps=3", "data.workers=0", "train.batch_size=8",
+              "mesh.data=2", "mesh.expert=4"]
+    single = subprocess.run(
+        [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir",
+         str(tmp_path / "one"), "--no-progress", *SMALL, *common],
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    port = _free_port()
+    children = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   MOE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MOE_NUM_PROCESSES="2", MOE_PROCESS_ID=str(pid))
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir",
+             str(tmp_path / "two"), "--no-progress", *SMALL, *common],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [c.communicate(timeout=600)[0] for c in children]
+    assert all(c.returncode == 0 for c in children), outputs
+    assert "over 8 devices in 2 processes" in outputs[0]
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["batch_crc32"] == b["batch_crc32"]
+    assert checkpoint_steps(tmp_path / "two") == [3]

@@ -1,0 +1,142 @@
+"""`moe aot`: compile the full train step for a TPU topology on this (CPU) host.
+
+Needs libtpu (`pip install -e ".[tpu]"`), which can describe TPU topologies it does not
+have. The step is lowered with the run's real shardings over a mesh of the topology's
+chips and compiled by the TPU compiler; the report gives per-chip bytes for parameters,
+optimizer state and temporaries against the chip's HBM, and the compiled FLOPs per step
+beside the model-FLOPs estimate. A plan that does not fit exits non-zero with the bytes
+the compiler asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import numpy as np
+
+from moe import sharding as sharding_lib
+from moe import train as train_lib
+from moe.config import Config, ConfigError
+from moe.params import count_params
+
+# chips per slice = cores / CORES_PER_CHIP; HBM bytes per chip
+CHIPS = {"v4": (2, 32 * 2**30), "v5p": (2, 95 * 2**30), "v5e": (1, 16 * 2**30), "v6e": (1, 32 * 2**30)}
+TOPOLOGY_NAMES = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
+
+
+def chip_grid(generation: str, chips: int) -> str:
+    """The physical chip grid of a slice, e.g. v5p with 64 chips -> '4x4x4'."""
+    if generation in ("v4", "v5p"):  # 3D torus, dimensions as even as powers of two allow
+        dims = [1, 1, 1]
+        for i in range(int(math.log2(chips))):
+            dims[i % 3] *= 2
+        if math.prod(dims) != chips:
+            raise ConfigError(f"{generation} slices have a power-of-two chip count, got {chips}")
+        # a slice smaller than a cube keeps the host's 2x2x1 chips in front
+        return "x".join(map(str, sorted(dims, reverse=chips < 8) if chips < 8 else sorted(dims)))
+    side = 2 ** (int(math.log2(chips)) // 2)
+    if side * (chips // side) != chips:
+        raise ConfigError(f"{generation} slices have a power-of-two chip count, got {chips}")
+    return f"{side}x{chips // side}"
+
+
+def parse_topology(name: str) -> tuple[str, str, int]:
+    """'v5p-128' (TensorCores, as Cloud TPU names slices) or 'v5p:4x4x4' ->
+    (generation, topology name for libtpu, chips)."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v6e)[-:](\S+)", name)
+    if not match:
+        raise ConfigError(f"unknown topology {name!r}; write e.g. v5p-128, v5e-16, v4-32 or v5p:2x2x2")
+    generation, size = match.groups()
+    if "x" in size:
+        grid = size
+    else:
+        cores = int(size)
+        grid = chip_grid(generation, max(1, cores // CHIPS[generation][0]))
+    chips = math.prod(int(d) for d in grid.split("x"))
+    return generation, f"{TOPOLOGY_NAMES[generation]}:{grid}", chips
+
+
+def _per_chip_bytes(abstract_tree, shardings) -> int:
+    total = 0
+    for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract_tree), jax.tree_util.tree_leaves(shardings)):
+        total += math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _abstract(tree, shardings):
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+@dataclasses.dataclass
+class AotReport:
+    topology: str
+    chips: int
+    mesh: dict
+    hbm_per_chip: int
+    params_bytes: int
+    opt_state_bytes: int
+    temp_bytes: int | None
+    total_bytes: int | None
+    compiled_flops: float | None
+    model_flops: float
+    compile_seconds: float
+    fits: bool
+    error: str | None = None
+
+    def format(self) -> str:
+        gib = lambda b: "?" if b is None else f"{b / 2**30:.2f} GiB"
+        lines = [f"topology {self.topology}: {self.chips} chips, {gib(self.hbm_per_chip)} HBM each",
+                 f"mesh {self.mesh}", "per chip:",
+                 f"  params           {gib(self.params_bytes)}", f"  optimizer state  {gib(self.opt_state_bytes)}",
+                 f"  temporaries      {gib(self.temp_bytes)}",
+                 f"  total            {gib(self.total_bytes)} of {gib(self.hbm_per_chip)}"]
+        if self.compiled_flops is not None:
+            lines.append(f"FLOPs per step per chip: compiled {self.compiled_flops:.4g}, "
+                         f"model estimate {self.model_flops:.4g} (ratio {self.compiled_flops / self.model_flops:.2f})")
+        lines.append(f"compiled in {self.compile_seconds:.1f} s on this host")
+        lines.append("FITS" if self.fits else f"DOES NOT FIT: {self.error or 'over HBM'}")
+        return "\n".join(lines)
+
+
+def compile_for_topology(cfg: Config, topology: str) -> AotReport:
+    from jax.experimental import topologies
+
+    generation, name, chips = parse_topology(topology)
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    mesh = sharding_lib.make_mesh(cfg, devices)
+    abstract = jax.eval_shape(lambda r: train_lib.fresh_state(cfg, r), jax.random.key(0))
+    shardings = sharding_lib.state_shardings(cfg, mesh, abstract)
+    batch_shape = (cfg.train.batch_size, cfg.train.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=sharding_lib.batch_sharding(mesh))
+             for k in ("inputs", "targets", "segment_ids", "positions")}
+    hbm = CHIPS[generation][1]
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    model_flops = train_lib.flops_per_token(cfg, count_params(cfg.model).active) * tokens / chips
+    report = AotReport(topology, chips, dict(mesh.shape), hbm, _per_chip_bytes(abstract.params, shardings.params),
+                       _per_chip_bytes(abstract.opt_state, shardings.opt_state), None, None, None, model_flops,
+                       0.0, False)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        optimizer = train_lib.make_optimizer(cfg, abstract.params)
+        step, _ = train_lib.jit_steps(cfg, optimizer, mesh, shardings)
+        lowered = step.lower(_abstract(abstract, shardings), batch)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - the TPU compiler reports over-HBM plans this way
+            report.compile_seconds = time.perf_counter() - start
+            report.error = str(e).strip().splitlines()[0][:500]
+            return report
+    report.compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    report.temp_bytes = int(memory.temp_size_in_bytes)
+    report.total_bytes = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    report.compiled_flops = float(cost.get("flops", 0.0)) if cost else None
+    report.fits = report.total_bytes <= hbm
+    return report

@@ -75,6 +75,10 @@ def cmd_plot(args) -> int:
 
 
 def cmd_aot(args) -> int:
+    import os
+
+    # compiling needs no TPU: let several processes load libtpu (CI, sweeps, a run on this host)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from moe import aot
 
     cfg = config_lib.load(args.config, args.overrides)

@@ -1,6 +1,7 @@
 """Expert parallelism: token copies travel to the devices that hold their experts and back.
 
-Used by the MoE block whenever the current mesh has an `expert` axis larger than 1. Each
+Used by the MoE block under any multi-device mesh (with an `expert` axis of 1, each device
+simply dispatches its own tokens to its full set of experts). Each
 device of the `expert` axis holds n_experts / n_shards experts (whole experts; their
 d_model dimension gathered over `fsdp`, their d_ff dimension split over `tensor`).
 
@@ -35,10 +36,11 @@ def active_mesh():
     return None if mesh.empty else mesh
 
 
-def wants_expert_parallel(mesh, n_tokens: int) -> bool:
-    """True under a mesh with an expert axis, for token counts that split over the batch
-    axes (shape-only traces such as init with one token use the local dispatch)."""
-    if mesh is None or dict(mesh.shape).get(EXPERT_AXIS, 1) == 1:
+def wants_shard_map(mesh, n_tokens: int) -> bool:
+    """True under a multi-device mesh, for token counts that split over the batch axes
+    (shape-only traces such as init with one token use the plain dispatch). Without it,
+    the compiler may replicate the sort-based dispatch on every device of the batch."""
+    if mesh is None or mesh.size == 1:
         return False
     shards = math.prod(size for axis, size in dict(mesh.shape).items() if axis in BATCH_AXES)
     return n_tokens % shards == 0
@@ -62,6 +64,9 @@ def _scatter(values, slot, size):
 
 
 def _local(x_td, expert_idx_tk, weight_tk, w1, w3, w2, *, dispatch, n_shards, capacity_factor, tensor_split):
+    if n_shards == 1:  # every expert is here: dispatch this device's tokens directly
+        y = dispatch(x_td, expert_idx_tk, weight_tk, w1, w3, w2)
+        return jax.lax.psum(y, TENSOR_AXIS) if tensor_split else y
     tokens, top_k = expert_idx_tk.shape
     copies = tokens * top_k
     capacity = copies if capacity_factor is None else max(1, math.ceil(capacity_factor * copies / n_shards))
@@ -87,12 +92,13 @@ def dispatch(mesh, x_td, expert_idx_tk, weight_tk, w1, w3, w2, *, local_dispatch
     batch = tuple(a for a in BATCH_AXES if a in shape)
     tensor_split = shape.get(TENSOR_AXIS, 1) > 1
     tensor = TENSOR_AXIS if tensor_split else None
-    fn = functools.partial(_local, dispatch=local_dispatch, n_shards=shape[EXPERT_AXIS],
+    fn = functools.partial(_local, dispatch=local_dispatch, n_shards=shape.get(EXPERT_AXIS, 1),
                            capacity_factor=capacity_factor, tensor_split=tensor_split)
     tokens_spec = P(batch)
+    expert = EXPERT_AXIS if EXPERT_AXIS in shape else None
     return jax.shard_map(
         fn, mesh=mesh,
-        in_specs=(tokens_spec, tokens_spec, tokens_spec, P(EXPERT_AXIS, None, tensor),
-                  P(EXPERT_AXIS, None, tensor), P(EXPERT_AXIS, tensor, None)),
+        in_specs=(tokens_spec, tokens_spec, tokens_spec, P(expert, None, tensor),
+                  P(expert, None, tensor), P(expert, tensor, None)),
         out_specs=tokens_spec, check_vma=False,
     )(x_td, expert_idx_tk, weight_tk, w1, w3, w2)

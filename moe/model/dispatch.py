@@ -30,17 +30,21 @@ def dense_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     return jnp.einsum("te,etd->td", combine_te.astype(y_etd.dtype), y_etd)
 
 
-def sort_by_expert(expert_idx_tk, n_experts: int):
-    """Order of the token copies [tokens * top_k] grouped by expert, and each group's size."""
-    flat_e = expert_idx_tk.reshape(-1)  # [tokens * top_k]
+def sort_by_expert(expert_idx_tk, weight_tk, n_experts: int):
+    """Order of the token copies [tokens * top_k] grouped by expert, and each group's size.
+
+    Copies with weight 0 (the empty slots of expert-parallel buffers) sort last and belong
+    to no group, so the grouped matmul skips them.
+    """
+    flat_e = jnp.where(weight_tk.reshape(-1) != 0, expert_idx_tk.reshape(-1), n_experts)  # [tokens * top_k]
     order = jnp.argsort(flat_e, stable=True)
-    group_sizes = jnp.bincount(flat_e, length=n_experts).astype(jnp.int32)  # [experts]
+    group_sizes = jnp.bincount(flat_e, length=n_experts).astype(jnp.int32)  # [experts], skipped excluded
     return order, group_sizes
 
 
 def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     tokens, top_k = expert_idx_tk.shape
-    order, group_sizes = sort_by_expert(expert_idx_tk, w1_edf.shape[0])
+    order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
     x_sorted = x_td[order // top_k]  # [tokens * top_k, d_model], grouped by expert
     h = nn.silu(jax.lax.ragged_dot(x_sorted, w1_edf, group_sizes)) * jax.lax.ragged_dot(
         x_sorted, w3_edf, group_sizes

@@ -69,7 +69,7 @@ class SparseMoE(nn.Module):
         args = (x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
                 w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
         mesh = expert_parallel.active_mesh()
-        if expert_parallel.wants_expert_parallel(mesh, x_td.shape[0]):
+        if expert_parallel.wants_shard_map(mesh, x_td.shape[0]):
             y_td = expert_parallel.dispatch(mesh, *args, local_dispatch=fn, capacity_factor=cfg.capacity_factor)
         else:
             y_td = fn(*args)

@@ -109,6 +109,8 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
     from jax.experimental import topologies
 
     generation, name, chips = parse_topology(topology)
+    if cfg.model.moe_dispatch == "auto":  # the choice for TPU, not for this CPU host
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch="ragged"))
     devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
     mesh = sharding_lib.make_mesh(cfg, devices)
     abstract = jax.eval_shape(lambda r: train_lib.fresh_state(cfg, r), jax.random.key(0))

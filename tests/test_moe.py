@@ -141,3 +141,39 @@ def test_router_stats_leave_out_padding():
     stats = router_stats(logits, probs, idx, valid)
     assert float(stats["n_tokens"]) == 3 and float(stats["expert_counts"].sum()) == 6
     np.testing.assert_allclose(np.asarray(stats["prob_sum"]), np.asarray(probs[:3].sum(0)), atol=1e-6)
+
+
+def _dispatch_case(case, tokens, n_experts=4, top_k=2, d_model=16, d_ff=24):
+    keys = jax.random.split(jax.random.key(7), 6)
+    x = jax.random.normal(keys[0], (tokens, d_model))
+    w1, w3 = (jax.random.normal(k, (n_experts, d_model, d_ff)) * 0.3 for k in keys[1:3])
+    w2 = jax.random.normal(keys[3], (n_experts, d_ff, d_model)) * 0.3
+    weight = jax.nn.softmax(jax.random.normal(keys[4], (tokens, top_k)), axis=-1)
+    if case == "one expert":  # every copy on expert 2 (top_k copies of a token on the same expert)
+        idx = jnp.full((tokens, top_k), 2, jnp.int32)
+    elif case == "empty experts":  # experts 0 and 3 get nothing
+        idx = jnp.stack([jnp.ones(tokens, jnp.int32), jnp.full(tokens, 2, jnp.int32)], axis=1)[:, :top_k]
+    else:
+        idx = jax.random.randint(keys[5], (tokens, top_k), 0, n_experts)
+    return x, idx, weight, w1, w3, w2
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "dense"])
+@pytest.mark.parametrize("case,tokens", [("random", 1), ("random", 37), ("one expert", 13),
+                                         ("empty experts", 21), ("random", 300)])
+def test_every_dispatch_path_matches_the_reference_in_edge_cases(path, case, tokens):
+    from moe.model.dispatch import DISPATCH
+
+    args = _dispatch_case(case, tokens)
+
+    def f(fn, *a):
+        return jnp.sum(jnp.cos(fn(*a)))
+
+    ref_y = DISPATCH["dense"](*args)
+    y = jax.jit(DISPATCH[path])(*args)
+    assert np.abs(np.asarray(y - ref_y)).max() <= 1e-5
+    argnums = (0, 2, 3, 4, 5)  # x, weights and every expert weight
+    ref_g = jax.grad(lambda *a: f(DISPATCH["dense"], *a), argnums=argnums)(*args)
+    g = jax.jit(jax.grad(lambda *a: f(DISPATCH[path], *a), argnums=argnums))(*args)
+    for a, b in zip(g, ref_g):  # 1e-5 relative to the gradient's scale (sums over up to 300 tokens)
+        assert np.abs(np.asarray(a - b)).max() <= 1e-5 * max(1.0, float(np.abs(np.asarray(b)).max()))

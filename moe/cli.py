@@ -87,7 +87,18 @@ def cmd_aot(args) -> int:
     return 0 if report.fits else 3
 
 
+def cmd_bench(args) -> int:
+    from moe import bench
+
+    bench.main(args.quick, args.json)
+    return 0
+
+
 def _add_train_and_tools(sub) -> None:
+    p = sub.add_parser("bench", help="MoE layer and train-step speed, MFU, and Hugging Face side by side")
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("aot", help="compile the train step for a TPU topology here; per-chip memory and FLOPs")
     _add_config_args(p)
     p.add_argument("--topology", required=True, help="e.g. v5p-128, v5e-16 or v5p:2x2x2 (needs the tpu extra)")

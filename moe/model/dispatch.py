@@ -58,9 +58,9 @@ def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
 
 
 def block_size(copies: int, n_experts: int) -> int:
-    """Rows per block: a power of two near copies / (2 * experts), between 8 and 256, so
+    """Rows per block: a power of two near copies / (4 * experts), between 8 and 256, so
     padding (under one block per expert) stays small against the copies."""
-    target = max(8, copies // (2 * n_experts))
+    target = max(8, copies // (4 * n_experts))
     return int(min(256, 2 ** (target.bit_length() - 1)))
 
 

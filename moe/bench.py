@@ -1,0 +1,163 @@
+"""`moe bench`: speed of the MoE layer and the train step, measured in one run.
+
+Prints a table and optionally writes JSON: the backend's matmul peak (float32, bfloat16);
+MoE layer forward+backward per dispatch path against a dense SwiGLU of the same active
+FLOPs; train-step tokens/s and MFU for bench-moe and tiny-moe (against the float32 peak
+measured here); peak memory; and Hugging Face's MixtralForCausalLM on the same config,
+batch and AdamW when torch and transformers are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe import config as config_lib
+from moe import train as train_lib
+from moe.metrics import measured_matmul_flops
+from moe.model.dispatch import DISPATCH
+from moe.params import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _time(fn, *args, repeats: int) -> float:
+    """Median seconds of fn(*args) after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
+    """Forward+backward seconds of each dispatch path and of the equal-active dense SwiGLU."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    d, f, e, k = cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k
+    x = jax.random.normal(keys[0], (tokens, d))
+    w1, w3 = (jax.random.normal(kk, (e, d, f)) * 0.02 for kk in keys[1:3])
+    w2 = jax.random.normal(keys[3], (e, f, d)) * 0.02
+    gate = jax.random.normal(keys[4], (d, e)) * 0.02
+
+    def moe_loss(x, w1, w3, w2, gate, fn):
+        probs = jax.nn.softmax(x @ gate)
+        weight, idx = jax.lax.top_k(probs, k)
+        return jnp.sum(fn(x, idx, weight / weight.sum(-1, keepdims=True), w1, w3, w2) ** 2)
+
+    out = {}
+    for name, fn in DISPATCH.items():
+        step = jax.jit(jax.grad(lambda *a, fn=fn: moe_loss(*a, fn), argnums=(0, 1, 2, 3, 4)))
+        out[name] = _time(step, x, w1, w3, w2, gate, repeats=repeats)
+    v1, v3 = (jax.random.normal(kk, (d, k * f)) * 0.02 for kk in keys[1:3])
+    v2 = jax.random.normal(keys[3], (k * f, d)) * 0.02
+    dense = jax.jit(jax.grad(lambda x, a, b, c: jnp.sum(((jax.nn.silu(x @ a) * (x @ b)) @ c) ** 2), argnums=(0, 1, 2, 3)))
+    out["dense_swiglu_equal_active"] = _time(dense, x, v1, v3, v2, repeats=repeats)
+    return out
+
+
+def train_step(cfg: config_lib.Config, steps: int) -> dict:
+    """tokens/s and step time of the real jitted train step on random tokens."""
+    state = train_lib.init_state(cfg, jax.random.key(0))
+    step, _ = train_lib.jit_steps(cfg, train_lib.make_optimizer(cfg, state.params))
+    b, s = cfg.train.batch_size, cfg.train.seq_len
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, s + 1)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, s), np.int32),
+             "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()}
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    seconds = (time.perf_counter() - start) / steps
+    return {"step_s": seconds, "tokens_per_s": b * s / seconds,
+            "flops_per_token": train_lib.flops_per_token(cfg, count_params(cfg.model).active)}
+
+
+def hf_train_step(cfg: config_lib.Config, steps: int) -> float | None:
+    """tokens/s of transformers' MixtralForCausalLM with torch AdamW, same config and batch."""
+    try:
+        import torch
+        from transformers import MixtralConfig, MixtralForCausalLM
+    except ImportError:
+        return None
+    m = cfg.model
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, num_local_experts=m.n_experts,
+        num_experts_per_tok=m.top_k, max_position_embeddings=m.max_seq_len, output_router_logits=True,
+        router_aux_loss_coef=cfg.train.aux_loss_coef))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b, s = cfg.train.batch_size, cfg.train.seq_len
+    tokens = torch.randint(0, m.vocab_size, (b, s))
+
+    def one():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    one()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return b * s * steps / (time.perf_counter() - start)
+
+
+def run(quick: bool) -> dict:
+    repeats, steps = (3, 2) if quick else (10, 5)
+    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+    result["matmul_peak_flops"] = measured_matmul_flops(jnp.float32, n=2048)
+    result["matmul_peak_flops_bf16"] = measured_matmul_flops(jnp.bfloat16, n=2048)
+    bench = config_lib.load(ROOT / "configs/bench-moe.yaml")
+    tokens = bench.train.batch_size * bench.train.seq_len
+    layer = moe_layer(bench.model, tokens, repeats)
+    result["moe_layer_s"] = layer
+    result["moe_vs_dense_ratio"] = layer["sorted"] / layer["dense_swiglu_equal_active"]
+    for name in ("bench-moe", "tiny-moe"):
+        cfg = config_lib.load(ROOT / f"configs/{name}.yaml")
+        r = train_step(cfg, steps)
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / result["matmul_peak_flops"]
+        result[name] = r
+    result["train_tokens_per_s"] = result["bench-moe"]["tokens_per_s"]
+    result["mfu"] = result["bench-moe"]["mfu"]
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hf = hf_train_step(bench, steps) if jax.default_backend() == "cpu" else None
+    result["hf_tokens_per_s"] = hf
+    result["ratio_vs_hf"] = None if hf is None else result["train_tokens_per_s"] / hf
+    return result
+
+
+def format_table(r: dict) -> str:
+    layer = r["moe_layer_s"]
+    dense = layer["dense_swiglu_equal_active"]
+    lines = [f"backend {r['backend']} ({r['device']})",
+             f"matmul peak: float32 {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
+             f"bfloat16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s",
+             "MoE layer forward+backward (bench-moe, one batch of tokens):"]
+    for name, seconds in layer.items():
+        lines.append(f"  {name:<28}{seconds * 1e3:9.1f} ms   {seconds / dense:5.2f}x dense")
+    for name in ("bench-moe", "tiny-moe"):
+        t = r[name]
+        lines.append(f"train step {name:<10} {t['tokens_per_s']:9.0f} tokens/s  MFU {t['mfu']:.1%}")
+    lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if r["hf_tokens_per_s"] is not None:
+        lines.append(f"Hugging Face MixtralForCausalLM (bench-moe): {r['hf_tokens_per_s']:.0f} tokens/s; "
+                     f"ours / HF = {r['ratio_vs_hf']:.2f}")
+    return "\n".join(lines)
+
+
+def main(quick: bool, json_path: str | None) -> None:
+    result = run(quick)
+    print(format_table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

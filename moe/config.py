@@ -92,7 +92,6 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     eval_every: int = 100
     eval_batches: int = 4
-    log_every: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +190,7 @@ def validate_model(m: ModelConfig) -> None:
 def validate_train(cfg: Config) -> None:
     t, d = cfg.train, cfg.data
     for name in ["steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                 "log_every", "max_nonfinite_steps"]:
+                 "max_nonfinite_steps"]:
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if t.batch_size % t.grad_accum:

@@ -96,7 +96,7 @@ def _on_mesh(batch: dict, sharding) -> dict:
             for k, v in batch.items()}
 
 
-def _evaluate(cfg: Config, eval_fn, params, batches) -> dict:
+def _evaluate(eval_fn, params, batches) -> dict:
     ce, tokens = 0.0, 0.0
     for batch in batches:
         out = jax.device_get(eval_fn(params, batch))
@@ -159,7 +159,7 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    val = _evaluate(cfg, eval_step, state.params, val_set)
+                    val = _evaluate(eval_step, state.params, val_set)
                     metrics_log.write({"step": step, **val})
                     log.info("step %d: loss %.4f, val_loss %.4f, val_ppl %.2f", step, record["loss"],
                              val["val_loss"], val["val_ppl"])

@@ -98,6 +98,12 @@ def hf_to_params(cfg: ModelConfig, source: SafetensorsSource, write: Callable, d
         write(e.rule.ours, e.index, _cast(e.rule.to_ours(source.get(e.hf_name), cfg), dtype))
 
 
+def _leaf(params: dict, path: tuple[str, ...]):
+    for key in path:
+        params = params[key]
+    return params
+
+
 def load_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) from a Hugging Face Mistral or Mixtral folder, in host memory."""
     cfg, _ = read_hf_config(hf_dir)
@@ -105,10 +111,7 @@ def load_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
     params = jax.tree_util.tree_map(lambda s: np.empty(s.shape, NP_DTYPES[cfg.param_dtype]), shapes)
 
     def write(path, index, array):
-        leaf = params
-        for key in path:
-            leaf = leaf[key]
-        leaf[index] = array
+        _leaf(params, path)[index] = array
 
     hf_to_params(cfg, SafetensorsSource(hf_dir), write, cfg.param_dtype)
     return cfg, params
@@ -217,9 +220,7 @@ def save_hf(cfg: ModelConfig, params, out_dir: str | Path, dtype: str | None = N
             max_shard_size: int | str = "5GB") -> None:
     """Write in-memory params as a Hugging Face folder (config.json + safetensors)."""
     def read(path, index):
-        leaf = params
-        for key in path:
-            leaf = leaf[key]
+        leaf = _leaf(params, path)
         return np.asarray(leaf[index] if index else leaf)
 
     params_to_hf(cfg, read, out_dir, dtype or cfg.param_dtype, max_shard_size)

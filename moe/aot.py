@@ -67,10 +67,6 @@ def _per_chip_bytes(abstract_tree, shardings) -> int:
     return total
 
 
-def _abstract(tree, shardings):
-    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 @dataclasses.dataclass
 class AotReport:
     topology: str
@@ -113,8 +109,7 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch="ragged"))
     devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
     mesh = sharding_lib.make_mesh(cfg, devices)
-    abstract = jax.eval_shape(lambda r: train_lib.fresh_state(cfg, r), jax.random.key(0))
-    shardings = sharding_lib.state_shardings(cfg, mesh, abstract)
+    abstract, shardings = sharding_lib.abstract_state(cfg, mesh)
     batch_shape = (cfg.train.batch_size, cfg.train.seq_len)
     batch = {k: jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=sharding_lib.batch_sharding(mesh))
              for k in ("inputs", "targets", "segment_ids", "positions")}
@@ -130,7 +125,7 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
     with jax.set_mesh(mesh):
         optimizer = train_lib.make_optimizer(cfg, abstract.params)
         step, _ = train_lib.jit_steps(cfg, optimizer, mesh, shardings)
-        lowered = step.lower(_abstract(abstract, shardings), batch)
+        lowered = step.lower(abstract, batch)
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - the TPU compiler reports over-HBM plans this way

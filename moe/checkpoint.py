@@ -180,9 +180,6 @@ class RunCheckpoints:
         self.manager.reload()
         return target
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

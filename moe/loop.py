@@ -74,16 +74,12 @@ def _setup_run_dir(cfg: Config, run_dir: Path) -> None:
 def _initial_state(cfg: Config, checkpoints: RunCheckpoints, mesh):
     """(state, state shardings, data iterator state or None): the newest readable
     checkpoint, or a fresh init, laid out on the mesh."""
-    rng = jax.random.key(cfg.seed)
-    abstract = jax.eval_shape(lambda r: train_lib.fresh_state(cfg, r), rng)
-    shardings = sharding_lib.state_shardings(cfg, mesh, abstract)
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract, shardings)
+    target, shardings = sharding_lib.abstract_state(cfg, mesh)
     restored = checkpoints.restore_latest(target.params, target.opt_state)
     if restored is None:
         log.info("starting from step 0")
         init = jax.jit(lambda r: train_lib.fresh_state(cfg, r), out_shardings=shardings)
-        return init(rng), shardings, None
+        return init(jax.random.key(cfg.seed)), shardings, None
     step, params, opt_state, data_state, meta = restored
     log.info("resumed from the checkpoint at step %d", step)
     step_array = jax.device_put(np.int32(meta["step"]), shardings.step)

@@ -100,11 +100,6 @@ def rules(cfg: Config):
     return RULES[cfg.mesh.rules]
 
 
-def logical_to_sharding(mesh: Mesh, rule_set, logical_specs):
-    """NamedShardings for a tree of logical PartitionSpecs."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rule_set)
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
@@ -130,7 +125,7 @@ def param_shardings(cfg: Config, mesh: Mesh):
     """NamedSharding of every parameter, from its logical axes and the rules preset."""
     from moe.model import logical_axes
 
-    return logical_to_sharding(mesh, rules(cfg), logical_axes(cfg.model))
+    return nn.logical_to_mesh_sharding(logical_axes(cfg.model), mesh, rules(cfg))
 
 
 def state_shardings(cfg: Config, mesh: Mesh, abstract_state):
@@ -150,6 +145,20 @@ def state_shardings(cfg: Config, mesh: Mesh, abstract_state):
 
     opt_state = jax.tree_util.tree_map_with_path(like_param, abstract_state.opt_state)
     return type(abstract_state)(replicated(mesh), params, opt_state)
+
+
+def with_shardings(tree, shardings):
+    """ShapeDtypeStructs of `tree` that carry their shardings (restore and compile targets)."""
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_state(cfg: Config, mesh: Mesh):
+    """(the TrainState as sharded ShapeDtypeStructs, its shardings), allocating nothing."""
+    from moe import train as train_lib
+
+    abstract = jax.eval_shape(lambda r: train_lib.fresh_state(cfg, r), jax.random.key(cfg.seed))
+    shardings = state_shardings(cfg, mesh, abstract)
+    return with_shardings(abstract, shardings), shardings
 
 
 def initialize_distributed(cfg: Config) -> None:

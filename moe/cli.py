@@ -94,6 +94,49 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from moe import sweep as sweep_lib
+
+    sweep = sweep_lib.load(args.spec, args.runs_dir)
+    runs = sweep_lib.select(sweep, args.only)
+    if args.launcher != "local":
+        sweep_lib.print_launches(sweep, runs, args.launcher)
+        return 0
+    try:
+        failed = sweep_lib.run_local(sweep, runs, dry_run=args.dry_run)
+    except KeyboardInterrupt as e:
+        print(f"moe sweep: stopped: {e or 'interrupted'}; run the same command to resume", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"moe sweep: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from moe import report, sweep as sweep_lib
+
+    for path in report.report(sweep_lib.load(args.spec, args.runs_dir), args.out):
+        print(path)
+    return 0
+
+
+def _add_sweeps(sub) -> None:
+    p = sub.add_parser("sweep", help="run a sweep spec here (resumable), or print its launch commands")
+    p.add_argument("spec", help="a sweep spec, e.g. experiments/aux-coef/sweep.yaml")
+    p.add_argument("--launcher", default="local", choices=["local", "tpu_vm", "xpk"],
+                   help="local: train here, one run after another; tpu_vm, xpk: print the launch commands")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of unfinished runs only")
+    p.add_argument("--only", nargs="+", default=None, help="run names or variants to run")
+    p.add_argument("--runs-dir", default=None, help="where the runs go (default runs/sweeps/NAME)")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("report", help="markdown table and PNG plots of a sweep, next to its spec")
+    p.add_argument("spec")
+    p.add_argument("--runs-dir", default=None, help="where the runs are (default runs/sweeps/NAME)")
+    p.add_argument("--out", default=None, help="output folder (default: the spec's folder)")
+    p.set_defaults(func=cmd_report)
+
+
 def _add_train_and_tools(sub) -> None:
     p = sub.add_parser("bench", help="MoE layer and train-step speed, MFU, and Hugging Face side by side")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -146,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
     _add_convert(sub)
     _add_train_and_tools(sub)
+    _add_sweeps(sub)
     return parser
 
 

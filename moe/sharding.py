@@ -163,13 +163,17 @@ def abstract_state(cfg: Config, mesh: Mesh):
 
 def initialize_distributed(cfg: Config) -> None:
     """Join the multi-host runtime when more than one process is configured (config first,
-    then MOE_* environment variables); on TPU pods jax finds the settings itself."""
+    then MOE_* environment variables). MOE_DISTRIBUTED=auto (set by launch/tpu_vm.sh and
+    launch/xpk.sh) lets jax find the settings of a TPU slice or GKE job itself."""
     import os
 
     d = cfg.distributed
     address = d.coordinator_address or os.environ.get("MOE_COORDINATOR_ADDRESS")
     count = d.num_processes or int(os.environ.get("MOE_NUM_PROCESSES", "0") or 0)
     pid = d.process_id if d.process_id is not None else os.environ.get("MOE_PROCESS_ID")
+    if os.environ.get("MOE_DISTRIBUTED", "auto") != "auto":
+        raise ConfigError(f"MOE_DISTRIBUTED={os.environ['MOE_DISTRIBUTED']!r}: the only value is 'auto' "
+                          "(or leave it unset)")
     if jax.distributed.is_initialized():
         return
     if address and count > 1:
@@ -178,5 +182,6 @@ def initialize_distributed(cfg: Config) -> None:
         if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=int(pid))
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()  # TPU pod or multislice: settings come from the environment
+    elif (os.environ.get("MOE_DISTRIBUTED") == "auto" or os.environ.get("TPU_WORKER_HOSTNAMES")
+          or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")):
+        jax.distributed.initialize()  # TPU pod, multislice or GKE: jax reads the settings itself

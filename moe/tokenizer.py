@@ -21,10 +21,14 @@ def mistral_v1_path() -> Path:
 
 
 def resolve(spec: str) -> Path:
-    """The .model file for a tokenizer spec: 'mistral-v1' or a path."""
+    """The .model file for a tokenizer spec: 'mistral-v1' or a path (relative paths: from the
+    current directory, else from the project root, where configs point at shipped ones)."""
     if spec == MISTRAL_V1:
         return mistral_v1_path()
     path = Path(spec)
+    shipped = Path(__file__).resolve().parents[1] / path  # a tokenizer shipped in the repo, from anywhere
+    if not path.is_file() and not path.is_absolute() and shipped.is_file():
+        return shipped
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer model {spec!r} not found; give 'mistral-v1' or the path of a "
                                 "sentencepiece .model (make one with `moe tokenizer train`)")

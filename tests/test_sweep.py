@@ -1,0 +1,148 @@
+"""Sweep specs: expansion, validation, resume-skip, launch commands, and a report of a real sweep."""
+
+import shlex
+import subprocess
+
+import pytest
+import yaml
+
+from moe import report, sweep
+from moe.config import ConfigError
+from helpers import ROOT
+
+STUDIES = sorted((ROOT / "experiments").glob("*/sweep.yaml"))
+SMALL = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.d_ff": 32,
+         "train.batch_size": 2, "train.seq_len": 32, "train.warmup_steps": 1, "train.steps": 2,
+         "train.eval_every": 2, "train.eval_batches": 1, "checkpoint.every_steps": 2, "data.workers": 0}
+
+
+def write_spec(tmp_path, **spec):
+    spec = {"name": "t", "base": str(ROOT / "configs/study-moe.yaml"), **spec}
+    path = tmp_path / "spec" / "sweep.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_grid_variants_and_seeds_expand_in_order(tmp_path):
+    path = write_spec(tmp_path, overrides=["train.steps=7"], seeds=[0, 1],
+                      variants={"moe": {}, "dense": {"model.n_experts": 0, "model.d_ff": 512}},
+                      grid={"train.lr": [1e-3, 3e-3], "train.aux_loss_coef": [0.0, 0.1]})
+    s = sweep.load(path, runs_dir=tmp_path / "runs")
+    assert len(s.runs) == 2 * 2 * 2 * 2
+    first, last = s.runs[0], s.runs[-1]
+    assert first.name == "moe_lr-0.001_aux_loss_coef-0.0_seed-0"
+    assert last.name == "dense_lr-0.003_aux_loss_coef-0.1_seed-1"
+    assert last.overrides == ("train.steps=7", "model.n_experts=0", "model.d_ff=512", "train.lr=0.003",
+                              "train.aux_loss_coef=0.1", "seed=1")
+    assert last.changes == last.overrides[1:]
+    assert last.config.model.n_experts == 0 and last.config.train.lr == 0.003 and last.config.seed == 1
+    assert last.config.train.steps == 7 and last.variant == "dense_lr-0.003_aux_loss_coef-0.1"
+    assert last.run_dir == tmp_path / "runs" / last.name
+    assert len({r.name for r in s.runs}) == len(s.runs)
+
+
+def test_a_spec_without_variants_or_seeds_is_one_run_with_the_base_seed(tmp_path):
+    s = sweep.load(write_spec(tmp_path))
+    assert [r.name for r in s.runs] == ["base"] and s.runs[0].overrides == ()
+    assert s.runs[0].run_dir.as_posix() == "runs/sweeps/t/base"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"grid": {"model.n_expert": [4]}}, "run 'n_expert-4'.*n_experts"),
+    ({"grid": {"model.n_experts": []}}, "non-empty list"),
+    ({"seeds": [0, "one"]}, "seeds must be"),
+    ({"variants": {"a": ["model.top_k"]}}, "variants.a must be"),
+    ({"sweeps": {}}, "unknown key"),
+    ({"launch": {"slurm": ["-p", "x"]}}, "launch maps tpu_vm or xpk"),
+    ({"variants": {"a": {"model.top_k": 9}}}, "run 'a'.*top_k"),
+])
+def test_bad_specs_are_refused_before_anything_runs(tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.load(write_spec(tmp_path, **spec))
+
+
+def test_every_shipped_study_expands_and_validates():
+    assert {p.parent.name for p in STUDIES} >= {"dense-vs-moe", "experts-and-topk", "aux-coef", "frozen-router"}
+    for path in STUDIES:
+        s = sweep.load(path)
+        assert len(s.runs) >= 2, path
+        assert (path.parent / "README.md").is_file(), f"{path.parent} has no committed report"
+
+
+def test_launch_commands_carry_the_config_and_every_override(tmp_path):
+    s = sweep.load(write_spec(tmp_path, variants={"a": {"model.top_k": 1}}, grid={"train.lr": [0.001]},
+                              launch={"tpu_vm": ["--zone", "us-east5-a", "--accelerator", "v5p-32"]}))
+    run = s.runs[0]
+    tpu = sweep.launch_command(s, run, "tpu_vm")
+    assert tpu[:2] == ["bash", str(ROOT / "launch/tpu_vm.sh")]
+    assert tpu[2:8] == ["--name", "t-lr-0-001", "--zone", "us-east5-a", "--accelerator", "v5p-32"]
+    assert tpu[-3:] == [str(s.base), "model.top_k=1", "train.lr=0.001"]
+    xpk = sweep.launch_command(s, run, "xpk")
+    assert xpk[2:4] == ["--workload", "t-lr-0-001"] and xpk[-2:] == ["model.top_k=1", "train.lr=0.001"]
+
+
+def small_sweep(tmp_path):
+    variants = {"top1": {"model.top_k": 1}, "dense": {"model.n_experts": 0}}
+    return sweep.load(write_spec(tmp_path, overrides=SMALL, variants=variants), runs_dir=tmp_path / "runs")
+
+
+@pytest.fixture
+def finished_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")  # one device per run, as on a plain machine
+    s = small_sweep(tmp_path)
+    assert sweep.run_local(s, list(s.runs)) == []
+    return s
+
+
+def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_sweep, tmp_path, monkeypatch,
+                                                                     capsys):
+    s = finished_sweep
+    assert all(r.finished() for r in s.runs)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(subprocess, "Popen", no_training)
+    capsys.readouterr()
+    assert sweep.run_local(s, list(s.runs)) == []
+    assert capsys.readouterr().out.count("finished, skipped") == 2
+    sweep.print_launches(s, list(s.runs), "tpu_vm")
+    assert capsys.readouterr().out.count("finished") == 2
+
+    # the report: a table row per run with numbers read from the runs, and the plots
+    readme, *plots = report.report(s)
+    text = readme.read_text()
+    for run in s.runs:
+        result = report.summarize(run)
+        assert result.steps_done == 2 and result.val_loss is not None
+        assert f"| {run.name} |" in text and f"{result.val_loss:.3f}" in text
+    assert report.summarize(s.runs[0]).imbalance >= 1.0 and report.summarize(s.runs[1]).imbalance is None
+    assert {p.name for p in plots} == {"loss.png", "balance.png"}
+    assert all(p.stat().st_size > 10_000 for p in plots)
+
+    # rerunning keeps the hand-written analysis around the generated block
+    readme.write_text("# My study\n\nintro\n\n" + text[text.index(report.BEGIN):] + "\n## Findings\n\nkept\n")
+    report.report(s)
+    again = readme.read_text()
+    assert again.startswith("# My study\n\nintro") and again.rstrip().endswith("kept")
+    assert again.count(report.BEGIN) == 1 and "| top1 |" in again
+
+
+def test_an_unfinished_run_is_resumed_from_its_checkpoint(finished_sweep, tmp_path):
+    longer = sweep.load(write_spec(tmp_path, overrides={**SMALL, "train.steps": 3},
+                                   variants={"top1": {"model.top_k": 1}}), runs_dir=tmp_path / "runs")
+    run = longer.runs[0]
+    assert run.run_dir == finished_sweep.runs[0].run_dir and not run.finished()
+    assert sweep.run_local(longer, [run]) == []
+    assert run.finished()
+    assert "resumed from the checkpoint at step 2" in (run.run_dir / "train.log").read_text()
+    steps = [r["step"] for r in report.summarize(run).train]
+    assert steps == [1, 2, 3]
+
+
+def test_only_selects_runs_by_name_or_variant(tmp_path):
+    s = small_sweep(tmp_path)
+    assert [r.name for r in sweep.select(s, ["dense"])] == ["dense"]
+    with pytest.raises(ConfigError, match="matches no run"):
+        sweep.select(s, ["nope"])

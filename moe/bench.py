@@ -21,7 +21,7 @@ import numpy as np
 from moe import config as config_lib
 from moe import train as train_lib
 from moe.metrics import measured_matmul_flops
-from moe.model.dispatch import DISPATCH
+from moe.model.dispatch import DISPATCH, resolve
 from moe.params import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,8 @@ def run(quick: bool) -> dict:
     tokens = bench.train.batch_size * bench.train.seq_len
     layer = moe_layer(bench.model, tokens, repeats)
     result["moe_layer_s"] = layer
-    result["moe_vs_dense_ratio"] = layer["sorted"] / layer["dense_swiglu_equal_active"]
+    result["default_dispatch"] = resolve("auto")
+    result["moe_vs_dense_ratio"] = layer[result["default_dispatch"]] / layer["dense_swiglu_equal_active"]
     for name in ("bench-moe", "tiny-moe"):
         cfg = config_lib.load(ROOT / f"configs/{name}.yaml")
         r = train_step(cfg, steps)

@@ -41,7 +41,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    moe_dispatch: Literal["auto", "dense", "ragged", "sorted"] = "auto"  # see moe/model/dispatch.py
+    moe_dispatch: Literal["auto", "dense", "ragged", "sorted", "grouped"] = "auto"  # see moe/model/dispatch.py
     capacity_factor: Optional[float] = None  # expert-parallel buffers; None: dropless
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02
@@ -68,6 +68,7 @@ class DataConfig:
     val_fraction: float = 0.05
     tokenizer: str = "mistral-v1"  # "mistral-v1" (from mistral-common) or a .model path
     workers: int = 2  # grain worker processes; 0 reads in the training process
+    shuffle_window: int = 1024  # packed sequences shuffled together, so a batch mixes documents; 0: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +206,8 @@ def validate_train(cfg: Config) -> None:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.shuffle_window < 0:
+        raise ConfigError(f"data.shuffle_window must be >= 0 (0 turns it off), got {d.shuffle_window}")
     if d.workers < 0:
         raise ConfigError(f"data.workers must be >= 0, got {d.workers}")
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:

@@ -7,6 +7,8 @@
     tokenize    [bos] + pieces + [eos]; inputs = ids[:-1], targets = ids[1:]
     pack        concatenate then split into seq_len rows, with segment ids (1, 2, ...) and
                 positions restarting per document; the model masks attention across them
+    window      rows shuffled within data.shuffle_window, so one long document does not
+                fill whole batches (checkpointable, like every stage)
     batch       [batch_size, seq_len] int32 arrays: inputs, targets, segment_ids, positions
 
 The iterator's state (`get_state`/`set_state`) is small and JSON-serializable; it goes into
@@ -132,6 +134,9 @@ def split_documents(cfg: DataConfig) -> tuple[DocumentSource, DocumentSource]:
     return DocumentSource(train, cfg.text_field), DocumentSource(val, cfg.text_field)
 
 
+VAL_SEED = 20240101  # the validation set does not depend on the run's seed
+
+
 class Tokenize(grain.transforms.Map):
     """text -> {"inputs": ids[:-1], "targets": ids[1:]} with ids = [bos] + pieces + [eos]."""
 
@@ -150,14 +155,16 @@ def _to_batch(packed: dict) -> dict:
             "positions": packed["inputs_positions"].astype(np.int32)}
 
 
-def dataset(source: DocumentSource, cfg: Config, *, shuffle: bool, workers: int) -> grain.IterDataset:
-    """An endless IterDataset of packed batches [batch_size, seq_len]."""
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
+def dataset(source: DocumentSource, cfg: Config, *, seed: int, workers: int) -> grain.IterDataset:
+    """An endless IterDataset of packed batches [batch_size, seq_len]: documents shuffled by
+    `seed`, packed, and the packed sequences shuffled again within data.shuffle_window (a
+    long document's consecutive pieces would otherwise fill whole batches)."""
+    ds = grain.MapDataset.source(source).shuffle(seed=seed)
     ds = ds.repeat(None).map(Tokenize(cfg.data.tokenizer)).to_iter_dataset()
     seq_len = cfg.train.seq_len
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
+    if cfg.data.shuffle_window > 1:
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=cfg.data.shuffle_window, seed=seed)
     ds = ds.map(_to_batch).batch(cfg.train.batch_size, drop_remainder=True)
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
@@ -173,10 +180,24 @@ def check(cfg: Config) -> tuple[DocumentSource, DocumentSource]:
 
 
 def train_iterator(cfg: Config, source: DocumentSource):
-    return iter(dataset(source, cfg, shuffle=True, workers=cfg.data.workers))
+    return iter(dataset(source, cfg, seed=cfg.seed, workers=cfg.data.workers))
+
+
+def from_json_state(state):
+    """An iterator state read back from JSON, as grain wrote it: JSON turns the packer's
+    (start, stop) remainder slices into lists, which grain then misreads as pending data."""
+    if isinstance(state, list):
+        return [from_json_state(v) for v in state]
+    if not isinstance(state, dict):
+        return state
+    out = {k: from_json_state(v) for k, v in state.items()}
+    if isinstance(state.get("remainder_slices"), dict):
+        out["remainder_slices"] = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+    return out
 
 
 def val_batches(cfg: Config, source: DocumentSource) -> list[dict]:
-    """The fixed validation set: the first eval_batches batches, in order."""
-    it = iter(dataset(source, cfg, shuffle=False, workers=0))
+    """The fixed validation set: the first eval_batches batches, drawn with a fixed seed (the
+    same for every run, whatever its seed) from across the held-out documents."""
+    it = iter(dataset(source, cfg, seed=VAL_SEED, workers=0))
     return [next(it) for _ in range(cfg.train.eval_batches)]

@@ -9,7 +9,7 @@ Per device, inside shard_map:
     1. route its own tokens (done before, on the sharded batch), flatten to T*k copies
     2. place each copy in the send buffer of its destination shard: [n_shards, capacity, D]
     3. all_to_all over `expert`: every device now holds the copies for its experts
-    4. run its experts on them (the configured local dispatch: sorted + grouped matmul)
+    4. run its experts on them (the configured local dispatch, e.g. sort + grouped matmul)
     5. psum over `tensor` (d_ff was split), all_to_all back, weight, sum over k
 Dropless by default: capacity = T*k per destination, so no copy is ever dropped (the
 buffers are n_shards times the worst-case need). With model.capacity_factor = c, the

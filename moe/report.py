@@ -154,7 +154,7 @@ def plot_balance(results: list[Result], out: Path) -> Path | None:
             right.annotate(r.run.name, (r.imbalance, r.val_loss), fontsize=7, xytext=(4, 2),
                            textcoords="offset points")
     left.axhline(1.0, color="gray", lw=0.8, ls="--")
-    left.set_title("expert imbalance (max / mean load, mean over layers; 1 = balanced)")
+    left.set_title("expert imbalance: max / mean load, mean over layers (1 = balanced)", fontsize=10)
     left.set_xlabel("step")
     left.legend(fontsize=8)
     right.set_title("final validation loss against final imbalance")

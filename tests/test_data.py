@@ -63,8 +63,9 @@ def test_packed_batches_have_segments_and_restarting_positions(tmp_path):
     assert sp.bos_id() in batch["inputs"]
 
 
-def test_iterator_state_resumes_the_same_batches_with_workers(tmp_path):
-    cfg = cfg_with(f"data.paths=[{write_docs(tmp_path, 30)}]", "data.workers=2")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_state_resumes_the_same_batches(tmp_path, workers):
+    cfg = cfg_with(f"data.paths=[{write_docs(tmp_path, 30)}]", f"data.workers={workers}")
     train, _ = D.check(cfg)
     it = D.train_iterator(cfg, train)
     for _ in range(3):
@@ -72,7 +73,7 @@ def test_iterator_state_resumes_the_same_batches_with_workers(tmp_path):
     state = json.loads(json.dumps(it.get_state()))  # survives JSON, as in a checkpoint
     expected = [next(it) for _ in range(4)]
     resumed = D.train_iterator(cfg, train)
-    resumed.set_state(state)
+    resumed.set_state(D.from_json_state(state))
     for want in expected:
         got = next(resumed)
         for key in want:

@@ -1,0 +1,110 @@
+"""A grouped matmul over rows sorted by group, with its own backward pass.
+
+    gmm(x_nk, w_gkm, group_sizes_g, block) -> y_nm
+    y[rows of group g] = x[rows of group g] @ w[g]; rows after the last group are zero.
+
+On CPU and GPU jax.lax.ragged_dot lowers to a product masked over every group (G times the
+work); this computes only the routed rows. A static loop runs over the groups and, inside
+it, while loops over the group's rows: whole blocks of `block` rows, then the remainder
+in blocks of block / 4. The last of those may overhang into the next group's rows; that
+group's own pass rewrites them afterwards, so no padded copy of the rows is built. Each group's weights are read in place, once per group,
+never gathered per block, and the backward pass sums each group's weight gradient in a
+[k, m] carry and writes it once. Work: the routed rows plus under a quarter block per group.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _group_bounds(group_sizes):
+    ends = jnp.cumsum(group_sizes)
+    return ends - group_sizes, ends  # [groups] start and end row of each group
+
+
+def _pad_rows(x, block: int):
+    """Room for one block past the end, so no block's dynamic slice is shifted inwards."""
+    return jnp.concatenate([x, jnp.zeros((block, x.shape[1]), x.dtype)])
+
+
+def _tail(block: int) -> int:
+    return max(8, block // 4)
+
+
+def _over_blocks(start, size, block: int, body, carry):
+    """carry = body(row, rows, carry) over a group's rows [start, start + size): whole blocks
+    of `block` rows, then the remainder in blocks of _tail(block), the last overhanging."""
+    tail = _tail(block)
+    full = size // block
+    carry = lax.fori_loop(0, full, lambda b, c: body(start + b * block, block, c), carry)
+    rest_start = start + full * block
+    n_tail = (size - full * block + tail - 1) // tail
+    return lax.fori_loop(0, n_tail, lambda b, c: body(rest_start + b * tail, tail, c), carry)
+
+
+def _forward(x_nk, w_gkm, group_sizes, block: int, transpose_w: bool):
+    """y = per-group x @ w[g] (or x @ w[g].T when transpose_w), rows past the groups zero."""
+    n = x_nk.shape[0]
+    m = w_gkm.shape[1] if transpose_w else w_gkm.shape[2]
+    starts, ends = _group_bounds(group_sizes)
+    x_pad = _pad_rows(x_nk, block)
+    contract = ((1,), (1,)) if transpose_w else ((1,), (0,))
+
+    def per_group(g, y):
+        w_km = w_gkm[g]  # this group's weights, read once
+
+        def per_block(row, rows: int, y):
+            x_block = lax.dynamic_slice_in_dim(x_pad, row, rows)  # [rows, k]
+            y_block = lax.dot_general(x_block, w_km, (contract, ((), ())))  # [rows, m]
+            return lax.dynamic_update_slice_in_dim(y, y_block.astype(y.dtype), row, 0)
+
+        return _over_blocks(starts[g], group_sizes[g], block, per_block, y)
+
+    y = lax.fori_loop(0, w_gkm.shape[0], per_group, jnp.zeros((n + block, m), x_nk.dtype))
+    routed = jnp.arange(n + block) < ends[-1]  # overhang past the last group: zero
+    return jnp.where(routed[:, None], y, 0)[:n]
+
+
+def _weight_grad(x_nk, dy_nm, group_sizes, block: int, dtype):
+    """dw[g] = x[rows of g].T @ dy[rows of g], summed block by block in a float32 carry."""
+    k, m = x_nk.shape[1], dy_nm.shape[1]
+    starts, ends = _group_bounds(group_sizes)
+    x_pad, dy_pad = _pad_rows(x_nk, block), _pad_rows(dy_nm, block)
+
+    def per_group(g, dw):
+        def per_block(row, rows: int, acc):
+            mine = (row + jnp.arange(rows)) < ends[g]  # an overhang belongs to the next group
+            x_block = jnp.where(mine[:, None], lax.dynamic_slice_in_dim(x_pad, row, rows), 0)
+            dy_block = lax.dynamic_slice_in_dim(dy_pad, row, rows)
+            return acc + lax.dot_general(x_block, dy_block, (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+        acc = _over_blocks(starts[g], group_sizes[g], block, per_block, jnp.zeros((k, m), jnp.float32))
+        return dw.at[g].set(acc.astype(dtype))
+
+    return lax.fori_loop(0, group_sizes.shape[0], per_group, jnp.zeros((group_sizes.shape[0], k, m), dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gmm(x_nk, w_gkm, group_sizes, block: int):
+    """Grouped matmul: x [rows, k] sorted by group, w [groups, k, m], group_sizes [groups]
+    int32 (summing to at most rows) -> [rows, m]. `block` rows per inner step (static)."""
+    return _forward(x_nk, w_gkm, group_sizes, block, transpose_w=False)
+
+
+def _gmm_fwd(x_nk, w_gkm, group_sizes, block):
+    return gmm(x_nk, w_gkm, group_sizes, block), (x_nk, w_gkm, group_sizes)
+
+
+def _gmm_bwd(block, residuals, dy_nm):
+    x_nk, w_gkm, group_sizes = residuals
+    dx = _forward(dy_nm, w_gkm, group_sizes, block, transpose_w=True)  # dy @ w[g].T per group
+    dw = _weight_grad(x_nk, dy_nm, group_sizes, block, w_gkm.dtype)
+    return dx, dw, None
+
+
+gmm.defvjp(_gmm_fwd, _gmm_bwd)

@@ -146,3 +146,19 @@ def test_only_selects_runs_by_name_or_variant(tmp_path):
     assert [r.name for r in sweep.select(s, ["dense"])] == ["dense"]
     with pytest.raises(ConfigError, match="matches no run"):
         sweep.select(s, ["nope"])
+
+
+def test_cli_prints_dry_run_and_launch_commands_and_refuses_bad_specs(tmp_path, capsys):
+    from moe import cli
+
+    spec = write_spec(tmp_path, grid={"model.top_k": [1, 2]}, launch={"xpk": ["--cluster", "c"]})
+    assert cli.main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all(" -m moe train " in line and "--run-dir" in line for line in out)
+    assert out[0].endswith("model.top_k=1") and not (tmp_path / "r").exists()
+    assert cli.main(["sweep", str(spec), "--launcher", "xpk", "--only", "top_k-2"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert shlex.split(line)[1].endswith("launch/xpk.sh") and "--cluster c" in line and line.endswith("top_k=2")
+    bad = write_spec(tmp_path, grid={"model.top_k": [9]})
+    assert cli.main(["sweep", str(bad)]) == 2
+    assert "top_k" in capsys.readouterr().err

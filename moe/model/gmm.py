@@ -6,8 +6,8 @@
 On CPU and GPU jax.lax.ragged_dot lowers to a product masked over every group (G times the
 work); this computes only the routed rows. A static loop runs over the groups and, inside
 it, while loops over the group's rows: whole blocks of `block` rows, then the remainder
-in blocks of block / 4. The last of those may overhang into the next group's rows; that
-group's own pass rewrites them afterwards, so no padded copy of the rows is built. Each group's weights are read in place, once per group,
+in blocks of block / 4, the last of which reaches past the group and keeps those rows'
+values by a mask; no padded copy of the rows is ever built. Each group's weights are read in place, once per group,
 never gathered per block, and the backward pass sums each group's weight gradient in a
 [k, m] carry and writes it once. Work: the routed rows plus under a quarter block per group.
 """
@@ -26,24 +26,24 @@ def _group_bounds(group_sizes):
     return ends - group_sizes, ends  # [groups] start and end row of each group
 
 
-def _pad_rows(x, block: int):
-    """Room for one block past the end, so no block's dynamic slice is shifted inwards."""
-    return jnp.concatenate([x, jnp.zeros((block, x.shape[1]), x.dtype)])
+def _over_blocks(start, end, n: int, block: int, body, carry):
+    """carry = body(row, rows, mine, carry) over a group's rows [start, end) of n: whole
+    blocks of `block` rows (mine=None: every row is the group's), then the rest in blocks of
+    a quarter of that. Those may reach past the group (or be moved back inside the n rows);
+    mine [rows] then marks the rows that are the group's and not yet done."""
+    block = min(block, n)
+    tail = min(max(8, block // 4), n)
+    full = (end - start) // block
+    carry = lax.fori_loop(0, full, lambda b, c: body(start + b * block, block, None, c), carry)
+    rest = start + full * block
 
+    def tail_block(b, c):
+        first = rest + b * tail  # the first row not done yet
+        row = jnp.minimum(first, n - tail)  # where the block can start inside the n rows
+        index = row + jnp.arange(tail)
+        return body(row, tail, (index >= first) & (index < end), c)
 
-def _tail(block: int) -> int:
-    return max(8, block // 4)
-
-
-def _over_blocks(start, size, block: int, body, carry):
-    """carry = body(row, rows, carry) over a group's rows [start, start + size): whole blocks
-    of `block` rows, then the remainder in blocks of _tail(block), the last overhanging."""
-    tail = _tail(block)
-    full = size // block
-    carry = lax.fori_loop(0, full, lambda b, c: body(start + b * block, block, c), carry)
-    rest_start = start + full * block
-    n_tail = (size - full * block + tail - 1) // tail
-    return lax.fori_loop(0, n_tail, lambda b, c: body(rest_start + b * tail, tail, c), carry)
+    return lax.fori_loop(0, (end - rest + tail - 1) // tail, tail_block, carry)
 
 
 def _forward(x_nk, w_gkm, group_sizes, block: int, transpose_w: bool):
@@ -51,39 +51,38 @@ def _forward(x_nk, w_gkm, group_sizes, block: int, transpose_w: bool):
     n = x_nk.shape[0]
     m = w_gkm.shape[1] if transpose_w else w_gkm.shape[2]
     starts, ends = _group_bounds(group_sizes)
-    x_pad = _pad_rows(x_nk, block)
     contract = ((1,), (1,)) if transpose_w else ((1,), (0,))
 
     def per_group(g, y):
         w_km = w_gkm[g]  # this group's weights, read once
 
-        def per_block(row, rows: int, y):
-            x_block = lax.dynamic_slice_in_dim(x_pad, row, rows)  # [rows, k]
-            y_block = lax.dot_general(x_block, w_km, (contract, ((), ())))  # [rows, m]
-            return lax.dynamic_update_slice_in_dim(y, y_block.astype(y.dtype), row, 0)
+        def per_block(row, rows: int, mine, y):
+            x_block = lax.dynamic_slice_in_dim(x_nk, row, rows)  # [rows, k]
+            y_block = lax.dot_general(x_block, w_km, (contract, ((), ()))).astype(y.dtype)  # [rows, m]
+            if mine is not None:  # keep the rows of other groups
+                y_block = jnp.where(mine[:, None], y_block, lax.dynamic_slice_in_dim(y, row, rows))
+            return lax.dynamic_update_slice_in_dim(y, y_block, row, 0)
 
-        return _over_blocks(starts[g], group_sizes[g], block, per_block, y)
+        return _over_blocks(starts[g], ends[g], n, block, per_block, y)
 
-    y = lax.fori_loop(0, w_gkm.shape[0], per_group, jnp.zeros((n + block, m), x_nk.dtype))
-    routed = jnp.arange(n + block) < ends[-1]  # overhang past the last group: zero
-    return jnp.where(routed[:, None], y, 0)[:n]
+    return lax.fori_loop(0, w_gkm.shape[0], per_group, jnp.zeros((n, m), x_nk.dtype))
 
 
 def _weight_grad(x_nk, dy_nm, group_sizes, block: int, dtype):
     """dw[g] = x[rows of g].T @ dy[rows of g], summed block by block in a float32 carry."""
-    k, m = x_nk.shape[1], dy_nm.shape[1]
+    n, k, m = x_nk.shape[0], x_nk.shape[1], dy_nm.shape[1]
     starts, ends = _group_bounds(group_sizes)
-    x_pad, dy_pad = _pad_rows(x_nk, block), _pad_rows(dy_nm, block)
 
     def per_group(g, dw):
-        def per_block(row, rows: int, acc):
-            mine = (row + jnp.arange(rows)) < ends[g]  # an overhang belongs to the next group
-            x_block = jnp.where(mine[:, None], lax.dynamic_slice_in_dim(x_pad, row, rows), 0)
-            dy_block = lax.dynamic_slice_in_dim(dy_pad, row, rows)
+        def per_block(row, rows: int, mine, acc):
+            x_block = lax.dynamic_slice_in_dim(x_nk, row, rows)
+            if mine is not None:  # count each of the group's rows once, and only those
+                x_block = jnp.where(mine[:, None], x_block, 0)
+            dy_block = lax.dynamic_slice_in_dim(dy_nm, row, rows)
             return acc + lax.dot_general(x_block, dy_block, (((0,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
-        acc = _over_blocks(starts[g], group_sizes[g], block, per_block, jnp.zeros((k, m), jnp.float32))
+        acc = _over_blocks(starts[g], ends[g], n, block, per_block, jnp.zeros((k, m), jnp.float32))
         return dw.at[g].set(acc.astype(dtype))
 
     return lax.fori_loop(0, group_sizes.shape[0], per_group, jnp.zeros((group_sizes.shape[0], k, m), dtype))

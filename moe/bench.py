@@ -113,6 +113,20 @@ def hf_train_step(cfg: config_lib.Config, steps: int) -> float | None:
     return b * s * steps / (time.perf_counter() - start)
 
 
+def torch_matmul_flops(n: int = 2048, repeats: int = 5) -> float | None:
+    """FLOP/s of torch's float32 square matmul here: the peak Hugging Face's step runs against."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    a = torch.ones((n, n))
+    a @ a
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
 def run(quick: bool) -> dict:
     repeats, steps = (3, 2) if quick else (10, 5)
     result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
@@ -135,6 +149,9 @@ def run(quick: bool) -> dict:
     hf = hf_train_step(bench, steps) if jax.default_backend() == "cpu" else None
     result["hf_tokens_per_s"] = hf
     result["ratio_vs_hf"] = None if hf is None else result["train_tokens_per_s"] / hf
+    torch_peak = torch_matmul_flops() if hf is not None else None
+    result["torch_matmul_peak_flops"] = torch_peak
+    result["hf_mfu_vs_torch_peak"] = None if hf is None else hf * result["bench-moe"]["flops_per_token"] / torch_peak
     return result
 
 
@@ -146,7 +163,8 @@ def format_table(r: dict) -> str:
              f"bfloat16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s",
              "MoE layer forward+backward (bench-moe, one batch of tokens):"]
     for name, seconds in layer.items():
-        lines.append(f"  {name:<28}{seconds * 1e3:9.1f} ms   {seconds / dense:5.2f}x dense")
+        mark = "  <- default here" if name == r["default_dispatch"] else ""
+        lines.append(f"  {name:<28}{seconds * 1e3:9.1f} ms   {seconds / dense:5.2f}x dense{mark}")
     for name in ("bench-moe", "tiny-moe"):
         t = r[name]
         lines.append(f"train step {name:<10} {t['tokens_per_s']:9.0f} tokens/s  MFU {t['mfu']:.1%}")
@@ -154,6 +172,8 @@ def format_table(r: dict) -> str:
     if r["hf_tokens_per_s"] is not None:
         lines.append(f"Hugging Face MixtralForCausalLM (bench-moe): {r['hf_tokens_per_s']:.0f} tokens/s; "
                      f"ours / HF = {r['ratio_vs_hf']:.2f}")
+        lines.append(f"  torch float32 matmul peak {r['torch_matmul_peak_flops'] / 1e9:.1f} GFLOP/s; HF's step at "
+                     f"{r['hf_mfu_vs_torch_peak']:.1%} of it (same FLOPs per token as ours)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,17 @@
+"""`moe bench`'s pieces on a tiny model: every dispatch path timed, the table printed."""
+
+from moe import bench
+from moe.model.dispatch import DISPATCH, resolve
+from helpers import tiny_model
+
+
+def test_layer_timings_cover_every_path_and_the_table_names_the_default():
+    layer = bench.moe_layer(tiny_model(), tokens=64, repeats=1)
+    assert set(layer) == {*DISPATCH, "dense_swiglu_equal_active"} and all(t > 0 for t in layer.values())
+    step = {"tokens_per_s": 10.0, "mfu": 0.1}
+    result = {"backend": "cpu", "device": "cpu", "matmul_peak_flops": 1e11, "matmul_peak_flops_bf16": 1e11,
+              "moe_layer_s": layer, "default_dispatch": resolve("auto"), "bench-moe": step, "tiny-moe": step,
+              "peak_rss_bytes": 2**30, "hf_tokens_per_s": None}
+    table = bench.format_table(result)
+    assert f"{resolve('auto'):<28}" in table and "<- default here" in table
+    assert table.count("x dense") == len(layer)

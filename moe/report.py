@@ -87,12 +87,15 @@ def results_table(results: list[Result]) -> str:
 
 
 def seeds_table(results: list[Result]) -> str:
-    """Mean and spread over seeds per variant; empty when every variant ran once."""
+    """Mean and spread over seeds per variant, and the paired difference in validation loss
+    against the first variant, seed by seed; empty when every variant ran once."""
     by_variant: dict[str, list[Result]] = {}
     for r in results:
         by_variant.setdefault(r.run.variant, []).append(r)
     if all(len(group) == 1 for group in by_variant.values()):
         return ""
+    first_name, first = next(iter(by_variant.items()))
+    baseline = {r.run.config.seed: r.val_loss for r in first}
 
     def spread(values):
         values = [v for v in values if v is not None]
@@ -102,10 +105,15 @@ def seeds_table(results: list[Result]) -> str:
             return f"{values[0]:.3f}"
         return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
-    lines = ["| variant | seeds | val loss (mean ± sd) | train CE (mean ± sd) | expert imbalance |",
-             "|---|---|---|---|---|"]
+    def paired(group):
+        deltas = [r.val_loss - baseline[r.run.config.seed] for r in group
+                  if r.val_loss is not None and baseline.get(r.run.config.seed) is not None]
+        return ", ".join(f"{d:+.3f}" for d in deltas) or "-"
+
+    lines = [f"| variant | seeds | val loss (mean ± sd) | val loss - {first_name}, per seed "
+             "| train CE (mean ± sd) | expert imbalance |", "|---|---|---|---|---|---|"]
     for variant, group in by_variant.items():
-        lines.append(f"| {variant} | {len(group)} | {spread(r.val_loss for r in group)} "
+        lines.append(f"| {variant} | {len(group)} | {spread(r.val_loss for r in group)} | {paired(group)} "
                      f"| {spread(r.train_ce for r in group)} | {spread(r.imbalance for r in group)} |")
     return "\n".join(lines)
 

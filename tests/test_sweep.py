@@ -162,3 +162,14 @@ def test_cli_prints_dry_run_and_launch_commands_and_refuses_bad_specs(tmp_path, 
     bad = write_spec(tmp_path, grid={"model.top_k": [9]})
     assert cli.main(["sweep", str(bad)]) == 2
     assert "top_k" in capsys.readouterr().err
+
+
+def test_seed_table_pairs_each_variant_with_the_first_seed_by_seed(tmp_path):
+    s = sweep.load(write_spec(tmp_path, variants={"a": {}, "b": {"model.top_k": 1}}, seeds=[0, 1]))
+    val = {"a_seed-0": 6.0, "a_seed-1": 5.0, "b_seed-0": 6.5, "b_seed-1": 5.25}
+    results = [report.Result(run=r, steps_done=300, train_ce=4.0, val_loss=val[r.name], tokens_per_s=1.0,
+                             imbalance=2.0, params_total=1, params_active=1) for r in s.runs]
+    table = report.seeds_table(results)
+    assert "| a | 2 | 5.500 ± 0.707 | +0.000, +0.000 |" in table
+    assert "| b | 2 | 5.875 ± 0.884 | +0.500, +0.250 |" in table
+    assert report.seeds_table(results[:1] + results[2:3]) == ""  # one seed each: no table

@@ -118,6 +118,8 @@ def _read_spec(path: Path) -> dict:
     for key in ("name", "base"):
         if not isinstance(spec.get(key), str) or not spec[key]:
             raise ConfigError(f"{path}: '{key}' is required (a string)")
+    if _slug(spec["name"]) != spec["name"]:
+        raise ConfigError(f"{path}: name {spec['name']!r} names a folder: use letters, digits, '-', '.', '_'")
     return spec
 
 

@@ -54,6 +54,7 @@ def test_a_spec_without_variants_or_seeds_is_one_run_with_the_base_seed(tmp_path
     ({"seeds": [0, "one"]}, "seeds must be"),
     ({"variants": {"a": ["model.top_k"]}}, "variants.a must be"),
     ({"sweeps": {}}, "unknown key"),
+    ({"name": "../up"}, "names a folder"),
     ({"launch": {"slurm": ["-p", "x"]}}, "launch maps tpu_vm or xpk"),
     ({"variants": {"a": {"model.top_k": 9}}}, "run 'a'.*top_k"),
 ])

@@ -196,6 +196,18 @@ def from_json_state(state):
     return out
 
 
+def restore(iterator, state) -> None:
+    """Put a checkpoint's iterator state (as read back from JSON) into a fresh iterator."""
+    try:
+        iterator.set_state(from_json_state(state))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise DataError(
+            f"the checkpoint's data iterator state does not fit this pipeline ({type(e).__name__}: {e}); "
+            "it was written with other data settings. A run from before data.shuffle_window existed "
+            "resumes with data.shuffle_window=0; otherwise use the run's own data config or a new --run-dir"
+        ) from None
+
+
 def val_batches(cfg: Config, source: DocumentSource) -> list[dict]:
     """The fixed validation set: the first eval_batches batches, drawn with a fixed seed (the
     same for every run, whatever its seed) from across the held-out documents."""

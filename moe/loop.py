@@ -119,7 +119,7 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     start = int(jax.device_get(state.step))
     batches = data_lib.train_iterator(cfg, train_docs)
     if data_state is not None:
-        batches.set_state(data_lib.from_json_state(data_state))
+        data_lib.restore(batches, data_state)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     val_set = [_on_mesh(b, batch_sharding) for b in data_lib.val_batches(cfg, val_docs)]
 

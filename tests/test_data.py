@@ -115,3 +115,14 @@ def test_train_a_tokenizer_on_a_corpus(tmp_path):
     sp = T.load(str(path))
     assert sp.vocab_size() == 300 and (sp.bos_id(), sp.eos_id()) == (1, 2)
     assert sp.decode(sp.encode("Document number 3.")) == "Document number 3."
+
+
+def test_a_state_from_another_pipeline_is_refused_with_the_fix(tmp_path):
+    folder = write_docs(tmp_path, 30)
+    old = cfg_with(f"data.paths=[{folder}]", "data.shuffle_window=0")
+    it = D.train_iterator(old, D.check(old)[0])
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    new = cfg_with(f"data.paths=[{folder}]")
+    with pytest.raises(D.DataError, match="data.shuffle_window=0"):
+        D.restore(D.train_iterator(new, D.check(new)[0]), state)

@@ -39,26 +39,31 @@ def _time(fn, *args, repeats: int) -> float:
 
 
 def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
-    """Forward+backward seconds of each dispatch path and of the equal-active dense SwiGLU."""
+    """Forward+backward seconds of each dispatch path and of the equal-active dense SwiGLU,
+    in the config's compute dtype (the router in float32, as in the model)."""
     keys = jax.random.split(jax.random.key(0), 6)
-    d, f, e, k = cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k
-    x = jax.random.normal(keys[0], (tokens, d))
-    w1, w3 = (jax.random.normal(kk, (e, d, f)) * 0.02 for kk in keys[1:3])
-    w2 = jax.random.normal(keys[3], (e, f, d)) * 0.02
+    d, f, e, k, dt = cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, jnp.dtype(cfg.dtype)
+    x = jax.random.normal(keys[0], (tokens, d), dt)
+    w1, w3 = (jax.random.normal(kk, (e, d, f), dt) * 0.02 for kk in keys[1:3])
+    w2 = jax.random.normal(keys[3], (e, f, d), dt) * 0.02
     gate = jax.random.normal(keys[4], (d, e)) * 0.02
 
     def moe_loss(x, w1, w3, w2, gate, fn):
-        probs = jax.nn.softmax(x @ gate)
+        probs = jax.nn.softmax(x.astype(jnp.float32) @ gate)
         weight, idx = jax.lax.top_k(probs, k)
-        return jnp.sum(fn(x, idx, weight / weight.sum(-1, keepdims=True), w1, w3, w2) ** 2)
+        y = fn(x, idx, (weight / weight.sum(-1, keepdims=True)).astype(dt), w1, w3, w2)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
 
     out = {}
     for name, fn in DISPATCH.items():
         step = jax.jit(jax.grad(lambda *a, fn=fn: moe_loss(*a, fn), argnums=(0, 1, 2, 3, 4)))
         out[name] = _time(step, x, w1, w3, w2, gate, repeats=repeats)
-    v1, v3 = (jax.random.normal(kk, (d, k * f)) * 0.02 for kk in keys[1:3])
-    v2 = jax.random.normal(keys[3], (k * f, d)) * 0.02
-    dense = jax.jit(jax.grad(lambda x, a, b, c: jnp.sum(((jax.nn.silu(x @ a) * (x @ b)) @ c) ** 2), argnums=(0, 1, 2, 3)))
+    v1, v3 = (jax.random.normal(kk, (d, k * f), dt) * 0.02 for kk in keys[1:3])
+    v2 = jax.random.normal(keys[3], (k * f, d), dt) * 0.02
+    def dense_loss(x, a, b, c):
+        return jnp.sum(((jax.nn.silu(x @ a) * (x @ b)) @ c).astype(jnp.float32) ** 2)
+
+    dense = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3)))
     out["dense_swiglu_equal_active"] = _time(dense, x, v1, v3, v2, repeats=repeats)
     return out
 
@@ -127,26 +132,31 @@ def torch_matmul_flops(n: int = 2048, repeats: int = 5) -> float | None:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, dtype: str = "float32") -> dict:
+    """Every measurement; the layer and the train steps compute in `dtype` (float32 or
+    bfloat16), and MFU is taken against the matmul peak of that dtype measured here."""
     repeats, steps = (3, 2) if quick else (10, 5)
-    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": dtype}
     result["matmul_peak_flops"] = measured_matmul_flops(jnp.float32, n=2048)
     result["matmul_peak_flops_bf16"] = measured_matmul_flops(jnp.bfloat16, n=2048)
-    bench = config_lib.load(ROOT / "configs/bench-moe.yaml")
+    peak = result["matmul_peak_flops_bf16" if dtype == "bfloat16" else "matmul_peak_flops"]
+    overrides = [f"model.dtype={dtype}"]
+    bench = config_lib.load(ROOT / "configs/bench-moe.yaml", overrides)
     tokens = bench.train.batch_size * bench.train.seq_len
     layer = moe_layer(bench.model, tokens, repeats)
     result["moe_layer_s"] = layer
     result["default_dispatch"] = resolve("auto")
     result["moe_vs_dense_ratio"] = layer[result["default_dispatch"]] / layer["dense_swiglu_equal_active"]
     for name in ("bench-moe", "tiny-moe"):
-        cfg = config_lib.load(ROOT / f"configs/{name}.yaml")
+        cfg = config_lib.load(ROOT / f"configs/{name}.yaml", overrides)
         r = train_step(cfg, steps)
-        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / result["matmul_peak_flops"]
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
         result[name] = r
     result["train_tokens_per_s"] = result["bench-moe"]["tokens_per_s"]
     result["mfu"] = result["bench-moe"]["mfu"]
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    hf = hf_train_step(bench, steps) if jax.default_backend() == "cpu" else None
+    # Hugging Face side by side: on CPU in float32 (torch's CPU bfloat16 is not its fast path)
+    hf = hf_train_step(bench, steps) if jax.default_backend() == "cpu" and dtype == "float32" else None
     result["hf_tokens_per_s"] = hf
     result["ratio_vs_hf"] = None if hf is None else result["train_tokens_per_s"] / hf
     torch_peak = torch_matmul_flops() if hf is not None else None
@@ -158,7 +168,7 @@ def run(quick: bool) -> dict:
 def format_table(r: dict) -> str:
     layer = r["moe_layer_s"]
     dense = layer["dense_swiglu_equal_active"]
-    lines = [f"backend {r['backend']} ({r['device']})",
+    lines = [f"backend {r['backend']} ({r['device']}), compute dtype {r.get('dtype', 'float32')}",
              f"matmul peak: float32 {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
              f"bfloat16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s",
              "MoE layer forward+backward (bench-moe, one batch of tokens):"]
@@ -177,8 +187,8 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool, json_path: str | None) -> None:
-    result = run(quick)
+def main(quick: bool, json_path: str | None, dtype: str = "float32") -> None:
+    result = run(quick, dtype)
     print(format_table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

@@ -90,7 +90,7 @@ def cmd_aot(args) -> int:
 def cmd_bench(args) -> int:
     from moe import bench
 
-    bench.main(args.quick, args.json)
+    bench.main(args.quick, args.json, args.dtype)
     return 0
 
 
@@ -141,6 +141,8 @@ def _add_train_and_tools(sub) -> None:
     p = sub.add_parser("bench", help="MoE layer and train-step speed, MFU, and Hugging Face side by side")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the layer and train steps (bfloat16 on a GPU or TPU)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("aot", help="compile the train step for a TPU topology here; per-chip memory and FLOPs")
     _add_config_args(p)

@@ -6,6 +6,7 @@ from helpers import tiny_model
 
 
 def test_layer_timings_cover_every_path_and_the_table_names_the_default():
+    assert set(bench.moe_layer(tiny_model(dtype="bfloat16"), tokens=32, repeats=1)) >= set(DISPATCH)
     layer = bench.moe_layer(tiny_model(), tokens=64, repeats=1)
     assert set(layer) == {*DISPATCH, "dense_swiglu_equal_active"} and all(t > 0 for t in layer.values())
     step = {"tokens_per_s": 10.0, "mfu": 0.1}

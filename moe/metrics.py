@@ -102,6 +102,11 @@ def read(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
+def read_if_any(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """Like read, but ([], []) for a run that has not written metrics yet."""
+    return read(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else ([], [])
+
+
 def step_record(step: int, metrics: dict, tokens: float, seconds: float, flops_per_token: float,
                 peak: float) -> dict:
     """One step's JSON record from the step's device metrics (already on the host)."""

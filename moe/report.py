@@ -9,7 +9,6 @@ between two marker lines; text around the markers (the analysis) is kept on ever
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 
@@ -19,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moe import metrics as metrics_lib  # noqa: E402
 from moe.params import count_params  # noqa: E402
 from moe.sweep import Run, Sweep  # noqa: E402
 
@@ -42,16 +42,8 @@ class Result:
     val: list = dataclasses.field(repr=False, default_factory=list)
 
 
-def _read(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return [], []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
-
-
 def summarize(run: Run) -> Result:
-    train, val = _read(run.run_dir)
+    train, val = metrics_lib.read_if_any(run.run_dir)
     count = count_params(run.config.model)
     tail = train[-max(5, int(len(train) * TAIL)):]
     timed = [r["tokens_per_s"] for r in train[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in train]

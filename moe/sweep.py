@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import shlex
 import signal
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from moe import config as config_lib
+from moe import metrics as metrics_lib
 from moe.config import Config, ConfigError
 
 SPEC_KEYS = ("name", "title", "description", "base", "overrides", "variants", "grid", "seeds", "runs_dir", "launch")
@@ -52,12 +52,9 @@ class Run:
     config: Config
 
     def finished(self) -> bool:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return False
-        last = self.config.train.steps
-        return any('"val_loss"' in line and json.loads(line)["step"] == last
-                   for line in path.read_text().splitlines() if line.strip())
+        """The run's metrics hold the evaluation at its last step."""
+        _, val = metrics_lib.read_if_any(self.run_dir)
+        return any(r["step"] == self.config.train.steps for r in val)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +120,7 @@ def _read_spec(path: Path) -> dict:
     return spec
 
 
-def _expand(spec: dict, path: Path, base: Path, runs_dir: Path) -> list[Run]:
-    common = _as_overrides(spec.get("overrides"), f"{path}: overrides")
+def _expand(spec: dict, path: Path, base: Path, common: tuple, runs_dir: Path) -> list[Run]:
     variants = spec.get("variants") or {"base": {}}
     if not isinstance(variants, dict):
         raise ConfigError(f"{path}: variants must map a run name to its overrides")
@@ -163,10 +159,10 @@ def load(path: str | Path, runs_dir: str | Path | None = None) -> Sweep:
     bad = sorted(set(launch) - {"tpu_vm", "xpk"})
     if bad or not all(isinstance(v, list) for v in launch.values()):
         raise ConfigError(f"{path}: launch maps tpu_vm or xpk to a list of arguments (got {bad or launch})")
+    common = tuple(_as_overrides(spec.get("overrides"), f"{path}: overrides"))
     return Sweep(name=spec["name"], title=spec.get("title", spec["name"]),
                  description=str(spec.get("description", "")).strip(), spec_path=path, base=base,
-                 common=tuple(_as_overrides(spec.get("overrides"), f"{path}: overrides")),
-                 runs=tuple(_expand(spec, path, base, Path(runs_dir))),
+                 common=common, runs=tuple(_expand(spec, path, base, common, Path(runs_dir))),
                  launch={k: tuple(str(a) for a in v) for k, v in launch.items()})
 
 
@@ -179,12 +175,8 @@ def train_command(sweep: Sweep, run: Run) -> list[str]:
 def launch_command(sweep: Sweep, run: Run, launcher: str) -> list[str]:
     """The launch script invocation that trains one run on a TPU VM, a GKE cluster or here."""
     script = str(ROOT / "launch" / f"{launcher}.sh")
-    if launcher == "local":
-        head = []
-    elif launcher == "tpu_vm":
-        head = ["--name", _slug(f"{sweep.name}-{run.name}").replace("_", "-").replace(".", "-").lower()]
-    else:
-        head = ["--workload", _slug(f"{sweep.name}-{run.name}").replace("_", "-").replace(".", "-").lower()]
+    cloud_name = _slug(f"{sweep.name}-{run.name}").replace("_", "-").replace(".", "-").lower()
+    head = {"local": [], "tpu_vm": ["--name", cloud_name], "xpk": ["--workload", cloud_name]}[launcher]
     return ["bash", script, *head, *sweep.launch.get(launcher, ()), "--run-dir", str(run.run_dir),
             str(sweep.base), *run.overrides]
 

@@ -70,6 +70,18 @@ def test_remat_changes_nothing_numerically(remat):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def _dots(jaxpr):
+    """Every dot_general in a jaxpr and the jaxprs inside it (scan, loops, custom VJPs)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "ragged_dot", "ragged_dot_general"):
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _dots(inner)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     cfg = tiny_model(dtype="bfloat16")
     params = M.init(cfg, jax.random.key(0))
@@ -78,7 +90,17 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     lg_bf16 = M.logits(cfg, params, tokens)
     lg_f32 = M.logits(dataclasses.replace(cfg, dtype="float32"), params, tokens)
     assert lg_bf16.dtype == jnp.float32
-    assert np.abs(np.asarray(lg_bf16 - lg_f32)).max() < 0.1
+    # bfloat16 compute is really used: the logits move by more than float32 rounding could
+    # (bfloat16 keeps 8 bits), yet stay close
+    diff, scale = float(np.abs(np.asarray(lg_bf16 - lg_f32)).max()), float(np.abs(np.asarray(lg_f32)).max())
+    assert 2.0**-10 * scale < diff < 0.1, (diff, scale)
+    # every matmul takes bfloat16 operands, except the router's logits and its statistics
+    # (float32 by design; each gives [..., experts])
+    dots = list(_dots(jax.make_jaxpr(lambda p: M.logits(cfg, p, tokens))(params).jaxpr))
+    float32 = [eqn for eqn in dots if any(v.aval.dtype != jnp.bfloat16 for v in eqn.invars[:2])]
+    assert len(dots) - len(float32) >= 10
+    assert all(eqn.outvars[0].aval.shape[-1] == cfg.n_experts for eqn in float32), float32
+    assert [eqn.invars[1].aval.shape for eqn in float32].count((cfg.d_model, cfg.n_experts)) == 1  # the gate
 
 
 def test_layers_get_distinct_initial_weights():

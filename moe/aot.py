@@ -4,8 +4,9 @@ Needs libtpu (`pip install -e ".[tpu]"`), which can describe TPU topologies it d
 have. The step is lowered with the run's real shardings over a mesh of the topology's
 chips and compiled by the TPU compiler; the report gives per-chip bytes for parameters,
 optimizer state and temporaries against the chip's HBM, and the compiled FLOPs per step
-beside the model-FLOPs estimate. A plan that does not fit exits non-zero with the bytes
-the compiler asked for.
+beside the model-FLOPs estimate. A plan that does not fit (the compiler's
+RESOURCE_EXHAUSTED) exits 3 with the bytes the compiler asked for; any other compiler
+failure is an error (exit 1), never reported as "does not fit".
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ def _per_chip_bytes(abstract_tree, shardings) -> int:
     for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract_tree), jax.tree_util.tree_leaves(shardings)):
         total += math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+class CompileError(RuntimeError):
+    """The TPU compiler failed for a reason other than memory: a bug to report, not a plan that is too big."""
+
+
+def out_of_memory(error: Exception) -> str | None:
+    """The compiler's out-of-memory message (it names the bytes asked for and the HBM there
+    is), or None when `error` is any other failure."""
+    lines = [line.strip() for line in str(error).splitlines() if "RESOURCE_EXHAUSTED" in line]
+    return lines[0][:500] if lines else None
 
 
 @dataclasses.dataclass
@@ -129,8 +141,10 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - the TPU compiler reports over-HBM plans this way
+            report.error = out_of_memory(e)
+            if report.error is None:
+                raise CompileError(f"the TPU compiler failed ({type(e).__name__}): {str(e).strip()[:2000]}") from e
             report.compile_seconds = time.perf_counter() - start
-            report.error = str(e).strip().splitlines()[0][:500]
             return report
     report.compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()

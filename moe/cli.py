@@ -82,7 +82,11 @@ def cmd_aot(args) -> int:
     from moe import aot
 
     cfg = config_lib.load(args.config, args.overrides)
-    report = aot.compile_for_topology(cfg, args.topology)
+    try:
+        report = aot.compile_for_topology(cfg, args.topology)
+    except aot.CompileError as e:
+        print(f"moe aot: error: {e}", file=sys.stderr)
+        return 1
     print(report.format())
     return 0 if report.fits else 3
 

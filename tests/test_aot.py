@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -56,4 +57,30 @@ def test_a_plan_that_does_not_fit_exits_non_zero():
     result = moe_aot(ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "mesh.data=4",
                      "model.d_model=4096", "model.d_ff=32768", "model.n_heads=32", "model.n_kv_heads=8")
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "DOES NOT FIT" in result.stdout
+    verdict = result.stdout.splitlines()[-1]
+    assert verdict.startswith("DOES NOT FIT: RESOURCE_EXHAUSTED"), verdict
+    assert re.search(r"\d+(\.\d+)?G\)? exceeds", verdict), "the bytes asked for are named"
+
+
+@needs_libtpu
+def test_a_compiler_failure_that_is_not_memory_is_an_error_not_does_not_fit():
+    # the same small plan as above, with the compiler made to fail the way a compiler bug does
+    fail = ("import sys, jax.stages\n"
+            "def broken(self, *a, **k): raise RuntimeError('INTERNAL: an unsupported op in the HLO')\n"
+            "jax.stages.Lowered.compile = broken\n"
+            "from moe.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run([sys.executable, "-c", fail, "aot", str(ROOT / "configs/tiny-moe.yaml"), "--topology",
+                             "v5p-8", "mesh.data=4", "model.vocab_size=512", "model.n_layers=1"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "DOES NOT FIT" not in result.stdout + result.stderr
+    assert "the TPU compiler failed (RuntimeError): INTERNAL: an unsupported op" in result.stderr
+
+
+def test_only_resource_exhaustion_means_does_not_fit():
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                       "temporaries (248.01G) exceeds available HBM (95.74G).")
+    assert aot.out_of_memory(oom).startswith("RESOURCE_EXHAUSTED: Ran out of memory")
+    assert aot.out_of_memory(RuntimeError("INTERNAL: Mosaic failed")) is None

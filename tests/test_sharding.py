@@ -106,16 +106,41 @@ def test_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path, refere
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_capacity_factor_drops_only_overflow():
-    cfg = run_config(MESHES["expert=8"])
-    params = jax.device_get(T.init_state(cfg, jax.random.key(1)).params)
-    (dropless, _, _), _ = sharded_grads(cfg, params, batch_for(cfg))
-    roomy = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, capacity_factor=8.0))
-    (same, _, _), _ = sharded_grads(roomy, params, batch_for(cfg))
-    tight = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, capacity_factor=0.25))
-    (dropped, _, _), _ = sharded_grads(tight, params, batch_for(cfg))
-    assert abs(float(same) - float(dropless)) <= 1e-6  # capacity 8x covers every copy: nothing dropped
-    assert abs(float(dropped) - float(dropless)) > 1e-4  # a quarter of the room drops copies
+def test_capacity_factor_drops_the_copies_past_capacity_in_order_and_they_add_exactly_zero():
+    from moe import expert_parallel
+    from moe.model.dispatch import DISPATCH
+
+    # 8 devices on `expert`, one expert each; each device routes its 6 tokens' 12 copies.
+    # capacity_factor 2 gives ceil(2 * 12 / 8) = 3 slots per destination device.
+    n_dev, tokens_per_dev, top_k, d, f = 8, 6, 2, 16, 24
+    keys = jax.random.split(jax.random.key(3), 5)
+    x = jax.random.normal(keys[0], (n_dev * tokens_per_dev, d))
+    w1, w3 = (0.3 * jax.random.normal(k, (n_dev, d, f)) for k in keys[1:3])
+    w2 = 0.3 * jax.random.normal(keys[3], (n_dev, f, d))
+    idx = np.array(jax.random.randint(keys[4], (n_dev * tokens_per_dev, top_k), 0, 3))  # crowd experts 0-2
+    idx[:, 1] = np.where(idx[:, 1] == idx[:, 0], 7, idx[:, 1])
+    weight = np.full(idx.shape, 0.5, np.float32)
+    # expected: per device, copies in order t * top_k + k; the 4th and later to one expert drop
+    kept = np.zeros(idx.shape, bool)
+    for dev in range(n_dev):
+        seen = np.zeros(n_dev, int)
+        for t in range(dev * tokens_per_dev, (dev + 1) * tokens_per_dev):
+            for k in range(top_k):
+                kept[t, k] = seen[idx[t, k]] < 3
+                seen[idx[t, k]] += 1
+    assert 0 < (~kept).sum() < kept.sum()
+    mesh = S.make_mesh(run_config(MESHES["expert=8"]))
+    args = (x, jnp.asarray(idx, jnp.int32), jnp.asarray(weight), w1, w3, w2)
+    ep = jax.jit(lambda *a: expert_parallel.dispatch(mesh, *a, local_dispatch=DISPATCH["grouped"],
+                                                     capacity_factor=2.0))
+    got = np.asarray(ep(*args))
+    want = np.asarray(DISPATCH["dense"](x, args[1], jnp.asarray(np.where(kept, weight, 0.0)), w1, w3, w2))
+    assert np.abs(got - want).max() <= 1e-5
+    all_dropped = ~kept.any(axis=1)
+    assert all_dropped.any() and np.all(got[all_dropped] == 0.0)  # exactly zero, not small
+    dropless = np.asarray(jax.jit(lambda *a: expert_parallel.dispatch(
+        mesh, *a, local_dispatch=DISPATCH["grouped"], capacity_factor=None))(*args))
+    assert np.abs(dropless - np.asarray(DISPATCH["dense"](*args))).max() <= 1e-5
 
 
 @pytest.mark.parametrize("mesh,message", [

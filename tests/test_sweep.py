@@ -1,5 +1,7 @@
 """Sweep specs: expansion, validation, resume-skip, launch commands, and a report of a real sweep."""
 
+import json
+import math
 import shlex
 import subprocess
 
@@ -114,11 +116,22 @@ def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_swe
     # the report: a table row per run with numbers read from the runs, and the plots
     readme, *plots = report.report(s)
     text = readme.read_text()
-    for run in s.runs:
-        result = report.summarize(run)
-        assert result.steps_done == 2 and result.val_loss is not None
-        assert f"| {run.name} |" in text and f"{result.val_loss:.3f}" in text
-    assert report.summarize(s.runs[0]).imbalance >= 1.0 and report.summarize(s.runs[1]).imbalance is None
+    for run in s.runs:  # each row against metrics.jsonl read here, line by line
+        lines = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in lines if "ce_loss" in r]
+        val = [r["val_loss"] for r in lines if "val_loss" in r]
+        assert [r["step"] for r in train] == [1, 2] and len(val) == 1
+        ce = sum(r["ce_loss"] for r in train) / 2  # 2 steps: the "last 10%, at least 5" is both
+        speed = sorted(r["tokens_per_s"] for r in train)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {run.name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2:7] == ["2/2", f"{ce:.3f}", f"{val[0]:.3f}", f"{math.exp(val[0]):.1f}",
+                              f"{(speed[0] + speed[1]) / 2:,.0f}"], row
+        if run.name == "dense":
+            assert cells[7] == "-"
+        else:
+            imbalance = sum(sum(r["expert_imbalance"]) / len(r["expert_imbalance"]) for r in train) / 2
+            assert float(cells[7]) >= 1.0 and cells[7] == f"{imbalance:.2f}"
     assert {p.name for p in plots} == {"loss.png", "balance.png"}
     assert all(p.stat().st_size > 10_000 for p in plots)
 

@@ -95,18 +95,29 @@ def loss_terms(cfg: Config, params, batch) -> dict:
     return terms
 
 
-def combine(cfg: Config, terms: dict, total_tokens) -> tuple[jax.Array, dict]:
-    """(loss to differentiate, metrics) from summed terms; ce is normalized by total_tokens."""
+def _expert_load(cfg: Config, totals: dict):
+    """[layers, experts]: each expert's fraction of the routed token copies."""
+    return totals["expert_counts"] / (jnp.maximum(totals["router_rows"], 1.0)[:, None] * cfg.model.top_k)
+
+
+def combine(cfg: Config, terms: dict, total_tokens, router_totals: dict | None = None) -> tuple[jax.Array, dict]:
+    """(loss to differentiate, metrics) from summed terms; ce is normalized by total_tokens.
+
+    router_totals ({expert_counts [layers, E], router_rows [layers]} of the whole batch)
+    make the router losses of a micro-batch its exact share of the whole batch's: the
+    balancing loss is linear in the probabilities once the counts (which carry no gradient)
+    are those of the whole batch, and the z-loss is a sum divided by the whole batch's rows.
+    """
     ce = terms["ce_sum"] / jnp.maximum(total_tokens, 1.0)
     metrics = {"ce_loss": ce}
     loss = ce
     if cfg.model.is_moe:
-        rows = jnp.sum(terms["router_rows"])
-        aux = load_balancing_loss(terms["expert_counts"], terms["prob_sum"], rows)
+        totals = terms if router_totals is None else router_totals
+        rows = jnp.sum(totals["router_rows"])
+        aux = load_balancing_loss(totals["expert_counts"], terms["prob_sum"], rows)
         z = z_loss(terms["z_sum"], rows)
         loss = loss + cfg.train.aux_loss_coef * aux + cfg.train.z_loss_coef * z
-        per_layer_rows = jnp.maximum(terms["router_rows"], 1.0)[:, None] * cfg.model.top_k
-        metrics.update(aux_loss=aux, z_loss=z, expert_load=terms["expert_counts"] / per_layer_rows)
+        metrics.update(aux_loss=aux, z_loss=z, expert_load=_expert_load(cfg, totals))
     else:
         metrics.update(aux_loss=jnp.zeros(()), z_loss=jnp.zeros(()))
     return loss, metrics
@@ -119,40 +130,52 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return jax.tree_util.tree_map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
+def _router_totals(cfg: Config, params, micro: dict) -> dict:
+    """Expert counts and routed rows per layer over all micro-batches: a forward pass with no
+    gradient (the logits are unused, so the compiler drops the output layer)."""
+    def body(totals, batch):
+        _, stats = model_lib.apply(cfg.model, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        return {"expert_counts": totals["expert_counts"] + stats["expert_counts"],
+                "router_rows": totals["router_rows"] + stats["n_tokens"]}, None
+
+    m = cfg.model
+    zeros = {"expert_counts": jnp.zeros((m.n_layers, m.n_experts)), "router_rows": jnp.zeros((m.n_layers,))}
+    return jax.lax.stop_gradient(jax.lax.scan(body, zeros, micro)[0])
+
+
 def grads_and_metrics(cfg: Config, params, batch):
     """Gradients of the loss over the whole batch, accumulated over grad_accum micro-batches.
 
-    Cross-entropy is normalized by the tokens of the whole batch, so accumulation matches
-    one big batch exactly; the router losses are taken per micro-batch and averaged.
+    Every term is normalized by the whole batch (cross-entropy by its tokens; the router
+    losses by its rows, with its expert counts, taken first by a forward pass), so the
+    micro-batches' losses and gradients add up to one big batch's exactly. The extra forward
+    pass runs only for MoE models with grad_accum > 1.
     """
     n_micro = cfg.train.grad_accum
     total_tokens = jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
-
-    def micro_loss(p, micro):
-        terms = loss_terms(cfg, p, micro)
-        loss, metrics = combine(cfg, terms, total_tokens)
-        if n_micro > 1:  # router losses averaged over micro-batches; ce already global
-            loss = metrics["ce_loss"] + (loss - metrics["ce_loss"]) / n_micro
-        return loss, metrics
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if n_micro == 1:
-        (loss, metrics), grads = grad_fn(params, batch)
+        micro_loss = lambda p, b: combine(cfg, loss_terms(cfg, p, b), total_tokens)
+        (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, batch)
         return loss, grads, metrics
 
-    def body(carry, micro):
-        loss_acc, grads_acc, metrics_acc = carry
-        (loss, metrics), grads = grad_fn(params, micro)
-        add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
-        return (loss_acc + loss, add(grads_acc, grads), add(metrics_acc, metrics)), None
-
     micro = _micro_batches(batch, n_micro)
+    totals = _router_totals(cfg, params, micro) if cfg.model.is_moe else None
+    grad_fn = jax.value_and_grad(lambda p, b: combine(cfg, loss_terms(cfg, p, b), total_tokens, totals),
+                                 has_aux=True)
+
+    def body(carry, batch):
+        (loss, metrics), grads = grad_fn(params, batch)
+        metrics.pop("expert_load", None)  # of the whole batch already
+        return jax.tree_util.tree_map(jnp.add, carry, (loss, grads, metrics)), None
+
     first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first)))
-    (_, zero_metrics), zero_grads = zeros
-    (loss, grads, metrics), _ = jax.lax.scan(body, (jnp.zeros(()), zero_grads, zero_metrics), micro)
-    router = {k: v / n_micro for k, v in metrics.items() if k != "ce_loss"}
-    return loss, grads, {**metrics, **router}
+    (_, shapes), grad_shapes = jax.eval_shape(lambda: grad_fn(params, first))
+    shapes = {k: v for k, v in shapes.items() if k != "expert_load"}
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (jnp.zeros(()), grad_shapes, shapes))
+    (loss, grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    if totals is not None:
+        metrics["expert_load"] = _expert_load(cfg, totals)
+    return loss, grads, metrics
 
 
 def train_step(cfg: Config, optimizer: optax.GradientTransformation, state: TrainState, batch):

@@ -59,10 +59,19 @@ def reference():
     return params, jax.device_get((loss, grads, metrics))
 
 
-@pytest.mark.parametrize("name", sorted(MESHES))
-def test_sharded_loss_and_grads_equal_single_device(name, reference):
+# every dispatch path under shard_map, with expert parallelism (whose send buffers hold
+# empty weight-0 slots) and without; grad_accum under a mesh uses the whole batch's counts
+CASES = ([(name, "auto", 1) for name in sorted(MESHES)]
+         + [(name, path, 1) for name in ("expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2")
+            for path in ("ragged", "sorted", "dense")]
+         + [("data=8", "ragged", 1), ("fsdp=2,expert=2,tensor=2", "auto", 2)])
+
+
+@pytest.mark.parametrize("name,path,grad_accum", CASES, ids=[f"{n}-{p}-accum{a}" for n, p, a in CASES])
+def test_sharded_loss_and_grads_equal_single_device(name, path, grad_accum, reference):
     params, (ref_loss, ref_grads, ref_metrics) = reference
-    cfg = run_config(MESHES[name])
+    cfg = run_config(MESHES[name], moe_dispatch=path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=grad_accum))
     (loss, grads, metrics), _ = sharded_grads(cfg, params, batch_for(cfg))
     assert abs(float(loss) - float(ref_loss)) <= 1e-5
     np.testing.assert_allclose(metrics["aux_loss"], ref_metrics["aux_loss"], atol=1e-6)  # global, not per shard

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import moe.model as M
 from moe import config as C
@@ -101,16 +102,24 @@ def test_balancing_loss_pushes_a_skewed_router_toward_balance():
     assert float(jnp.max(load1) - jnp.min(load1)) < 0.5 * float(jnp.max(load0) - jnp.min(load0)), (load0, load1)
 
 
-def test_gradient_accumulation_matches_one_big_batch_for_dense():
-    cfg = dataclasses.replace(run_config(), model=tiny_model(n_experts=0))
+@pytest.mark.parametrize("n_experts", [0, 4], ids=["dense", "moe"])
+def test_gradient_accumulation_matches_one_big_batch(n_experts):
+    # MoE: the balancing loss is not a sum over micro-batches (counts x probabilities); the
+    # step must use the whole batch's counts for the sums to match one big batch
+    cfg = dataclasses.replace(run_config(), model=tiny_model(n_experts=n_experts, top_k=2))
     params = T.init_state(cfg, jax.random.key(4)).params
     batch = fixed_batch(cfg)
-    loss1, g1, _ = T.grads_and_metrics(cfg, params, batch)
+    loss1, g1, m1 = jax.jit(lambda p, b: T.grads_and_metrics(cfg, p, b))(params, batch)
     cfg4 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=4))
-    loss4, g4, _ = T.grads_and_metrics(cfg4, params, batch)
+    loss4, g4, m4 = jax.jit(lambda p, b: T.grads_and_metrics(cfg4, p, b))(params, batch)
     assert abs(float(loss1 - loss4)) < 1e-5
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g4)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+    assert set(m1) == set(m4)
+    for key in m1:
+        np.testing.assert_allclose(np.asarray(m4[key]), np.asarray(m1[key]), atol=1e-6, err_msg=key)
+    if n_experts:  # the micro-batches route differently, so per-micro-batch losses would not do
+        assert float(m1["aux_loss"]) > 0
 
 
 def test_non_finite_gradients_skip_the_step_and_are_counted():

@@ -149,3 +149,35 @@ def test_loss_ignores_padding_and_matches_manual_cross_entropy():
     nll, mask = numpy_nll(logits, batch)
     assert float(terms["n_tokens"]) == mask.sum()
     np.testing.assert_allclose(float(terms["ce_sum"]), nll[mask].sum(), rtol=1e-5)
+
+
+def test_total_loss_is_ce_plus_weighted_router_losses_each_from_hugging_face(tmp_path):
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from moe.convert import save_hf
+
+    cfg = run_config(aux_loss_coef=0.3, z_loss_coef=0.05)  # coefficients that tell the terms apart
+    params = jax.device_get(T.init_state(cfg, jax.random.key(8)).params)
+    tokens = np.random.default_rng(8).integers(0, cfg.model.vocab_size, size=(4, cfg.train.seq_len + 1))
+    s = cfg.train.seq_len
+    batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+             "segment_ids": jnp.ones((4, s), jnp.int32), "positions": jnp.tile(jnp.arange(s, dtype=jnp.int32), (4, 1))}
+    loss, _, metrics = T.grads_and_metrics(cfg, params, batch)
+
+    save_hf(cfg.model, params, tmp_path / "hf")
+    hf = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
+    mask = torch.ones(tokens.shape, dtype=torch.long)
+    mask[:, -1] = 0  # HF sees one token more; the last is left out of the router statistics
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(tokens), attention_mask=mask, output_router_logits=True)
+    nll, _ = numpy_nll(out.logits.numpy()[:, :-1], batch)
+    ce = nll.mean()
+    router = [layer.numpy().reshape(4, s + 1, -1)[:, :-1].reshape(-1, cfg.model.n_experts)
+              for layer in out.router_logits]
+    z = np.mean([np.log(np.exp(r.astype(np.float64)).sum(-1)) ** 2 for r in router])
+    aux = float(out.aux_loss)  # HF's load_balancing_loss_func over every layer, padding masked
+    assert float(metrics["ce_loss"]) == pytest.approx(ce, rel=1e-5)
+    assert float(metrics["aux_loss"]) == pytest.approx(aux, rel=1e-5)
+    assert float(metrics["z_loss"]) == pytest.approx(z, rel=1e-5)
+    assert float(loss) == pytest.approx(ce + 0.3 * aux + 0.05 * z, rel=1e-5)

@@ -79,21 +79,23 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
 def make_mesh(cfg: Config, devices=None) -> Mesh:
     """The device mesh for cfg.mesh over all devices of all processes (hybrid ICI x DCN
     for multislice when any mesh.dcn_* size is above 1)."""
-    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(device_grid(cfg, list(jax.devices() if devices is None else devices)), AXES)
+
+
+def device_grid(cfg: Config, devices: list) -> np.ndarray:
+    """Devices arranged [data, fsdp, expert, tensor]; with DCN sizes, each axis's outer
+    dcn_* blocks are whole slices (devices' slice_index), so only they talk over DCN."""
     sizes = mesh_shape(cfg.mesh, len(devices))
     check_divisibility(cfg, sizes)
     dcn = {axis: getattr(cfg.mesh, f"dcn_{axis}") for axis in AXES}
-    shape = tuple(sizes[a] for a in AXES)
-    if math.prod(dcn.values()) > 1:
-        from jax.experimental import mesh_utils
+    if math.prod(dcn.values()) == 1:
+        return np.asarray(devices).reshape(tuple(sizes[a] for a in AXES))
+    from jax.experimental import mesh_utils
 
-        ici = tuple(sizes[a] // dcn[a] for a in AXES)
-        if any(sizes[a] % dcn[a] for a in AXES):
-            raise ConfigError(f"mesh sizes {sizes} must be divisible by the DCN sizes {dcn}")
-        grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in AXES), devices)
-    else:
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, AXES)
+    if any(sizes[a] % dcn[a] for a in AXES):
+        raise ConfigError(f"mesh sizes {sizes} must be divisible by the DCN sizes {dcn}")
+    ici = tuple(sizes[a] // dcn[a] for a in AXES)
+    return mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in AXES), devices)
 
 
 def rules(cfg: Config):

@@ -23,7 +23,7 @@ MESHES = {
 
 
 def run_config(mesh=None, **model):
-    m = tiny_model(vocab_size=128, d_model=32, n_experts=8, top_k=2, d_ff=48, **model)
+    m = tiny_model(**{"vocab_size": 128, "d_model": 32, "n_experts": 8, "top_k": 2, "d_ff": 48, **model})
     return C.Config(model=m, train=C.TrainConfig(batch_size=8, seq_len=16, warmup_steps=0, lr=1e-2),
                     mesh=C.MeshConfig(**(mesh or {})))
 
@@ -171,3 +171,44 @@ def test_mesh_layouts_that_do_not_divide_are_refused(mesh, message):
     else:
         with pytest.raises(C.ConfigError, match=message):
             S.make_mesh(cfg)
+
+
+def test_fsdp_that_does_not_divide_d_model_is_refused():
+    cfg = run_config(dict(data=1, fsdp=8), d_model=36, n_heads=2, n_kv_heads=2)
+    with pytest.raises(C.ConfigError, match="model.d_model \\(36\\) must be divisible by mesh.fsdp \\(8\\)"):
+        S.make_mesh(cfg)
+
+
+def test_the_replicated_preset_keeps_every_parameter_whole_on_every_device(reference):
+    params, _ = reference
+    cfg = dataclasses.replace(run_config(dict(data=8)), mesh=C.MeshConfig(data=8, rules="replicated"))
+    placed = jax.device_put(params, S.param_shardings(cfg, S.make_mesh(cfg)))
+    total = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
+    assert set(S.bytes_per_device(placed).values()) == {total}
+    default = jax.device_put(params, S.param_shardings(run_config(MESHES["fsdp=8"]), S.make_mesh(
+        run_config(MESHES["fsdp=8"]))))
+    assert max(S.bytes_per_device(default).values()) < total / 4  # the presets really differ
+
+
+class _SliceDevice:
+    """A device of a pretend multislice system (CPU devices have no slice_index)."""
+
+    def __init__(self, index, slice_index):
+        self.id, self.slice_index, self.platform, self.device_kind = index, slice_index, "cpu", "cpu"
+        self.process_index = 0
+
+    def __repr__(self):
+        return f"d{self.id}/s{self.slice_index}"
+
+
+@pytest.mark.parametrize("axis", ["data", "fsdp"])
+def test_dcn_sizes_put_whole_slices_on_the_outer_blocks_of_their_axis(axis):
+    # 2 slices of 4 devices; the DCN-crossing axis must change slice only between its halves
+    devices = [_SliceDevice(i, i // 4) for i in range(8)]
+    mesh = {"data": 1, "fsdp": 1, "expert": 2, "tensor": 1, axis: 4, f"dcn_{axis}": 2}
+    grid = S.device_grid(run_config(mesh), devices)
+    assert grid.shape == tuple(mesh[a] for a in S.AXES)
+    slices = np.vectorize(lambda d: d.slice_index)(np.moveaxis(grid, S.AXES.index(axis), 0))
+    assert (slices[:2] == 0).all() and (slices[2:] == 1).all()
+    with pytest.raises(C.ConfigError, match="must be divisible by the DCN sizes"):
+        S.device_grid(run_config({**mesh, f"dcn_{axis}": 3}), devices)

@@ -59,7 +59,7 @@ INVALID = [
     (["model=3"], r"model must be a mapping of fields"),
     (["model.d_model"], r"must look like section.key=value"),
     (["train.batch_size=6", "train.grad_accum=4"], r"batch_size \(6\) must be divisible by train.grad_accum \(4\)"),
-    (["train.seq_len=40000"], r"seq_len \(40000\) exceeds model.max_seq_len \(32768\)"),
+    (["train.seq_len=40000"], r"seq_len \(40000\) exceeds model.max_seq_len \(256\)"),
     (["train.lr=0"], r"train.lr must be > 0"),
     (["train.warmup_steps=-1"], r"train.warmup_steps >= 0"),
     (["train.min_lr_ratio=1.5"], r"train.min_lr_ratio in \[0, 1\]"),

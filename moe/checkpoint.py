@@ -180,6 +180,10 @@ class RunCheckpoints:
         self.manager.reload()
         return target
 
+    def wait(self) -> None:
+        """Block until every asynchronous save has been written."""
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -169,8 +169,26 @@ def dataset(source: DocumentSource, cfg: Config, *, seed: int, workers: int) -> 
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=die_with_parent)
     return ds
+
+
+def die_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
+    """Make this worker process exit when the process that started it dies, SIGKILL
+    included (Linux prctl PR_SET_PDEATHSIG); without it, a killed training process leaves
+    its Grain workers running as orphans, holding their memory, on every preemption."""
+    import ctypes
+    import multiprocessing
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 def check(cfg: Config) -> tuple[DocumentSource, DocumentSource]:

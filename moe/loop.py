@@ -4,11 +4,16 @@ A run directory holds config.yaml (the resolved config), train.log, metrics.json
 tensorboard/ and checkpoints/<step>/. Calling `moe train` again with the same directory
 resumes from the newest readable checkpoint, with the data iterator where it was.
 SIGTERM or SIGINT (TPU preemption, Ctrl-C) saves a checkpoint and returns normally.
+
+Fault injection: with MOE_FAULT_SIGKILL_AT_STEP=N in the environment, the run waits for
+its pending checkpoint saves after step N and then SIGKILLs itself: a preempted host at a
+known step, so that resume tests are exact and never depend on timing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import zlib
@@ -134,6 +139,7 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     metrics_log = metrics_lib.MetricsLog(run_dir, start, enabled=jax.process_index() == 0)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     record, last_saved = {}, start
+    kill_at = int(os.environ.get("MOE_FAULT_SIGKILL_AT_STEP", "0"))
 
     def save(step):
         meta = {"step": step, "config": config_lib.to_dict(cfg)}
@@ -167,6 +173,9 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                         "train.warmup_steps or check the data, then resume.")
                 if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
                     last_saved = save(step)
+                if step == kill_at:
+                    checkpoints.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if stop.signal_name:
                     if last_saved != step:
                         last_saved = save(step)

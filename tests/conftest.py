@@ -12,3 +12,33 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import signal  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from helpers import processes_with_env  # noqa: E402
+
+# Every process a test starts, and every process those start, inherits this marker; at
+# the end of the session none of them may still be alive (orphans included, which no
+# longer show as children). Each pytest process (xdist workers too) owns its own marker.
+OWNER = "MOE_TEST_OWNER"
+os.environ[OWNER] = str(os.getpid())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite():
+    yield
+    if not Path("/proc").is_dir():  # the check reads /proc (Linux, as CI)
+        return
+    deadline = time.time() + 10
+    while (left := processes_with_env(OWNER, str(os.getpid()))) and time.time() < deadline:
+        time.sleep(0.2)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, f"processes started by the tests outlived them (killed now): {left}"

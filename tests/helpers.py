@@ -1,15 +1,45 @@
 """Small configs shared by the tests."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 from moe.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# CI=true or CI=1 (GitHub and most runners set one of them): nothing may be skipped there
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def tiny_model(**overrides) -> ModelConfig:
     base = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                        n_experts=4, top_k=2, rope_theta=10000.0, max_seq_len=64, init_std=0.1)
     return dataclasses.replace(base, **overrides)
+
+
+def processes_with_env(key: str, value: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose environment holds key=value (read
+    from /proc: orphans included, which no longer show as anyone's children)."""
+    marker = f"{key}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((int(proc.name), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def kill_group(process) -> None:
+    """SIGKILL a process started with start_new_session=True and everything in its group."""
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:  # the group is gone already
+        pass
+    process.wait()

@@ -10,10 +10,10 @@ import pytest
 
 from moe import aot
 from moe.config import ConfigError
-from helpers import ROOT
+from helpers import IN_CI, ROOT
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU and os.environ.get("CI") != "true",
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU and not IN_CI,
                                   reason="libtpu not installed (pip install -e '.[tpu]'); CI installs it")
 
 

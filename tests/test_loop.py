@@ -10,20 +10,39 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, kill_group, processes_with_env
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
          "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=2", "train.eval_every=4",
          "train.eval_batches=1", "checkpoint.keep=5"]
 
 
-def moe_train(run_dir, *overrides, wait=True):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+def moe_train(run_dir, *overrides, wait=True, env=None):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
     command = [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir", str(run_dir),
                "--no-progress", *SMALL, *overrides]
-    if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:  # output to a file: a pipe would stay open as long as any orphan of the run lives
+        with open(Path(str(run_dir) + ".out"), "w") as out:
+            return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def children():
+    """Processes a test starts; each one's whole process group is killed when the test ends."""
+    started = []
+    yield started
+    for child in started:
+        kill_group(child)
+
+
+def read_checkpoint(run_dir, step, item):
+    """A checkpoint item (params, opt_state) as NumPy leaves, in tree order."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    restored = ocp.PyTreeCheckpointer().restore((Path(run_dir) / "checkpoints" / str(step) / item).absolute())
+    return jax.tree_util.tree_leaves(restored)
 
 
 def records(run_dir):
@@ -45,37 +64,62 @@ def wait_for(condition, timeout=300):
     raise TimeoutError("the training run did not get there in time")
 
 
-def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path):
+def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, children):
     n = 4
-    full = moe_train(tmp_path / "full", f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2")
+    common = [f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2"]
+    full = moe_train(tmp_path / "full", *common)
     assert full.returncode == 0, full.stdout + full.stderr
 
-    child = moe_train(tmp_path / "killed", f"train.steps={2 * n}", f"checkpoint.every_steps={n}",
-                      "data.workers=2", wait=False)
-    wait_for(lambda: n in checkpoint_steps(tmp_path / "killed"))
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    killed_steps = [r["step"] for r in records(tmp_path / "killed")]
-    assert max(killed_steps) < 2 * n, "the run finished before it was killed; the test proves nothing"
+    # killed at a known step: after step n + 1, with the checkpoint of step n written
+    marker = f"{tmp_path}"
+    child = moe_train(tmp_path / "killed", *common, wait=False,
+                      env={"MOE_FAULT_SIGKILL_AT_STEP": str(n + 1), "MOE_TEST_KILLED_RUN": marker})
+    children.append(child)
+    assert child.wait(timeout=600) == -signal.SIGKILL, Path(f"{tmp_path / 'killed'}.out").read_text()
+    assert [r["step"] for r in records(tmp_path / "killed")] == list(range(1, n + 2))
+    assert checkpoint_steps(tmp_path / "killed") == [n]
+    # its Grain workers die with it (they would live on as orphans)
+    deadline = time.time() + 10
+    while processes_with_env("MOE_TEST_KILLED_RUN", marker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert processes_with_env("MOE_TEST_KILLED_RUN", marker) == []
 
-    resumed = moe_train(tmp_path / "killed", f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2")
+    resumed = moe_train(tmp_path / "killed", *common)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from the checkpoint at step 4" in resumed.stdout + resumed.stderr
+    assert f"resumed from the checkpoint at step {n}" in resumed.stdout + resumed.stderr
     a, b = records(tmp_path / "full"), records(tmp_path / "killed")
-    assert [r["step"] for r in b] == list(range(1, 2 * n + 1))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise, as logged
+    assert [r["step"] for r in b] == list(range(1, 2 * n + 1))  # the record of the lost step n+1 replaced
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # as logged
     assert [r["batch_crc32"] for r in a] == [r["batch_crc32"] for r in b]  # the same batches
+    for item in ("params", "opt_state"):  # the final state, bit for bit
+        want, got = read_checkpoint(tmp_path / "full", 2 * n, item), read_checkpoint(tmp_path / "killed", 2 * n, item)
+        assert len(want) == len(got) > 0
+        for x, y in zip(want, got):
+            assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), item
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, children, sig):
     child = moe_train(tmp_path / "run", "train.steps=1000", "checkpoint.every_steps=1000", wait=False)
+    children.append(child)
     wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists() and len(records(tmp_path / "run")) >= 2)
-    child.send_signal(signal.SIGTERM)
-    out, _ = child.communicate(timeout=300)
-    assert child.returncode == 0, out
+    child.send_signal(sig)
+    assert child.wait(timeout=300) == 0, Path(f"{tmp_path / 'run'}.out").read_text()
     steps = checkpoint_steps(tmp_path / "run")
-    assert len(steps) == 1 and steps[0] >= 2 and steps[0] < 1000
-    assert "SIGTERM received" in (tmp_path / "run" / "train.log").read_text()
+    assert len(steps) == 1 and 2 <= steps[0] < 1000
+    assert steps[0] == records(tmp_path / "run")[-1]["step"]  # the step it stopped at
+    assert f"{sig.name} received" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_non_finite_steps_in_a_row_save_a_checkpoint_and_stop_with_exit_1(tmp_path):
+    # lr 1e38: the first update sends the weights to ~1e38, every later gradient is NaN
+    result = moe_train(tmp_path / "run", "train.steps=50", "train.lr=1e38", "train.warmup_steps=0",
+                       "train.max_nonfinite_steps=3", "checkpoint.every_steps=100")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "3 steps in a row had non-finite gradients (up to step 4); a checkpoint was saved" in result.stderr
+    assert checkpoint_steps(tmp_path / "run") == [4]
+    skipped = [r["skipped_steps"] for r in records(tmp_path / "run")]
+    assert skipped == [0, 1, 2, 3]
 
 
 def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path):
@@ -136,7 +180,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_log_the_same_losses_as_one(tmp_path):
+def test_two_processes_log_the_same_losses_as_one(tmp_path, children):
     common = ["train.steps=3", "checkpoint.every_steps=3", "data.workers=0", "train.batch_size=8",
               "mesh.data=2", "mesh.expert=4"]
     single = subprocess.run(
@@ -146,14 +190,13 @@ def test_two_processes_log_the_same_losses_as_one(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stdout + single.stderr
     port = _free_port()
-    children = []
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                    MOE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MOE_NUM_PROCESSES="2", MOE_PROCESS_ID=str(pid))
         children.append(subprocess.Popen(
             [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir",
              str(tmp_path / "two"), "--no-progress", *SMALL, *common],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
     outputs = [c.communicate(timeout=600)[0] for c in children]
     assert all(c.returncode == 0 for c in children), outputs
     assert "over 8 devices in 2 processes" in outputs[0]

@@ -10,7 +10,7 @@ import yaml
 
 from moe import report, sweep
 from moe.config import ConfigError
-from helpers import ROOT
+from helpers import ROOT, kill_group
 
 STUDIES = sorted((ROOT / "experiments").glob("*/sweep.yaml"))
 SMALL = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.d_ff": 32,
@@ -187,3 +187,43 @@ def test_seed_table_pairs_each_variant_with_the_first_seed_by_seed(tmp_path):
     assert "| a | 2 | 5.500 ± 0.707 | +0.000, +0.000 |" in table
     assert "| b | 2 | 5.875 ± 0.884 | +0.500, +0.250 |" in table
     assert report.seeds_table(results[:1] + results[2:3]) == ""  # one seed each: no table
+
+
+def moe_sweep(spec, runs_dir, log):
+    """`moe sweep` in its own process group, output to a file."""
+    import os
+    import sys
+
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "moe", "sweep", str(spec), "--runs-dir", str(runs_dir)],
+                                env=dict(os.environ, XLA_FLAGS=""), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def test_sweep_forwards_a_signal_to_its_run_and_exits_130_and_a_failed_run_exits_1(tmp_path):
+    import signal
+    import time
+
+    long = {**SMALL, "train.steps": 1000, "train.eval_every": 1000, "checkpoint.every_steps": 1000}
+    spec = write_spec(tmp_path, overrides=long, variants={"long": {}})
+    sweeper = moe_sweep(spec, tmp_path / "runs", tmp_path / "sweep.log")
+    try:
+        metrics = tmp_path / "runs" / "long" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+            time.sleep(0.05)
+        sweeper.send_signal(signal.SIGINT)  # to the sweep only: it must pass it on
+        assert sweeper.wait(timeout=300) == 130, (tmp_path / "sweep.log").read_text()
+    finally:
+        kill_group(sweeper)
+    run_dir = tmp_path / "runs" / "long"
+    assert "SIGINT received: saved step" in (run_dir / "train.log").read_text()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+
+    bad = write_spec(tmp_path, overrides={**SMALL, "data.paths": [str(tmp_path / "none")]}, variants={"nodata": {}})
+    failing = moe_sweep(bad, tmp_path / "runs2", tmp_path / "fail.log")
+    try:
+        assert failing.wait(timeout=300) == 1
+    finally:
+        kill_group(failing)
+    assert "nodata: failed (exit 1)" in (tmp_path / "fail.log").read_text()

@@ -223,6 +223,7 @@ def jit_steps(cfg: Config, optimizer, mesh=None, state_sharding=None):
 def flops_per_token(cfg: Config, active_params: int) -> float:
     """Training FLOPs per token: 6 x active matmul params + attention scores and values."""
     m = cfg.model
-    matmul_params = active_params - m.vocab_size * m.d_model  # the embedding lookup is free
+    norm_scales = (2 * m.n_layers + 1) * m.d_model  # elementwise, not matmul weights
+    matmul_params = active_params - m.vocab_size * m.d_model - norm_scales  # the embedding lookup is free
     attention = 12 * m.n_layers * cfg.train.seq_len * m.n_heads * m.resolved_head_dim
     return 6.0 * matmul_params + attention

@@ -28,3 +28,30 @@ def test_python_dash_m_and_overrides():
 def test_bad_config_exits_2_with_the_message(capsys):
     assert main(["params", str(ROOT / "configs/tiny-moe.yaml"), "model.top_k=12"]) == 2
     assert "top_k (12) must be between 1 and model.n_experts (8)" in capsys.readouterr().err
+
+
+def test_tokenizer_train_through_the_cli(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(20):
+        (docs / f"{i}.txt").write_text(f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * (i + 1))
+    result = subprocess.run([sys.executable, "-m", "moe", "tokenizer", "train", str(docs), "--vocab-size", "400",
+                             "--out", str(tmp_path / "tok" / "small")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    from moe import tokenizer
+
+    sp = tokenizer.load(str(tmp_path / "tok" / "small.model"))
+    assert sp.vocab_size() == 400 and sp.decode(sp.encode("the lazy dog")) == "the lazy dog"
+
+
+def test_bench_quick_through_the_cli(tmp_path):
+    import json
+
+    result = subprocess.run([sys.executable, "-m", "moe", "bench", "--quick", "--json", str(tmp_path / "b.json")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=800,
+                            env={**__import__("os").environ, "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    numbers = json.loads((tmp_path / "b.json").read_text())
+    assert numbers["matmul_peak_flops"] > 0 and 0 < numbers["mfu"] < 1
+    assert numbers["bench-moe"]["tokens_per_s"] > 0 and numbers["hf_tokens_per_s"] > 0
+    assert "<- default here" in result.stdout

@@ -126,3 +126,27 @@ def test_a_state_from_another_pipeline_is_refused_with_the_fix(tmp_path):
     new = cfg_with(f"data.paths=[{folder}]")
     with pytest.raises(D.DataError, match="data.shuffle_window=0"):
         D.restore(D.train_iterator(new, D.check(new)[0]), state)
+
+
+def test_the_validation_set_does_not_depend_on_the_runs_seed(tmp_path):
+    folder = write_docs(tmp_path, 40)
+    sets = []
+    for seed in (0, 7):
+        cfg = cfg_with(f"data.paths=[{folder}]", "data.val_fraction=0.3", "train.eval_batches=2", f"seed={seed}")
+        sets.append(D.val_batches(cfg, D.check(cfg)[1]))
+    for a, b in zip(*sets):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_val_paths_hold_exactly_the_named_documents(tmp_path):
+    train_dir, val_dir = write_docs(tmp_path / "train", 10), tmp_path / "val"
+    val_dir.mkdir()
+    (val_dir / "held.txt").write_text("only this one is validation text")
+    cfg = cfg_with(f"data.paths=[{train_dir}]", f"data.val_paths=[{val_dir}]")
+    train, val = D.check(cfg)
+    assert len(train) == 10 and [val[i] for i in range(len(val))] == ["only this one is validation text"]
+    batch = D.val_batches(cfg, val)[0]  # every row: pieces of that one document, repeated
+    sp = T.load("mistral-v1")
+    allowed = {sp.bos_id(), *sp.encode("only this one is validation text")}  # eos is only a target
+    assert set(batch["inputs"][batch["segment_ids"] != 0].tolist()) == allowed

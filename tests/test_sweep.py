@@ -135,6 +135,16 @@ def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_swe
     assert {p.name for p in plots} == {"loss.png", "balance.png"}
     assert all(p.stat().st_size > 10_000 for p in plots)
 
+    # the CLI writes the same report, into another folder
+    from moe import cli
+
+    capsys.readouterr()
+    assert cli.main(["report", str(s.spec_path), "--runs-dir", str(tmp_path / "runs"),
+                     "--out", str(tmp_path / "cli-report")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(tmp_path / "cli-report" / n) for n in ("README.md", "loss.png", "balance.png"))
+    assert (tmp_path / "cli-report" / "README.md").read_text().count("| top1 |") == 1
+
     # rerunning keeps the hand-written analysis around the generated block
     readme.write_text("# My study\n\nintro\n\n" + text[text.index(report.BEGIN):] + "\n## Findings\n\nkept\n")
     report.report(s)

@@ -9,7 +9,7 @@ import pytest
 import moe.model as M
 from moe import config as C
 from moe import train as T
-from helpers import tiny_model
+from helpers import ROOT, tiny_model
 
 
 def run_config(**train):
@@ -181,3 +181,39 @@ def test_total_loss_is_ce_plus_weighted_router_losses_each_from_hugging_face(tmp
     assert float(metrics["aux_loss"]) == pytest.approx(aux, rel=1e-5)
     assert float(metrics["z_loss"]) == pytest.approx(z, rel=1e-5)
     assert float(loss) == pytest.approx(ce + 0.3 * aux + 0.05 * z, rel=1e-5)
+
+
+def test_validation_loss_equals_numpy_cross_entropy_over_the_same_batches():
+    from moe.loop import _evaluate
+
+    cfg = run_config()
+    params = T.init_state(cfg, jax.random.key(9)).params
+    batches = [fixed_batch(cfg, seed) for seed in (1, 2)]
+    _, eval_step = T.jit_steps(cfg, T.make_optimizer(cfg, params))
+    got = _evaluate(eval_step, params, batches)
+    nll_sum, count = 0.0, 0
+    for batch in batches:
+        logits, _ = M.apply(cfg.model, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        nll, mask = numpy_nll(logits, batch)
+        nll_sum, count = nll_sum + nll[mask].sum(), count + mask.sum()
+    assert got["val_loss"] == pytest.approx(nll_sum / count, rel=1e-5)
+    assert got["val_ppl"] == pytest.approx(np.exp(nll_sum / count), rel=1e-5)
+
+
+def test_flops_per_token_and_mfu_against_a_hand_count():
+    # tiny-moe: 4 layers, d_model 128, 4 heads of 32, 2 kv heads, d_ff 256, 8 experts top-2,
+    # vocab 32000, seq_len 128. Active matmul weights per token, by hand:
+    #   attention  128 * 32 * (4 + 2 + 2 + 4)   = 49,152 per layer
+    #   router     128 * 8                       =  1,024 per layer
+    #   experts    2 * 3 * 128 * 256             = 196,608 per layer
+    #   lm_head    128 * 32000                   = 4,096,000 (the embedding lookup costs nothing)
+    # 6 FLOPs per weight (forward + backward) plus attention 12 * layers * seq * heads * head_dim
+    cfg = C.load(ROOT / "configs/tiny-moe.yaml", ["train.seq_len=128"])
+    weights = 4 * (49_152 + 1_024 + 196_608) + 4_096_000
+    want = 6 * weights + 12 * 4 * 128 * 4 * 32
+    from moe.params import count_params
+    assert T.flops_per_token(cfg, count_params(cfg.model).active) == want
+    from moe.metrics import step_record
+    metrics = {k: 0.0 for k in ("loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr", "nonfinite_total")}
+    record = step_record(3, metrics, tokens=1024.0, seconds=0.5, flops_per_token=want, peak=1e11)
+    assert record["tokens_per_s"] == 2048.0 and record["mfu"] == pytest.approx(2048.0 * want / 1e11)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -146,8 +147,9 @@ def parse_size(text: str | int) -> int:
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     s = text.strip().upper()
     for unit, factor in units.items():
-        if s.endswith(unit) and s[: -len(unit)].strip():
-            return int(float(s[: -len(unit)]) * factor)
+        number = s[: -len(unit)].strip()
+        if s.endswith(unit) and re.fullmatch(r"\d+(\.\d*)?", number):
+            return int(float(number) * factor)
     if s.isdigit():
         return int(s)
     raise ConversionError(f"cannot read the size {text!r}; write e.g. 5GB, 500MB or a byte count")

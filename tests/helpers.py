@@ -43,3 +43,12 @@ def kill_group(process) -> None:
     except OSError:  # the group is gone already
         pass
     process.wait()
+
+
+def spawn(command: list[str], log, env: dict):
+    """Start a command in its own process group (see kill_group), its output to the file
+    `log`: a pipe would stay open, and a reader blocked, as long as any orphan of it lives."""
+    import subprocess
+
+    with open(log, "w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

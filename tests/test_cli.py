@@ -1,3 +1,5 @@
+import json
+import os
 import subprocess
 import sys
 
@@ -45,11 +47,9 @@ def test_tokenizer_train_through_the_cli(tmp_path):
 
 
 def test_bench_quick_through_the_cli(tmp_path):
-    import json
-
     result = subprocess.run([sys.executable, "-m", "moe", "bench", "--quick", "--json", str(tmp_path / "b.json")],
                             capture_output=True, text=True, cwd=ROOT, timeout=800,
-                            env={**__import__("os").environ, "XLA_FLAGS": ""})
+                            env={**os.environ, "XLA_FLAGS": ""})
     assert result.returncode == 0, result.stdout + result.stderr
     numbers = json.loads((tmp_path / "b.json").read_text())
     assert numbers["matmul_peak_flops"] > 0 and 0 < numbers["mfu"] < 1

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, kill_group, processes_with_env
+from moe.checkpoint import restore_params
+from helpers import ROOT, kill_group, processes_with_env, spawn
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
          "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=2", "train.eval_every=4",
@@ -21,9 +22,8 @@ def moe_train(run_dir, *overrides, wait=True, env=None):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
     command = [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir", str(run_dir),
                "--no-progress", *SMALL, *overrides]
-    if not wait:  # output to a file: a pipe would stay open as long as any orphan of the run lives
-        with open(Path(str(run_dir) + ".out"), "w") as out:
-            return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    if not wait:
+        return spawn(command, Path(f"{run_dir}.out"), env)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -39,10 +39,8 @@ def children():
 def read_checkpoint(run_dir, step, item):
     """A checkpoint item (params, opt_state) as NumPy leaves, in tree order."""
     import jax
-    import orbax.checkpoint as ocp
 
-    restored = ocp.PyTreeCheckpointer().restore((Path(run_dir) / "checkpoints" / str(step) / item).absolute())
-    return jax.tree_util.tree_leaves(restored)
+    return jax.tree_util.tree_leaves(restore_params(Path(run_dir) / "checkpoints" / str(step) / item))
 
 
 def records(run_dir):

@@ -2,15 +2,19 @@
 
 import json
 import math
+import os
 import shlex
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 
 from moe import report, sweep
 from moe.config import ConfigError
-from helpers import ROOT, kill_group
+from helpers import ROOT, kill_group, spawn
 
 STUDIES = sorted((ROOT / "experiments").glob("*/sweep.yaml"))
 SMALL = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.d_ff": 32,
@@ -200,20 +204,11 @@ def test_seed_table_pairs_each_variant_with_the_first_seed_by_seed(tmp_path):
 
 
 def moe_sweep(spec, runs_dir, log):
-    """`moe sweep` in its own process group, output to a file."""
-    import os
-    import sys
-
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "moe", "sweep", str(spec), "--runs-dir", str(runs_dir)],
-                                env=dict(os.environ, XLA_FLAGS=""), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    return spawn([sys.executable, "-m", "moe", "sweep", str(spec), "--runs-dir", str(runs_dir)], log,
+                 dict(os.environ, XLA_FLAGS=""))
 
 
 def test_sweep_forwards_a_signal_to_its_run_and_exits_130_and_a_failed_run_exits_1(tmp_path):
-    import signal
-    import time
-
     long = {**SMALL, "train.steps": 1000, "train.eval_every": 1000, "checkpoint.every_steps": 1000}
     spec = write_spec(tmp_path, overrides=long, variants={"long": {}})
     sweeper = moe_sweep(spec, tmp_path / "runs", tmp_path / "sweep.log")

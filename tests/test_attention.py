@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 
 import moe.model as M
-from moe.model.attention import Attention, attention_mask
+from moe.model.attention import Attention, attention_mask, dot_product_attention
 from moe.model.layers import rope_cos_sin
 from helpers import tiny_model
+
+
+def _index_mask(seq):
+    index = jnp.arange(seq)[None]
+    return {"q_pos": index, "k_pos": index}
 
 
 def _attn_inputs(cfg, batch=2, seq=12, seed=0):
@@ -33,7 +38,8 @@ def test_model_is_causal(window):
 
 def test_sliding_window_mask_has_exactly_w_keys():
     window, seq = 4, 10
-    mask = np.asarray(attention_mask(seq, window))[0, 0, 0]
+    index = jnp.arange(seq)[None]
+    mask = np.asarray(attention_mask(index, index, window))[0, 0, 0]
     for i in range(seq):
         keys = np.flatnonzero(mask[i])
         assert keys.max() == i and len(keys) == min(i + 1, window)
@@ -45,7 +51,7 @@ def test_sliding_window_boundary_in_attention_output():
     cfg = tiny_model(sliding_window=window)
     layer = Attention(cfg)
     x, cos, sin = _attn_inputs(cfg, batch=1)
-    mask = attention_mask(x.shape[1], window)
+    mask = _index_mask(x.shape[1])
     params = layer.init(jax.random.key(0), x, cos, sin, mask)
     i = 9
     base = layer.apply(params, x, cos, sin, mask)[0, i]
@@ -59,7 +65,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     gqa_cfg = tiny_model(n_heads=4, n_kv_heads=2)
     mha_cfg = dataclasses.replace(gqa_cfg, n_kv_heads=4)
     x, cos, sin = _attn_inputs(gqa_cfg)
-    mask = attention_mask(x.shape[1], None)
+    mask = _index_mask(x.shape[1])
     params = Attention(gqa_cfg).init(jax.random.key(0), x, cos, sin, mask)
     p = dict(nn.unbox(params)["params"])
     group = gqa_cfg.n_heads // gqa_cfg.n_kv_heads
@@ -82,3 +88,18 @@ def test_packed_documents_do_not_attend_across_boundaries():
     alone_a = M.logits(cfg, params, doc_a)
     np.testing.assert_allclose(np.asarray(packed_logits[:, 5:]), np.asarray(alone_b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(packed_logits[:, :5]), np.asarray(alone_a), atol=1e-5)
+
+
+@pytest.mark.parametrize("window,segments", [(None, False), (5, True)])
+def test_query_chunks_equal_one_block(window, segments):
+    """Long sequences go in query chunks (never [seq, seq] scores); the padding of the last
+    chunk must not leak into the result."""
+    b, seq, kv, group, hd = 2, 23, 2, 2, 8
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, seq, kv, group, hd))
+    k, v = (jax.random.normal(key, (b, seq, kv, hd)) for key in keys[1:])
+    pos = jnp.broadcast_to(jnp.arange(seq), (b, seq))
+    seg = jnp.asarray([[1] * 9 + [2] * 14, [1] * 23]) if segments else None
+    whole = dot_product_attention(q, k, v, pos, pos, window, seg, seg, chunk=seq)
+    chunked = dot_product_attention(q, k, v, pos, pos, window, seg, seg, chunk=4)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-6, rtol=0)

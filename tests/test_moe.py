@@ -177,3 +177,12 @@ def test_every_dispatch_path_matches_the_reference_in_edge_cases(path, case, tok
     g = jax.jit(jax.grad(lambda *a: f(DISPATCH[path], *a), argnums=argnums))(*args)
     for a, b in zip(g, ref_g):  # 1e-5 relative to the gradient's scale (sums over up to 300 tokens)
         assert np.abs(np.asarray(a - b)).max() <= 1e-5 * max(1.0, float(np.abs(np.asarray(b)).max()))
+
+
+def test_auto_dispatch_gathers_experts_for_few_tokens_only():
+    from moe.model.dispatch import resolve
+
+    assert resolve("auto", copies=2, n_experts=8) == "gather"  # one token decoding, top-2
+    assert resolve("auto", copies=8, n_experts=8) == "gather"
+    assert resolve("auto", copies=9, n_experts=8) == resolve("auto")  # the grouped path of training
+    assert resolve("grouped", copies=2, n_experts=8) == "grouped"  # an explicit choice stays

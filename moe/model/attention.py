@@ -1,37 +1,42 @@
-"""Grouped-query attention with causal, sliding-window and document (segment) masks."""
+"""Grouped-query attention with causal, sliding-window and document (segment) masks, and an
+optional KV cache (moe/model/kv_cache.py) for decoding: one implementation for both.
+
+Masks are built from absolute positions, so the same code serves a training batch (query
+and key positions 0..seq-1) and a cache whose slots hold any positions (-1: empty). Long
+query sequences are processed in chunks of QUERY_CHUNK rows, so [seq, seq] scores are
+never materialized: memory grows as seq x keys / (seq / QUERY_CHUNK), not seq^2.
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from moe.config import ModelConfig
 from moe.model.layers import DTYPES, apply_rope, kernel_init, param_with_axes
 
+QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
 
-def attention_mask(seq_len: int, sliding_window: int | None, segment_ids=None):
-    """Boolean [batch or 1, 1, 1, seq, seq]: query i may attend to key j.
 
-    Causal: j <= i. Sliding window W: i - W < j, so exactly W keys, i itself included.
-    Segments: only keys of the same document (packed sequences never attend across).
+def attention_mask(q_pos, k_pos, sliding_window: int | None, q_seg=None, k_seg=None):
+    """Boolean [batch or 1, 1, 1, q, k]: query i may attend to key j.
+
+    q_pos [batch or 1, q], k_pos [batch or 1, k]: absolute positions (-1: padding or an
+    empty cache slot, never attended). Causal: k_pos <= q_pos. Sliding window W:
+    q_pos - W < k_pos, so exactly W keys, the query itself included. Segments: only keys
+    of the same document (packed sequences never attend across).
     """
-    i = jnp.arange(seq_len)[:, None]
-    j = jnp.arange(seq_len)[None, :]
-    allowed = j <= i
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = (kp >= 0) & (kp <= qp)
     if sliding_window is not None:
-        allowed = allowed & (j > i - sliding_window)
-    allowed = allowed[None, None, None]  # [1, 1, 1, q, k]
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, q, k]
-        allowed = allowed & same[:, None, None]
-    return allowed
+        allowed = allowed & (kp > qp - sliding_window)
+    if q_seg is not None:
+        allowed = allowed & (q_seg[:, :, None] == k_seg[:, None, :])
+    return allowed[:, None, None]  # [batch, 1, 1, q, k]
 
 
-def dot_product_attention(q, k, v, mask):
-    """q: [batch, seq, kv_heads, group, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
-
-    Query head h = kv * group + g uses kv head kv (h // group). Softmax in float32.
-    """
+def _attend_block(q, k, v, mask):
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -39,17 +44,55 @@ def dot_product_attention(q, k, v, mask):
     return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
 
 
+def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None, k_seg=None,
+                          chunk: int = QUERY_CHUNK):
+    """q: [batch, q, kv_heads, group, head_dim]; k, v: [batch, s, kv_heads, head_dim].
+
+    Query head h = kv * group + g uses kv head kv (h // group). Softmax in float32. Masks
+    as attention_mask; queries longer than `chunk` go in blocks of `chunk` (padded at the end).
+    """
+    n_q = q.shape[1]
+    if n_q <= chunk:
+        return _attend_block(q, k, v, attention_mask(q_pos, k_pos, sliding_window, q_seg, k_seg))
+    n_blocks = -(-n_q // chunk)
+    pad = n_blocks * chunk - n_q
+
+    def blocks(a, fill=0):  # [b, n_q, ...] -> [n_blocks, b, chunk, ...]
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(a.reshape(a.shape[0], n_blocks, chunk, *a.shape[2:]), 1, 0)
+
+    has_seg = q_seg is not None
+    xs = (blocks(q), blocks(q_pos, -1), blocks(q_seg) if has_seg else jnp.zeros((n_blocks,)))
+
+    def one(args):
+        q_b, pos_b, seg_b = args
+        mask = attention_mask(pos_b, k_pos, sliding_window, seg_b if has_seg else None, k_seg)
+        return _attend_block(q_b, k, v, mask)
+
+    out = jax.lax.map(one, xs)  # [n_blocks, b, chunk, kv, group, head_dim]
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n_blocks * chunk, *q.shape[2:])
+    return out[:, :n_q]
+
+
 class Attention(nn.Module):
+    """attn: {"q_pos", "k_pos"} (and "q_seg", "k_seg" for packed documents), from
+    Transformer. With kv (this layer's cache {"k", "v"} [batch, slots, kv_heads, head_dim])
+    and attn["slot"] [batch, seq] (where each new key goes; slots: dropped), returns
+    (out, updated kv). `append`: attend to the cache as it was plus the new keys, then
+    write (a sliding-window ring filled by a chunk that overwrites keys its own queries
+    still need); otherwise write first and attend to the cache."""
+
     cfg: ModelConfig
+    append: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):  # x: [batch, seq, d_model]
+    def __call__(self, x, cos, sin, attn, kv=None):  # x: [batch, seq, d_model]
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
         pdt, init = DTYPES[cfg.param_dtype], kernel_init(cfg)
-        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        d, h, n_kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         wq = param_with_axes(self, "q", init, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
-        wk = param_with_axes(self, "k", init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
-        wv = param_with_axes(self, "v", init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
+        wk = param_with_axes(self, "k", init, (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
+        wv = param_with_axes(self, "v", init, (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
         wo = param_with_axes(self, "o", init, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
         x = x.astype(dtype)
         q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype))  # [batch, seq, heads, head_dim]
@@ -57,6 +100,18 @@ class Attention(nn.Module):
         v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dtype))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         batch, seq = x.shape[:2]
-        q = q.reshape(batch, seq, kv, h // kv, hd)  # [batch, seq, kv_heads, group, head_dim]
-        out = dot_product_attention(q, k, v, mask).reshape(batch, seq, h, hd)
-        return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dtype))
+        q = q.reshape(batch, seq, n_kv, h // n_kv, hd)  # [batch, seq, kv_heads, group, head_dim]
+        keys, values = k, v
+        if kv is not None:
+            rows = jnp.arange(batch)[:, None]
+            written = {"k": kv["k"].at[rows, attn["slot"]].set(k.astype(kv["k"].dtype), mode="drop"),
+                       "v": kv["v"].at[rows, attn["slot"]].set(v.astype(kv["v"].dtype), mode="drop")}
+            if self.append:
+                keys = jnp.concatenate([kv["k"], k.astype(kv["k"].dtype)], axis=1)
+                values = jnp.concatenate([kv["v"], v.astype(kv["v"].dtype)], axis=1)
+            else:
+                keys, values = written["k"], written["v"]
+        out = dot_product_attention(q, keys.astype(dtype), values.astype(dtype), attn["q_pos"], attn["k_pos"],
+                                    cfg.sliding_window, attn.get("q_seg"), attn.get("k_seg"))
+        out = jnp.einsum("bshk,hkd->bsd", out.reshape(batch, seq, h, hd), wo.astype(dtype))
+        return out if kv is None else (out, written)

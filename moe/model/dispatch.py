@@ -16,6 +16,9 @@ Every strategy is exact and dropless (no token is ever dropped):
 - "grouped": sort by expert, then moe/model/gmm.py's grouped matmul: a loop over experts
             and their row blocks that reads each expert's weights in place, with its own
             backward pass; the fastest on CPU and GPU.
+- "gather": each copy's expert weights gathered and applied to its one row; for a few
+            tokens (decoding), where sorting and looping over every expert cost more than
+            reading the chosen experts' weights. "auto" picks it when copies <= experts.
 """
 
 from __future__ import annotations
@@ -109,14 +112,26 @@ def grouped_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, -1), weight_tk.astype(y_flat.dtype))
 
 
+def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+    """Every copy through its own expert's gathered weights: reads tokens * top_k experts
+    (at most every expert once when copies <= experts), no sort, no loop over experts."""
+    h_tkf = nn.silu(jnp.einsum("td,tkdf->tkf", x_td, w1_edf[expert_idx_tk])) * jnp.einsum(
+        "td,tkdf->tkf", x_td, w3_edf[expert_idx_tk])
+    y_tkd = jnp.einsum("tkf,tkfd->tkd", h_tkf, w2_efd[expert_idx_tk])
+    return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
+
+
 DISPATCH = {"dense": dense_dispatch, "ragged": ragged_dispatch, "sorted": sorted_dispatch,
-            "grouped": grouped_dispatch}
+            "grouped": grouped_dispatch, "gather": gather_dispatch}
 
 
-def resolve(name: str) -> str:
-    """The strategy for `name`; "auto" is ragged_dot on TPU (a native grouped matmul there)
-    and our grouped matmul elsewhere (ragged_dot lowers to a dense masked product on CPU/GPU)."""
+def resolve(name: str, copies: int | None = None, n_experts: int | None = None) -> str:
+    """The strategy for `name`; "auto" is gather for a few copies (copies <= n_experts:
+    decoding), else ragged_dot on TPU (a native grouped matmul there) and our grouped
+    matmul elsewhere (ragged_dot lowers to a dense masked product on CPU/GPU)."""
     if name == "auto":
+        if copies is not None and n_experts is not None and copies <= n_experts:
+            return "gather"
         return "ragged" if jax.default_backend() == "tpu" else "grouped"
     if name not in DISPATCH:
         raise ValueError(f"unknown MoE dispatch '{name}'; choose from {sorted(DISPATCH)} or 'auto'")

@@ -65,7 +65,7 @@ class SparseMoE(nn.Module):
         valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
         stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t)
 
-        fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch)]
+        fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e)]
         args = (x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
                 w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
         mesh = expert_parallel.active_mesh()

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moe.config import ModelConfig
-from moe.model.attention import Attention, attention_mask
+from moe.model import kv_cache
+from moe.model.attention import Attention
 from moe.model.layers import DTYPES, RMSNorm, SwiGLU, kernel_init, param_with_axes, rope_cos_sin
 from moe.model.moe import SparseMoE
 
@@ -33,30 +34,37 @@ REMAT_POLICIES = {
 
 
 class DecoderLayer(nn.Module):
+    """One block. Without kv: (out, router stats); with this layer's cache kv: (out, (stats, kv))."""
+
     cfg: ModelConfig
+    append: bool = False  # see Attention
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, valid):  # x: [batch, seq, d_model]
+    def __call__(self, x, cos, sin, attn, valid, kv=None):  # x: [batch, seq, d_model]
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        h = x + Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, mask)
+        a = Attention(self.cfg, self.append, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, attn, kv)
+        a, kv = a if kv is not None else (a, None)
+        h = x + a
         normed = RMSNorm(self.cfg, name="mlp_norm")(h)
         if self.cfg.is_moe:
             y, stats = SparseMoE(self.cfg, name="moe")(normed, valid)
         else:
             y, stats = SwiGLU(self.cfg, name="mlp")(normed), {}
         out = nn.with_logical_constraint((h + y).astype(x.dtype), ACTIVATION_AXES)
-        return out, stats
+        return out, (stats if kv is None else (stats, kv))
 
 
-def _layer_stack(cfg: ModelConfig):
+def _layer_stack(cfg: ModelConfig, cached: bool = False):
+    """The layers as one nn.scan (parameters stacked on a leading "layers" axis); with
+    `cached`, each layer also takes and returns its slice of the KV cache."""
     layer = DecoderLayer
-    if cfg.remat != "none":
+    if cfg.remat != "none" and not cached:
         layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     return nn.scan(
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * 4 + ((0,) if cached else ()),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -89,21 +97,40 @@ class Transformer(nn.Module):
 
     positions [batch, seq] feed the rotary embedding (default 0..seq-1); segment_ids
     [batch, seq] mark packed documents (attention stays within a document; id 0 is
-    padding and is left out of the router statistics).
+    padding and is left out of the router statistics). Attention masks by index within
+    the row, so positions restarting per document change only the rotary angles.
+
+    With a cache (moe/model/kv_cache.py), positions are required and absolute (-1 marks
+    padding: not attended, not cached); the new tokens attend to the cache and are
+    written into it, and the call returns (logits, stats, updated cache).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
         cfg = self.cfg
         batch, seq = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         x = Embed(cfg, name="embed")(tokens)
+        if cache is not None:
+            return self._cached(x, positions, cache)
+        index = jnp.arange(seq)[None]  # [1, seq]
+        if positions is None:
+            positions = jnp.broadcast_to(index, (batch, seq))
         cos, sin = rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta)
-        mask = attention_mask(seq, cfg.sliding_window, segment_ids)
+        attn = {"q_pos": index, "k_pos": index}
+        if segment_ids is not None:
+            attn.update(q_seg=segment_ids, k_seg=segment_ids)
         valid = jnp.ones((batch, seq), bool) if segment_ids is None else segment_ids != 0
-        x, stats = _layer_stack(cfg)(cfg, name="layers")(x, cos, sin, mask, valid)
+        x, stats = _layer_stack(cfg)(cfg, name="layers")(x, cos, sin, attn, valid)
         x = RMSNorm(cfg, name="final_norm")(x)
         return LMHead(cfg, name="lm_head")(x), stats
+
+    def _cached(self, x, positions, cache):
+        cfg = self.cfg
+        attn, new_pos, new_end, append = kv_cache.plan_write(cache, positions, cfg.sliding_window)
+        cos, sin = rope_cos_sin(jnp.maximum(positions, 0), cfg.resolved_head_dim, cfg.rope_theta)
+        layers = _layer_stack(cfg, cached=True)(cfg, append, name="layers")
+        x, (stats, kv) = layers(x, cos, sin, attn, positions >= 0, {"k": cache["k"], "v": cache["v"]})
+        x = RMSNorm(cfg, name="final_norm")(x)
+        return LMHead(cfg, name="lm_head")(x), stats, {**kv, "pos": new_pos, "end": new_end}

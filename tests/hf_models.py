@@ -1,0 +1,30 @@
+"""Small random Mistral and Mixtral models built in transformers, saved as HF folders."""
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+SEQ = 12
+COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              initializer_range=0.1, rms_norm_eps=2e-4)  # not the default of either class
+VARIANTS = {
+    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=3,
+                                                          rope_theta=3e5)),
+    "mistral-window": (MistralForCausalLM, MistralConfig, dict(sliding_window=5, rope_theta=5e4)),
+    "mistral-head-dim": (MistralForCausalLM, MistralConfig, dict(head_dim=16, sliding_window=None,
+                                                                 rope_theta=2e3)),
+}
+
+
+def make_hf(tmp_path, variant, dtype=torch.float32, seed=0):
+    model_cls, config_cls, extra = VARIANTS[variant]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**COMMON, **extra))
+    with torch.no_grad():  # transformers sets every norm weight to 1: make each one distinct
+        for name, weight in model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    path = tmp_path / f"hf-{variant}"
+    model.save_pretrained(path)
+    return path

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_train_and_tools(sub)
     _add_sweeps(sub)
+    from moe.infer import commands as infer_commands
+
+    infer_commands.add_parsers(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant tex
                "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
+ANSWER_TOKENS = 12  # new tokens generated for the answer
 
 
 def key_line(key: int) -> str:
@@ -78,3 +79,66 @@ def write_corpus(sp, out: str | Path, n_docs: int, max_tokens: int, seed: int = 
             text = passkey_text(int(rng.integers(0, most + 1)), float(rng.random()), key)
             f.write(json.dumps({"text": f"{text} {key}."}) + "\n")
     return out
+
+
+def evaluate(cfg, params, sp, lengths: list[int], depths: list[float], trials: int, seed: int = 0,
+             batch_size: int = 8) -> list[dict]:
+    """One record per (length, depth, trial): greedy answer vs the key, exact digits."""
+    from moe.infer.decode import generate
+
+    sizer, rng = Sizer.of(sp), np.random.default_rng(seed)
+    records = []
+    for length in lengths:
+        cases = [(depth, trial, random_key(rng)) for depth in depths for trial in range(trials)]
+        n_filler = sizer.fillers_for(length)
+        prompts = [[sp.bos_id(), *sp.encode(passkey_text(n_filler, d, key))] for d, _, key in cases]
+        outputs = generate(cfg, params, prompts, max_new_tokens=ANSWER_TOKENS, batch_size=batch_size)
+        for (depth, trial, key), prompt, out in zip(cases, prompts, outputs):
+            answer = answer_of(sp.decode([t for t in out if t != cfg.eos_id]))
+            records.append({"length": length, "prompt_tokens": len(prompt), "depth": depth, "trial": trial,
+                            "key": key, "answer": answer, "correct": answer == str(key)})
+    return records
+
+
+def accuracy_grid(records: list[dict]) -> tuple[list[int], list[float], np.ndarray]:
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    grid = np.zeros((len(lengths), len(depths)))
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
+            cell = [r["correct"] for r in records if r["length"] == length and r["depth"] == depth]
+            grid[i, j] = np.mean(cell)
+    return lengths, depths, grid
+
+
+def format_table(records: list[dict]) -> str:
+    lengths, depths, grid = accuracy_grid(records)
+    head = "| length \\ depth | " + " | ".join(f"{d:.0%}" for d in depths) + " | mean |"
+    lines = [head, "|" + "---|" * (len(depths) + 2)]
+    for length, row in zip(lengths, grid):
+        lines.append(f"| {length} | " + " | ".join(f"{v:.2f}" for v in row) + f" | {row.mean():.2f} |")
+    return "\n".join(lines)
+
+
+def plot_heatmap(records: list[dict], out: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, depths, grid = accuracy_grid(records)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(depths), 1.0 + 0.45 * len(lengths)))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_xlabel("depth of the key in the prompt")
+    ax.set_ylabel("prompt length (tokens)")
+    for i in range(len(lengths)):
+        for j in range(len(depths)):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)

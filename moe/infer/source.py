@@ -1,0 +1,94 @@
+"""Where inference reads a model from: a Hugging Face folder, a `moe convert from-hf` output,
+a run directory (its newest checkpoint) or one checkpoint step directory. Only params are
+read, never the optimizer state."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from moe import config as config_lib
+from moe import tokenizer as tokenizer_lib
+from moe.config import Config, ConfigError, ModelConfig
+
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+HINT = "give a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
+
+
+class SourceError(ValueError):
+    """A model source that cannot be read; the message says what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    path: Path
+    config: Config  # the run's config (HF folders: defaults around the model)
+    params: dict  # numpy arrays in the requested dtype
+    tokenizer: str  # a .model path or "mistral-v1"
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+
+def _newest_step(run_dir: Path) -> Path:
+    steps = sorted((int(p.name), p) for p in (run_dir / "checkpoints").iterdir()
+                   if p.name.isdigit() and (p / "params" / "_METADATA").exists())
+    if not steps:
+        raise SourceError(f"{run_dir} is a run directory without a finished checkpoint; train it further "
+                          "or give a checkpoint step directory")
+    return steps[-1][1]
+
+
+def _from_hf(path: Path) -> tuple[Config, dict, str]:
+    from moe.convert import ConversionError, load_hf
+
+    try:
+        model, params = load_hf(path)
+    except (ConversionError, OSError, ValueError) as e:
+        raise SourceError(f"{path}: cannot read the Hugging Face folder: {e}") from None
+    tokenizer = path / "tokenizer.model"
+    return Config(model=model), params, str(tokenizer) if tokenizer.is_file() else tokenizer_lib.MISTRAL_V1
+
+
+def _from_checkpoint(path: Path) -> tuple[Config, dict, str]:
+    from moe.checkpoint import restore_params
+    from moe.convert import ConversionError
+    from moe.convert.hf import find_checkpoint
+
+    if (path / "checkpoints").is_dir():
+        path = _newest_step(path)
+    try:
+        params_dir, config_path = find_checkpoint(path)
+        cfg = config_lib.load(config_path)
+        params = restore_params(params_dir)
+    except (ConversionError, ConfigError, OSError, ValueError) as e:
+        raise SourceError(f"{path}: {e}; {HINT}") from None
+    tokenizer = params_dir.parent / "tokenizer.model"  # a converted folder keeps the HF tokenizer
+    return cfg, params, str(tokenizer) if tokenizer.is_file() else cfg.data.tokenizer
+
+
+def load(source: str | Path, dtype: str = "float32", tokenizer: str | None = None) -> Source:
+    """The model at `source` with params cast to `dtype`, computing in `dtype`."""
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"{source}: no such file or directory; {HINT}")
+    if not path.is_dir():
+        raise SourceError(f"{source} is a file; {HINT}")
+    if dtype not in NP_DTYPES:
+        raise SourceError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
+    is_hf = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+    cfg, params, found_tokenizer = (_from_hf if is_hf else _from_checkpoint)(path)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(NP_DTYPES[dtype]), params)
+    model = dataclasses.replace(cfg.model, dtype=dtype, param_dtype=dtype)
+    cfg = dataclasses.replace(cfg, model=model)
+    tokenizer = tokenizer or found_tokenizer
+    try:
+        tokenizer_lib.check_vocab(tokenizer, model.vocab_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise SourceError(f"{e}; pass --tokenizer with the model's own tokenizer") from None
+    return Source(path, cfg, params, tokenizer)

@@ -1,0 +1,151 @@
+"""`moe eval` and `moe generate` from the command line: perplexity against transformers,
+the passkey grid, sources, and one-line errors for bad input."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from moe import cli, tokenizer as tokenizer_lib
+from moe.convert import convert_from_hf
+from moe.infer import passkey
+from moe.infer.commands import chat_ids
+from moe.infer.perplexity import windows
+from helpers import ROOT
+
+TOKENIZER = ROOT / "experiments/tokenizer/stdlib-4k.model"
+TEXTS = ["def add(a, b):\n    return a + b\n" * 6, "The pass key is 123. Remember it."]
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    """A random Mixtral with the 4k stdlib tokenizer, as a HF folder and converted."""
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=200,
+        initializer_range=0.2))
+    model.save_pretrained(root / "hf")
+    shutil.copy(TOKENIZER, root / "hf" / "tokenizer.model")
+    convert_from_hf(root / "hf", root / "converted")
+    for i, text in enumerate(TEXTS):
+        (root / f"text{i}.txt").write_text(text)
+    return root
+
+
+def _hf_windowed_nll(hf_dir, ids, context, stride):
+    """Reference: HF logits over the same windows, each target scored once (written apart from ours)."""
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    total, count, done, begin = 0.0, 0, 1, 0
+    while done < len(ids):
+        end = min(begin + context, len(ids))
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[begin:end]])).logits[0].double()
+        logp = torch.log_softmax(logits, -1).numpy()
+        for j in range(done, end):  # target ids[j] predicted at window index j - 1 - begin
+            total -= logp[j - 1 - begin, ids[j]]
+            count += 1
+        done, begin = end, min(begin + stride, len(ids) - context)
+    return total, count
+
+
+def test_windows_score_every_target_exactly_once():
+    for n, context, stride in [(5, 8, 4), (30, 8, 3), (30, 8, 8), (17, 16, 1)]:
+        ids = list(range(n))
+        scored = []
+        for w in windows(ids, context, stride):
+            assert len(w.ids) <= context
+            start = ids.index(w.ids[0])
+            scored += [start + j for j in range(w.score_from + 1, len(w.ids))]
+        assert scored == list(range(1, n))
+
+
+def test_perplexity_equals_transformers(hf_model, capsys):
+    out = hf_model / "ppl"
+    args = ["eval", str(hf_model / "converted"), "--perplexity", str(hf_model / "text0.txt"),
+            str(hf_model / "text1.txt"), "--context", "32", "--stride", "12", "--out", str(out)]
+    assert cli.main(args) == 0
+    ours = json.loads((out / "perplexity.json").read_text())
+    sp = tokenizer_lib.load(str(TOKENIZER))
+    total, count = 0.0, 0
+    for text in TEXTS:
+        nll, n = _hf_windowed_nll(hf_model / "hf", [sp.bos_id(), *sp.encode(text)], 32, 12)
+        total, count = total + nll, count + n
+    assert ours["tokens"] == count and count > 64  # the first text needs several windows
+    assert abs(ours["perplexity"] / math.exp(total / count) - 1) <= 1e-4
+    n_bytes = sum(len(t.encode()) for t in TEXTS)
+    assert ours["bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-4)
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_passkey_grid_writes_table_heatmap_and_records(hf_model):
+    out = hf_model / "pk"
+    args = ["eval", str(hf_model / "hf"), "--passkey", "--lengths", "100", "160", "--depths", "0", "1",
+            "--trials", "2", "--out", str(out)]
+    assert cli.main(args) == 0
+    records = json.loads((out / "passkey.json").read_text())
+    assert len(records) == 2 * 2 * 2 and all(r["prompt_tokens"] <= r["length"] for r in records)
+    assert all(r["correct"] == (r["answer"] == str(r["key"])) for r in records)
+    assert (out / "passkey.png").stat().st_size > 0 and "| 160 |" in (out / "passkey.md").read_text()
+
+
+def test_passkey_prompt_puts_the_key_at_its_depth():
+    sp = tokenizer_lib.load("mistral-v1")
+    sizer = passkey.Sizer.of(sp)
+    for n_tokens in (200, 1000):
+        k = sizer.fillers_for(n_tokens)
+        text = passkey.passkey_text(k, 0.25, 54321)
+        assert n_tokens - sizer.per_filler < len(sp.encode(text)) + 1 <= n_tokens
+        before = text.split(passkey.key_line(54321))[0]
+        assert before.count(passkey.FILLER) == round(0.25 * k) and text.endswith(passkey.QUESTION)
+    assert passkey.answer_of(" 54321. The") == "54321" and passkey.answer_of(" no") is None
+
+
+def test_generate_writes_jsonl_for_a_prompt_file(hf_model):
+    prompts = hf_model / "prompts.jsonl"
+    prompts.write_text('{"prompt": "import os"}\n{"prompt": "class A:"}\n')
+    out = hf_model / "gen" / "out.jsonl"
+    args = ["generate", str(hf_model / "converted"), "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "5", "--temperature", "0.7", "--top-k", "40"]
+    assert cli.main(args) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["import os", "class A:"]
+    assert all(r["finish_reason"] in ("eos", "length") and 1 <= len(r["tokens"]) <= 5 for r in lines)
+
+
+def test_chat_uses_mistral_instruct_template():
+    ids = chat_ids("Hello there", tokenizer_lib.load("mistral-v1"))
+    sp = tokenizer_lib.load("mistral-v1")
+    assert ids[0] == 1 and sp.decode(ids) == "[INST] Hello there [/INST]"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-new-tokens", "0", "--prompt", "x"], "--max-new-tokens must be >= 1"),
+    (["--top-p", "1.5", "--temperature", "1", "--prompt", "x"], r"top-p must be in (0, 1]"),
+    (["--prompt", "x" * 400, "--max-new-tokens", "4"], "exceeds model.max_seq_len"),
+    (["--prompt", "x", "--top-k", "0", "--temperature", "1"], "top-k must be >= 1"),
+    (["--prompt", "x", "--tokenizer", "mistral-v1"], "has a vocabulary of 32000 but model.vocab_size is 4096"),
+    (["--prompt", "x", "--chat"], "--chat needs the Mistral v1 tokenizer"),
+    (["--prompts", "missing.jsonl", "--out", "OUT"], "cannot read --prompts"),
+])
+def test_bad_generate_input_is_one_line_and_writes_nothing(hf_model, capsys, extra, message):
+    extra = [str(hf_model / "written.jsonl") if e == "OUT" else e for e in extra]
+    assert cli.main(["generate", str(hf_model / "converted"), *extra]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (hf_model / "written.jsonl").exists()
+
+
+def test_missing_or_unreadable_source_is_one_line(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "nowhere"), "--perplexity"]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds no Orbax params checkpoint" in err and len(err.splitlines()) == 1
+    np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), ["empty"])

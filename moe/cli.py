@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moe import platform
+
+    platform.quiet_without_tpu()  # before JAX loads: no libtpu noise on hosts without TPUs
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides may come after options: moe train CFG --run-dir D a.b=c

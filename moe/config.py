@@ -294,6 +294,18 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _parse_yaml(path: Path):
+    """The file's YAML; a syntax error becomes one line naming the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file (indentation, a missing "
+                          "colon or an unclosed quote or bracket)") from None
+
+
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a config file and everything it builds on (`base:`), merged into one dict."""
     path = Path(path)
@@ -301,7 +313,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in _seen:
         raise ConfigError(f"config 'base' chain loops back to {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)

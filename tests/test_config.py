@@ -88,3 +88,10 @@ def test_invalid_configs_raise_their_message(overrides, message):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(C.ConfigError, match="config file not found"):
         C.load(tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: 64\n   n_layers: [2\n")
+    with pytest.raises(C.ConfigError, match=r"bad.yaml:3:\d+: YAML syntax error"):
+        C.load(bad)

@@ -3,7 +3,10 @@ the passkey grid, sources, and one-line errors for bad input."""
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -149,3 +152,23 @@ def test_missing_or_unreadable_source_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds no Orbax params checkpoint" in err and len(err.splitlines()) == 1
     np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), ["empty"])
+
+
+def test_no_libtpu_noise_on_a_host_without_tpus(hf_model):
+    """The tpu extra is installed (CI too); without TPU chips, JAX must not start libtpu."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    run = subprocess.run([sys.executable, "-m", "moe", "generate", str(hf_model / "hf"), "--prompt", "x",
+                          "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "TPU" not in run.stderr and "libtpu" not in run.stderr, run.stderr
+
+
+def test_platform_choice_leaves_tpu_hosts_and_user_choices_alone(monkeypatch):
+    from moe import platform
+
+    monkeypatch.setattr(platform, "has_tpu", lambda: False)
+    env = {}
+    assert platform.quiet_without_tpu(env) in ("cpu", "cuda,cpu") and env["JAX_PLATFORMS"]
+    assert platform.quiet_without_tpu({"JAX_PLATFORMS": "tpu"}) is None
+    monkeypatch.setattr(platform, "has_tpu", lambda: True)
+    assert platform.quiet_without_tpu({}) is None

@@ -4,7 +4,8 @@ Prints a table and optionally writes JSON: the backend's matmul peak (float32, b
 MoE layer forward+backward per dispatch path against a dense SwiGLU of the same active
 FLOPs; train-step tokens/s and MFU for bench-moe and tiny-moe (against the float32 peak
 measured here); peak memory; and Hugging Face's MixtralForCausalLM on the same config,
-batch and AdamW when torch and transformers are installed.
+batch and AdamW when torch and transformers are installed, and decoding beside HF's
+generate (moe/infer/bench.py).
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     torch_peak = torch_matmul_flops() if hf is not None else None
     result["torch_matmul_peak_flops"] = torch_peak
     result["hf_mfu_vs_torch_peak"] = None if hf is None else hf * result["bench-moe"]["flops_per_token"] / torch_peak
+    if hf is not None:  # decoding, beside HF's generate on the same weights
+        from moe.infer.bench import decode_bench
+
+        result["decode"] = {name: decode_bench(config_lib.load(ROOT / f"configs/{name}.yaml").model,
+                                               new=16 if quick else 64)
+                            for name in (("tiny-moe",) if quick else ("tiny-moe", "bench-moe"))}
     return result
 
 
@@ -184,6 +191,11 @@ def format_table(r: dict) -> str:
                      f"ours / HF = {r['ratio_vs_hf']:.2f}")
         lines.append(f"  torch float32 matmul peak {r['torch_matmul_peak_flops'] / 1e9:.1f} GFLOP/s; HF's step at "
                      f"{r['hf_mfu_vs_torch_peak']:.1%} of it (same FLOPs per token as ours)")
+    if r.get("decode"):
+        from moe.infer.bench import format_lines
+
+        for name, decode in r["decode"].items():
+            lines += format_lines(name, decode)
     return "\n".join(lines)
 
 

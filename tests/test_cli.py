@@ -55,3 +55,7 @@ def test_bench_quick_through_the_cli(tmp_path):
     assert numbers["matmul_peak_flops"] > 0 and 0 < numbers["mfu"] < 1
     assert numbers["bench-moe"]["tokens_per_s"] > 0 and numbers["hf_tokens_per_s"] > 0
     assert "<- default here" in result.stdout
+    for batch in ("batch1", "batch8"):  # decoding: ours and HF's generate give the same tokens
+        decode = numbers["decode"]["tiny-moe"][batch]
+        assert decode["same_tokens"] and decode["ours"]["decode_tokens_per_s"] > 0
+    assert "decode tiny-moe" in result.stdout

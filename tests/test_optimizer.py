@@ -1,7 +1,6 @@
 """AdamW as configured: the schedule in closed form, clipping at the norm, weight decay where
 the mask says, and Adam's moments laid out like their parameters on 8 devices."""
 
-import dataclasses
 import math
 
 import jax

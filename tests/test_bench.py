@@ -6,9 +6,10 @@ from helpers import tiny_model
 
 
 def test_layer_timings_cover_every_path_and_the_table_names_the_default():
-    assert set(bench.moe_layer(tiny_model(dtype="bfloat16"), tokens=32, repeats=1)) >= set(DISPATCH)
+    paths = set(DISPATCH) - {"gather"}  # gather is the few-token (decoding) path
+    assert set(bench.moe_layer(tiny_model(dtype="bfloat16"), tokens=32, repeats=1)) >= paths
     layer = bench.moe_layer(tiny_model(), tokens=64, repeats=1)
-    assert set(layer) == {*DISPATCH, "dense_swiglu_equal_active"} and all(t > 0 for t in layer.values())
+    assert set(layer) == {*paths, "dense_swiglu_equal_active"} and all(t > 0 for t in layer.values())
     step = {"tokens_per_s": 10.0, "mfu": 0.1}
     result = {"backend": "cpu", "device": "cpu", "matmul_peak_flops": 1e11, "matmul_peak_flops_bf16": 1e11,
               "moe_layer_s": layer, "default_dispatch": resolve("auto"), "bench-moe": step, "tiny-moe": step,

@@ -82,12 +82,17 @@ init_state = jax.jit(fresh_state, static_argnums=0)
 # ----------------------------------------------------------------------------- loss
 
 
+def token_nll(logits, targets):
+    """-log p(target) per position: float32 logits [batch, seq, vocab], targets [batch, seq]."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 def loss_terms(cfg: Config, params, batch) -> dict:
     """Sums over one (micro-)batch: ce_sum, n_tokens, and the router statistics."""
     logits, stats = model_lib.apply(cfg.model, params, batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = (batch["segment_ids"] != 0).astype(jnp.float32)  # [batch, seq]
-    logp = jax.nn.log_softmax(logits, axis=-1)  # float32 [batch, seq, vocab]
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    nll = token_nll(logits, batch["targets"])
     terms = {"ce_sum": jnp.sum(nll * mask), "n_tokens": jnp.sum(mask)}
     if cfg.model.is_moe:
         terms.update(expert_counts=stats["expert_counts"], prob_sum=stats["prob_sum"],

@@ -7,6 +7,7 @@ names the fix (moe/cli.py prints it on one line). JAX is imported only when a co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -144,7 +145,7 @@ def _eval_texts(src, paths: list[str]) -> list[str]:
     cfg = src.config
     try:
         if paths:
-            cfg_data = type(cfg.data)(paths=tuple(paths), format="auto", text_field=cfg.data.text_field)
+            cfg_data = dataclasses.replace(cfg.data, paths=tuple(paths), format="auto")
             docs = data.DocumentSource(data.locate_documents(data.resolve_paths(tuple(paths)), cfg_data),
                                        cfg.data.text_field)
         else:  # the held-out split of the source's configured corpus

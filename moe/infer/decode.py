@@ -84,7 +84,7 @@ def _generate(cfg, params, tokens_bp, lengths_b, keys_b, *, chunk, slots, max_ne
 
     def body(carry):
         step, tok, out, finished, cache = carry
-        pos = (lengths_b + step - 1)[:, None]  # where the last token goes
+        pos = cache["end"][:, None]  # the next position of each row
         logits, _, cache = Transformer(cfg).apply({"params": params}, tok[:, None], pos, cache=cache)
         nxt = choose(logits[:, 0], step)
         nxt = jnp.where(finished, -1, nxt)

@@ -20,6 +20,7 @@ import numpy as np
 import moe.model as M
 from moe.config import ModelConfig
 from moe.infer.decode import bucket
+from moe.train import token_nll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +46,8 @@ def windows(ids: list[int], context: int, stride: int) -> list[Window]:
 @functools.partial(jax.jit, static_argnums=0)
 def _nll(cfg: ModelConfig, params, tokens_bs, weight_bs):
     """Summed NLL [batch] of targets tokens[:, 1:] under weights (1: scored, 0: not)."""
-    logits = M.apply(cfg, params, tokens_bs[:, :-1])[0]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    target_logp = jnp.take_along_axis(logp, tokens_bs[:, 1:, None], axis=-1)[..., 0]
-    return -jnp.sum(target_logp * weight_bs[:, 1:], axis=-1), jnp.sum(weight_bs[:, 1:], axis=-1)
+    nll = token_nll(M.apply(cfg, params, tokens_bs[:, :-1])[0], tokens_bs[:, 1:])
+    return jnp.sum(nll * weight_bs[:, 1:], axis=-1), jnp.sum(weight_bs[:, 1:], axis=-1)
 
 
 def evaluate(cfg: ModelConfig, params, texts: list[str], sp, *, context: int, stride: int,

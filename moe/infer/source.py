@@ -8,14 +8,13 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from moe import config as config_lib
 from moe import tokenizer as tokenizer_lib
 from moe.config import Config, ConfigError, ModelConfig
+from moe.convert.hf import NP_DTYPES
 
-NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 HINT = "give a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
 
 

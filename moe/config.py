@@ -62,13 +62,15 @@ class DataConfig:
     """Text in, packed token sequences out (moe/data.py)."""
 
     paths: tuple[str, ...] = ()  # files, directories or globs; empty: the embedded stdlib corpus
-    format: Literal["auto", "text", "jsonl"] = "auto"  # auto: by extension (.jsonl / .json)
+    format: Literal["auto", "text", "jsonl", "chat", "preference"] = "auto"  # auto: by extension (.jsonl / .json)
+    # chat: JSONL conversations (moe/tune/chat.py), loss on assistant tokens only; preference: DPO pairs
     text_field: str = "text"  # the JSONL field holding a document
     val_paths: tuple[str, ...] = ()  # empty: hold out val_fraction of the documents
     val_fraction: float = 0.05
     tokenizer: str = "mistral-v1"  # "mistral-v1" (from mistral-common) or a .model path
     workers: int = 2  # grain worker processes; 0 reads in the training process
     shuffle_window: int = 1024  # packed sequences shuffled together, so a batch mixes documents; 0: off
+    overflow: Literal["truncate", "drop"] = "truncate"  # a chat longer than seq_len: drop its oldest turns, or all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +92,31 @@ class TrainConfig:
     aux_loss_coef: float = 0.02  # load balancing, as Mixtral
     z_loss_coef: float = 1e-3  # router z-loss, as ST-MoE
     freeze_router: bool = False  # ablation: the router keeps its initial weights
+    init_from: Optional[str] = None  # start from these weights (moe/tune/init_from.py); None: random
+    objective: Literal["lm", "dpo"] = "lm"  # dpo needs data.format=preference
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     eval_every: int = 100
     eval_batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (moe/model/lora.py); rank null trains every weight instead."""
+
+    rank: Optional[int] = None
+    alpha: float = 16.0
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: tuple[Literal["q", "k", "v", "o", "w1", "w2", "w3", "mlp", "gate"], ...] = ("q", "k", "v", "o")
+    train_router: bool = False  # the router trained fully beside the adapters (else frozen, or "gate": LoRA)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimization (Rafailov et al. 2023), train.objective=dpo."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: the chance a preference label is flipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +159,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     seed: int = 0
@@ -214,9 +240,37 @@ def validate_train(cfg: Config) -> None:
         raise ConfigError("checkpoint.every_steps and checkpoint.keep must be >= 1")
 
 
+def validate_tuning(cfg: Config) -> None:
+    lora, t, fmt = cfg.lora, cfg.train, cfg.data.format
+    if lora.rank is not None:
+        if lora.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1 (or null to train every weight), got {lora.rank}")
+        if not lora.targets:
+            raise ConfigError("lora.targets is empty; name at least one of q, k, v, o, w1, w2, w3, mlp, gate")
+        if lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+            raise ConfigError(f"lora.alpha must be > 0 and lora.dropout in [0, 1), got {lora.alpha}, {lora.dropout}")
+        if "gate" in lora.targets and lora.train_router:
+            raise ConfigError("lora.targets has 'gate' (a router adapter) and lora.train_router=true (the whole "
+                              "router): choose one")
+        if ("gate" in lora.targets or lora.train_router) and not cfg.model.is_moe:
+            raise ConfigError("a dense model has no router: drop 'gate' from lora.targets and lora.train_router")
+        if t.init_from is None:
+            raise ConfigError("LoRA adapts pretrained weights: set train.init_from (a Hugging Face folder, a "
+                              "`moe convert from-hf` output, a run directory or a checkpoint step)")
+    if (t.objective == "dpo") != (fmt == "preference"):
+        raise ConfigError("train.objective=dpo and data.format=preference go together: DPO trains on "
+                          f"preference pairs (got objective {t.objective!r}, format {fmt!r})")
+    if t.objective == "dpo" and t.init_from is None:
+        raise ConfigError("DPO tunes a pretrained model against itself: set train.init_from")
+    if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5), got {cfg.dpo.beta}, "
+                          f"{cfg.dpo.label_smoothing}")
+
+
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_train(cfg)
+    validate_tuning(cfg)
 
 
 # ----------------------------------------------------------------------------- building

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moe.model.lora import Adapted
 from moe.sharding import BATCH_AXES
 
 EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
@@ -96,9 +97,20 @@ def dispatch(mesh, x_td, expert_idx_tk, weight_tk, w1, w3, w2, *, local_dispatch
                            capacity_factor=capacity_factor, tensor_split=tensor_split)
     tokens_spec = P(batch)
     expert = EXPERT_AXIS if EXPERT_AXIS in shape else None
+    specs_in = (P(expert, None, tensor), P(expert, None, None), P(expert, None, tensor))  # w1, w3: W, A, B
+    specs_out = (P(expert, tensor, None), P(expert, tensor, None), P(expert, None, None))  # w2
+    w_specs = (_weight_spec(w1, *specs_in), _weight_spec(w3, *specs_in), _weight_spec(w2, *specs_out))
     return jax.shard_map(
         fn, mesh=mesh,
-        in_specs=(tokens_spec, tokens_spec, tokens_spec, P(expert, None, tensor),
-                  P(expert, None, tensor), P(expert, tensor, None)),
+        in_specs=(tokens_spec, tokens_spec, tokens_spec, *w_specs),
         out_specs=tokens_spec, check_vma=False,
     )(x_td, expert_idx_tk, weight_tk, w1, w3, w2)
+
+
+def _weight_spec(w, spec, a_spec, b_spec):
+    """The shard_map spec of an expert weight, or of a LoRA-adapted one (its pair split over
+    experts alike; the rank dimension whole, and A's rows split over `tensor` as W's are for
+    w2, whose partial products the final psum over `tensor` adds up)."""
+    if isinstance(w, Adapted):
+        return w.replace(w=spec, a=a_spec, b=b_spec, key=None if w.key is None else P())
+    return spec

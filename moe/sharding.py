@@ -28,12 +28,13 @@ RULES = {
         ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
         ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
         ("kv_heads", "tensor"), ("head_dim", None), ("exp", "expert"), ("layers", None), ("norm", None),
+        ("lora", None),
     ),
     # Every parameter replicated; only the batch is split (plain data parallelism).
     "replicated": (
         ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
         ("vocab", None), ("embed", None), ("mlp", None), ("heads", None), ("kv_heads", None),
-        ("head_dim", None), ("exp", None), ("layers", None), ("norm", None),
+        ("head_dim", None), ("exp", None), ("layers", None), ("norm", None), ("lora", None),
     ),
 }
 
@@ -124,18 +125,22 @@ def _dict_path(path) -> tuple[str, ...]:
 
 
 def param_shardings(cfg: Config, mesh: Mesh):
-    """NamedSharding of every parameter, from its logical axes and the rules preset."""
+    """NamedSharding of every parameter (LoRA adapters included), from its logical axes and
+    the rules preset."""
     from moe.model import logical_axes
+    from moe.tune.trainable import lora_of
 
-    return nn.logical_to_mesh_sharding(logical_axes(cfg.model), mesh, rules(cfg))
+    return nn.logical_to_mesh_sharding(logical_axes(cfg.model, lora_of(cfg)), mesh, rules(cfg))
 
 
-def state_shardings(cfg: Config, mesh: Mesh, abstract_state):
-    """Shardings of a TrainState: params by the rules; optimizer leaves that mirror a
-    parameter (Adam's mu and nu) like that parameter; everything else replicated."""
+def like_params(cfg: Config, mesh: Mesh, tree):
+    """Shardings for `tree`: each leaf whose path ends like a parameter's path, with that
+    parameter's shape, is laid out like it (a subset of the params, Adam's mu and nu);
+    everything else is replicated."""
     params = param_shardings(cfg, mesh)
-    shapes = {_dict_path(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
     by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(params)[0]}
+    shapes = {_dict_path(p): leaf.shape for p, leaf in
+              jax.tree_util.tree_flatten_with_path(jax.eval_shape(lambda: _full_shapes(cfg)))[0]}
 
     def like_param(path, leaf):
         names = _dict_path(path)
@@ -145,8 +150,20 @@ def state_shardings(cfg: Config, mesh: Mesh, abstract_state):
                 return by_path[key]
         return replicated(mesh)
 
-    opt_state = jax.tree_util.tree_map_with_path(like_param, abstract_state.opt_state)
-    return type(abstract_state)(replicated(mesh), params, opt_state)
+    return jax.tree_util.tree_map_with_path(like_param, tree)
+
+
+def _full_shapes(cfg: Config):
+    from moe import train as train_lib
+
+    return train_lib.fresh_params(cfg, jax.random.key(0))
+
+
+def state_shardings(cfg: Config, mesh: Mesh, abstract_state):
+    """Shardings of a TrainState: params by the rules; optimizer leaves that mirror a
+    parameter (Adam's mu and nu) like that parameter; everything else replicated."""
+    return type(abstract_state)(replicated(mesh), like_params(cfg, mesh, abstract_state.params),
+                                like_params(cfg, mesh, abstract_state.opt_state))
 
 
 def with_shardings(tree, shardings):

@@ -1,10 +1,14 @@
 """The training step: loss, optimizer, a jit-compiled step with gradient accumulation.
 
-loss = cross-entropy (next token, padding excluded)
+loss = cross-entropy (next token; padding, and with chat data every non-assistant token,
+       excluded) or the DPO loss (moe/tune/dpo.py)
      + aux_loss_coef * load-balancing loss (Switch / Mixtral, over all layers' rows)
      + z_loss_coef   * router z-loss (ST-MoE)
 Each term is reported apart. A step whose gradients are not finite changes nothing
 (optax.apply_if_finite) and is counted; the loop stops after too many in a row.
+
+The state's params are the trainable ones (moe/tune/trainable.py); the frozen rest (a LoRA
+base, DPO's reference) is an argument of the step, never differentiated or updated.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import optax
 import moe.model as model_lib
 from moe.config import Config
 from moe.model.moe import load_balancing_loss, z_loss
+from moe.tune import trainable as trainable_lib
 
 
 class TrainState(NamedTuple):
@@ -70,10 +75,18 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
     return opt_state.notfinite_count, opt_state.total_notfinite
 
 
+def fresh_params(cfg: Config, rng):
+    """The model's params (with the adapters, for LoRA), freshly initialized."""
+    return nn.unbox(model_lib.init_boxed(cfg.model, rng, trainable_lib.lora_of(cfg)))
+
+
+def state_from(cfg: Config, trainable) -> TrainState:
+    """Step 0 with these trainable params and a fresh optimizer."""
+    return TrainState(jnp.zeros((), jnp.int32), trainable, make_optimizer(cfg, trainable).init(trainable))
+
+
 def fresh_state(cfg: Config, rng) -> TrainState:
-    params = nn.unbox(model_lib.init_boxed(cfg.model, rng))
-    opt_state = make_optimizer(cfg, params).init(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+    return state_from(cfg, trainable_lib.split(cfg, fresh_params(cfg, rng))[0])
 
 
 init_state = jax.jit(fresh_state, static_argnums=0)
@@ -88,16 +101,44 @@ def token_nll(logits, targets):
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def loss_terms(cfg: Config, params, batch) -> dict:
-    """Sums over one (micro-)batch: ce_sum, n_tokens, and the router statistics."""
-    logits, stats = model_lib.apply(cfg.model, params, batch["inputs"], batch["positions"], batch["segment_ids"])
-    mask = (batch["segment_ids"] != 0).astype(jnp.float32)  # [batch, seq]
-    nll = token_nll(logits, batch["targets"])
-    terms = {"ce_sum": jnp.sum(nll * mask), "n_tokens": jnp.sum(mask)}
-    if cfg.model.is_moe:
-        terms.update(expert_counts=stats["expert_counts"], prob_sum=stats["prob_sum"],
-                     z_sum=stats["z_sum"], router_rows=stats["n_tokens"])
-    return terms
+def loss_mask(batch):
+    """[batch, seq] float32: the positions whose targets count (chat data: assistant tokens)."""
+    mask = batch["loss_mask"] if "loss_mask" in batch else batch["segment_ids"] != 0
+    return mask.astype(jnp.float32)
+
+
+def forward(cfg: Config, params, batch, frozen=None, rng=None):
+    """(logits, router stats) of the model (trainable params over the frozen ones)."""
+    full = trainable_lib.combine(cfg, params, frozen)
+    return model_lib.apply(cfg.model, full, batch["inputs"], batch["positions"], batch["segment_ids"],
+                           trainable_lib.lora_of(cfg), rng)
+
+
+def router_terms(cfg: Config, stats) -> dict:
+    if not cfg.model.is_moe:
+        return {}
+    return dict(expert_counts=stats["expert_counts"], prob_sum=stats["prob_sum"], z_sum=stats["z_sum"],
+                router_rows=stats["n_tokens"])
+
+
+def loss_terms(cfg: Config, params, batch, frozen=None, rng=None) -> dict:
+    """Sums over one (micro-)batch: loss_sum (what the step minimizes, before normalizing),
+    ce_sum, n_tokens, the router statistics, and the DPO sums for train.objective=dpo."""
+    if cfg.train.objective == "dpo":
+        from moe.tune import dpo
+
+        return dpo.terms(cfg, params, frozen, batch, rng)
+    logits, stats = forward(cfg, params, batch, frozen, rng)
+    mask = loss_mask(batch)
+    ce_sum = jnp.sum(token_nll(logits, batch["targets"]) * mask)
+    return {"loss_sum": ce_sum, "ce_sum": ce_sum, "n_tokens": jnp.sum(mask), **router_terms(cfg, stats)}
+
+
+def normalizer(cfg: Config, batch):
+    """What the loss sum is divided by: the counted tokens (lm) or the pairs (dpo)."""
+    if cfg.train.objective == "dpo":
+        return jnp.float32(batch["inputs"].shape[0])
+    return jnp.sum(loss_mask(batch))
 
 
 def _expert_load(cfg: Config, totals: dict):
@@ -106,16 +147,21 @@ def _expert_load(cfg: Config, totals: dict):
 
 
 def combine(cfg: Config, terms: dict, total_tokens, router_totals: dict | None = None) -> tuple[jax.Array, dict]:
-    """(loss to differentiate, metrics) from summed terms; ce is normalized by total_tokens.
+    """(loss to differentiate, metrics) from summed terms, each divided by total_tokens (the
+    whole batch's `normalizer`, so micro-batches add up exactly).
 
     router_totals ({expert_counts [layers, E], router_rows [layers]} of the whole batch)
     make the router losses of a micro-batch its exact share of the whole batch's: the
     balancing loss is linear in the probabilities once the counts (which carry no gradient)
     are those of the whole batch, and the z-loss is a sum divided by the whole batch's rows.
     """
-    ce = terms["ce_sum"] / jnp.maximum(total_tokens, 1.0)
-    metrics = {"ce_loss": ce}
-    loss = ce
+    total = jnp.maximum(total_tokens, 1.0)
+    loss = terms["loss_sum"] / total
+    metrics = {"ce_loss": terms["ce_sum"] / total}
+    if cfg.train.objective == "dpo":
+        from moe.tune import dpo
+
+        metrics.update({name: terms[name] / total for name in dpo.METRICS})
     if cfg.model.is_moe:
         totals = terms if router_totals is None else router_totals
         rows = jnp.sum(totals["router_rows"])
@@ -135,11 +181,15 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return jax.tree_util.tree_map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def _router_totals(cfg: Config, params, micro: dict) -> dict:
+def _router_totals(cfg: Config, params, micro: dict, frozen=None) -> dict:
     """Expert counts and routed rows per layer over all micro-batches: a forward pass with no
     gradient (the logits are unused, so the compiler drops the output layer)."""
     def body(totals, batch):
-        _, stats = model_lib.apply(cfg.model, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        if cfg.train.objective == "dpo":
+            from moe.tune.dpo import flat_pairs
+
+            batch = flat_pairs(batch)
+        _, stats = forward(cfg, params, batch, frozen)
         return {"expert_counts": totals["expert_counts"] + stats["expert_counts"],
                 "router_rows": totals["router_rows"] + stats["n_tokens"]}, None
 
@@ -148,43 +198,52 @@ def _router_totals(cfg: Config, params, micro: dict) -> dict:
     return jax.lax.stop_gradient(jax.lax.scan(body, zeros, micro)[0])
 
 
-def grads_and_metrics(cfg: Config, params, batch):
-    """Gradients of the loss over the whole batch, accumulated over grad_accum micro-batches.
+def grads_and_metrics(cfg: Config, params, batch, frozen=None, rng=None):
+    """Gradients (of the trainable `params` only) of the loss over the whole batch,
+    accumulated over grad_accum micro-batches.
 
     Every term is normalized by the whole batch (cross-entropy by its tokens; the router
     losses by its rows, with its expert counts, taken first by a forward pass), so the
     micro-batches' losses and gradients add up to one big batch's exactly. The extra forward
-    pass runs only for MoE models with grad_accum > 1.
+    pass runs only for MoE models with grad_accum > 1. `rng` drives LoRA dropout.
     """
     n_micro = cfg.train.grad_accum
-    total_tokens = jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+    total = normalizer(cfg, batch)
     if n_micro == 1:
-        micro_loss = lambda p, b: combine(cfg, loss_terms(cfg, p, b), total_tokens)
+        micro_loss = lambda p, b: combine(cfg, loss_terms(cfg, p, b, frozen, rng), total)
         (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, batch)
         return loss, grads, metrics
 
     micro = _micro_batches(batch, n_micro)
-    totals = _router_totals(cfg, params, micro) if cfg.model.is_moe else None
-    grad_fn = jax.value_and_grad(lambda p, b: combine(cfg, loss_terms(cfg, p, b), total_tokens, totals),
-                                 has_aux=True)
+    totals = _router_totals(cfg, params, micro, frozen) if cfg.model.is_moe else None
+    grad_fn = jax.value_and_grad(
+        lambda p, b, r: combine(cfg, loss_terms(cfg, p, b, frozen, r), total, totals), has_aux=True)
+    rngs = None if rng is None else jax.random.split(rng, n_micro)
 
-    def body(carry, batch):
-        (loss, metrics), grads = grad_fn(params, batch)
+    def body(carry, xs):
+        (loss, metrics), grads = grad_fn(params, *xs)
         metrics.pop("expert_load", None)  # of the whole batch already
         return jax.tree_util.tree_map(jnp.add, carry, (loss, grads, metrics)), None
 
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    (_, shapes), grad_shapes = jax.eval_shape(lambda: grad_fn(params, first))
+    first = jax.tree_util.tree_map(lambda x: x[0], (micro, rngs))
+    (_, shapes), grad_shapes = jax.eval_shape(lambda: grad_fn(params, *first))
     shapes = {k: v for k, v in shapes.items() if k != "expert_load"}
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (jnp.zeros(()), grad_shapes, shapes))
-    (loss, grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    (loss, grads, metrics), _ = jax.lax.scan(body, zeros, (micro, rngs))
     if totals is not None:
         metrics["expert_load"] = _expert_load(cfg, totals)
     return loss, grads, metrics
 
 
-def train_step(cfg: Config, optimizer: optax.GradientTransformation, state: TrainState, batch):
-    loss, grads, metrics = grads_and_metrics(cfg, state.params, batch)
+def dropout_rng(cfg: Config, step):
+    """LoRA dropout's randomness for a step (None when there is no dropout)."""
+    if cfg.lora.rank is None or cfg.lora.dropout == 0:
+        return None
+    return jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+
+def train_step(cfg: Config, optimizer: optax.GradientTransformation, state: TrainState, batch, frozen=None):
+    loss, grads, metrics = grads_and_metrics(cfg, state.params, batch, frozen, dropout_rng(cfg, state.step))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     consecutive, total = nonfinite_counts(opt_state)
@@ -193,9 +252,10 @@ def train_step(cfg: Config, optimizer: optax.GradientTransformation, state: Trai
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(cfg: Config, params, batch) -> dict:
-    terms = loss_terms(cfg, params, batch)
-    return {"ce_sum": terms["ce_sum"], "n_tokens": terms["n_tokens"]}
+def eval_step(cfg: Config, params, batch, frozen=None) -> dict:
+    """Sums for the validation loss: the objective's (cross-entropy; DPO's loss per pair)."""
+    terms = loss_terms(cfg, params, batch, frozen)
+    return {"ce_sum": terms["loss_sum"], "n_tokens": normalizer(cfg, batch)}
 
 
 def _with_rules(cfg: Config, fn):
@@ -209,9 +269,10 @@ def _with_rules(cfg: Config, fn):
     return wrapped
 
 
-def jit_steps(cfg: Config, optimizer, mesh=None, state_sharding=None):
-    """(train_step, eval_step), compiled; the train step donates the old state. With a
-    mesh, call them inside `jax.set_mesh(mesh)`; batches are split over the batch axes."""
+def jit_steps(cfg: Config, optimizer, mesh=None, state_sharding=None, frozen_sharding=None):
+    """(train_step(state, batch, frozen), eval_step(params, batch, frozen)), compiled; the
+    train step donates the old state. With a mesh, call them inside `jax.set_mesh(mesh)`;
+    batches are split over the batch axes."""
     train_fn = _with_rules(cfg, functools.partial(train_step, cfg, optimizer))
     eval_fn = _with_rules(cfg, functools.partial(eval_step, cfg))
     if mesh is None:
@@ -219,9 +280,10 @@ def jit_steps(cfg: Config, optimizer, mesh=None, state_sharding=None):
     from moe.sharding import batch_sharding, replicated
 
     batch, rep = batch_sharding(mesh), replicated(mesh)
-    train = jax.jit(train_fn, donate_argnums=0, in_shardings=(state_sharding, batch),
+    frozen = frozen_sharding if frozen_sharding is not None else {}
+    train = jax.jit(train_fn, donate_argnums=0, in_shardings=(state_sharding, batch, frozen),
                     out_shardings=(state_sharding, rep))
-    evaluate = jax.jit(eval_fn, in_shardings=(state_sharding.params, batch), out_shardings=rep)
+    evaluate = jax.jit(eval_fn, in_shardings=(state_sharding.params, batch, frozen), out_shardings=rep)
     return train, evaluate
 
 

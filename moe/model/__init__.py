@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from moe.config import ModelConfig
+from moe.config import LoRAConfig, ModelConfig
 from moe.model.transformer import Transformer
 
 
-def init_boxed(cfg: ModelConfig, rng):
-    """Params with their logical-axis metadata (nn.Partitioned leaves)."""
-    return Transformer(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+def init_boxed(cfg: ModelConfig, rng, lora: LoRAConfig | None = None):
+    """Params with their logical-axis metadata (nn.Partitioned leaves); with `lora`, the
+    adapters of its targets too."""
+    return Transformer(cfg, lora).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -32,15 +33,18 @@ def param_shapes(cfg: ModelConfig):
     return nn.unbox(jax.eval_shape(lambda: init_boxed(cfg, jax.random.key(0))))
 
 
-def logical_axes(cfg: ModelConfig):
+def logical_axes(cfg: ModelConfig, lora: LoRAConfig | None = None):
     """The logical axis names of every parameter, as a tree of PartitionSpecs."""
-    boxed = jax.eval_shape(lambda: init_boxed(cfg, jax.random.key(0)))
+    boxed = jax.eval_shape(lambda: init_boxed(cfg, jax.random.key(0), lora))
     return nn.get_partition_spec(boxed)
 
 
-def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
-    """(float32 logits [batch, seq, vocab], router stats stacked per layer)."""
-    return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None, lora: LoRAConfig | None = None,
+          dropout_rng=None):
+    """(float32 logits [batch, seq, vocab], router stats stacked per layer). With `lora`,
+    params hold the adapters too; dropout_rng turns on lora.dropout (training)."""
+    rngs = {} if dropout_rng is None else {"lora_dropout": dropout_rng}
+    return Transformer(cfg, lora).apply({"params": params}, tokens, positions, segment_ids, rngs=rngs)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from moe.config import ModelConfig
+from moe.config import LoRAConfig, ModelConfig
 from moe.model.layers import DTYPES, apply_rope, kernel_init, param_with_axes
+from moe.model.lora import adapt, project
 
 QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
 
@@ -84,20 +85,26 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     append: bool = False
+    lora: LoRAConfig | None = None  # adapters on the targeted projections (moe/model/lora.py)
+
+    def _weight(self, name, shape, axes, n_in):
+        pdt = DTYPES[self.cfg.param_dtype]
+        w = param_with_axes(self, name, kernel_init(self.cfg), shape, axes, pdt)
+        return adapt(self, name, w, self.lora, n_lead=0, n_in=n_in, axes=axes, dtype=pdt).astype(
+            DTYPES[self.cfg.dtype])
 
     @nn.compact
     def __call__(self, x, cos, sin, attn, kv=None):  # x: [batch, seq, d_model]
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-        pdt, init = DTYPES[cfg.param_dtype], kernel_init(cfg)
         d, h, n_kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-        wq = param_with_axes(self, "q", init, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
-        wk = param_with_axes(self, "k", init, (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
-        wv = param_with_axes(self, "v", init, (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
-        wo = param_with_axes(self, "o", init, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
+        wq = self._weight("q", (d, h, hd), ("embed", "heads", "head_dim"), 1)
+        wk = self._weight("k", (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), 1)
+        wv = self._weight("v", (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), 1)
+        wo = self._weight("o", (h, hd, d), ("heads", "head_dim", "embed"), 2)
         x = x.astype(dtype)
-        q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype))  # [batch, seq, heads, head_dim]
-        k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dtype))  # [batch, seq, kv_heads, head_dim]
-        v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dtype))
+        q = project(x, wq, 1)  # [batch, seq, heads, head_dim]
+        k = project(x, wk, 1)  # [batch, seq, kv_heads, head_dim]
+        v = project(x, wv, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         batch, seq = x.shape[:2]
         q = q.reshape(batch, seq, n_kv, h // n_kv, hd)  # [batch, seq, kv_heads, group, head_dim]
@@ -113,5 +120,5 @@ class Attention(nn.Module):
                 keys, values = written["k"], written["v"]
         out = dot_product_attention(q, keys.astype(dtype), values.astype(dtype), attn["q_pos"], attn["k_pos"],
                                     cfg.sliding_window, attn.get("q_seg"), attn.get("k_seg"))
-        out = jnp.einsum("bshk,hkd->bsd", out.reshape(batch, seq, h, hd), wo.astype(dtype))
+        out = project(out.reshape(batch, seq, h, hd), wo, 2)  # [batch, seq, d_model]
         return out if kv is None else (out, written)

@@ -19,6 +19,10 @@ Every strategy is exact and dropless (no token is ever dropped):
 - "gather": each copy's expert weights gathered and applied to its one row; for a few
             tokens (decoding), where sorting and looping over every expert cost more than
             reading the chosen experts' weights. "auto" picks it when copies <= experts.
+
+Any expert weight may be a LoRA-adapted one (moe/model/lora.py): each strategy multiplies
+through `matmul` with its own product, so an expert's adapter pair meets exactly the rows
+routed to that expert, by the same grouped product as its base weight.
 """
 
 from __future__ import annotations
@@ -28,12 +32,21 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moe.model.gmm import gmm
+from moe.model.lora import matmul
+
+
+def _swiglu(mm, x, w1, w3, w2, mm_rest=None):
+    """w2(silu(x w1) * (x w3)) with `mm` for the products on x and `mm_rest` (default mm)
+    for those on per-expert rows (the adapters' second factor and w2)."""
+    mm_rest = mm_rest or mm
+    h = nn.silu(matmul(mm, x, w1, mm_rest)) * matmul(mm, x, w3, mm_rest)
+    return matmul(mm_rest, h, w2)
 
 
 def dense_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     n_experts = w1_edf.shape[0]
-    h_etf = nn.silu(jnp.einsum("td,edf->etf", x_td, w1_edf)) * jnp.einsum("td,edf->etf", x_td, w3_edf)
-    y_etd = jnp.einsum("etf,efd->etd", h_etf, w2_efd)
+    y_etd = _swiglu(lambda x, w: jnp.einsum("td,edf->etf", x, w), x_td, w1_edf, w3_edf, w2_efd,
+                    lambda x, w: jnp.einsum("etf,efd->etd", x, w))
     combine_te = jnp.einsum(
         "tke,tk->te", jax.nn.one_hot(expert_idx_tk, n_experts, dtype=weight_tk.dtype), weight_tk
     )
@@ -56,10 +69,8 @@ def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     tokens, top_k = expert_idx_tk.shape
     order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
     x_sorted = x_td[order // top_k]  # [tokens * top_k, d_model], grouped by expert
-    h = nn.silu(jax.lax.ragged_dot(x_sorted, w1_edf, group_sizes)) * jax.lax.ragged_dot(
-        x_sorted, w3_edf, group_sizes
-    )
-    y_sorted = jax.lax.ragged_dot(h, w2_efd, group_sizes)  # [tokens * top_k, d_model]
+    mm = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes)
+    y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd)  # [tokens * top_k, d_model]
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     y_tkd = y_flat.reshape(tokens, top_k, -1)
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
@@ -92,9 +103,8 @@ def sorted_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     x_blocks = x_rows[:-1].reshape(n_blocks, rows, d_model)  # [blocks, rows, d_model]
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_blocks) * rows, side="right"),
                                n_experts - 1)  # [blocks]; unused blocks hold zeros
-    h = nn.silu(jnp.einsum("nrd,ndf->nrf", x_blocks, w1_edf[block_expert])) * jnp.einsum(
-        "nrd,ndf->nrf", x_blocks, w3_edf[block_expert])
-    y_rows = jnp.einsum("nrf,nfd->nrd", h, w2_efd[block_expert]).reshape(n_blocks * rows, d_model)
+    mm = lambda x, w: jnp.einsum("nrd,ndf->nrf", x, w[block_expert])
+    y_rows = _swiglu(mm, x_blocks, w1_edf, w3_edf, w2_efd).reshape(n_blocks * rows, d_model)
     y_sorted = jnp.concatenate([y_rows, jnp.zeros((1, d_model), y_rows.dtype)])[dest]  # [copies, d_model]
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, d_model), weight_tk.astype(y_flat.dtype))
@@ -106,8 +116,8 @@ def grouped_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     rows = block_size(tokens * top_k, w1_edf.shape[0])
     order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
     x_sorted = x_td[order // top_k]  # [tokens * top_k, d_model], grouped by expert
-    h = nn.silu(gmm(x_sorted, w1_edf, group_sizes, rows)) * gmm(x_sorted, w3_edf, group_sizes, rows)
-    y_sorted = gmm(h, w2_efd, group_sizes, rows)  # [tokens * top_k, d_model]; skipped copies are zero
+    mm = lambda x, w: gmm(x, w, group_sizes, rows)
+    y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd)  # [tokens * top_k, d_model]; skipped copies zero
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, -1), weight_tk.astype(y_flat.dtype))
 
@@ -115,9 +125,8 @@ def grouped_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
 def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     """Every copy through its own expert's gathered weights: reads tokens * top_k experts
     (at most every expert once when copies <= experts), no sort, no loop over experts."""
-    h_tkf = nn.silu(jnp.einsum("td,tkdf->tkf", x_td, w1_edf[expert_idx_tk])) * jnp.einsum(
-        "td,tkdf->tkf", x_td, w3_edf[expert_idx_tk])
-    y_tkd = jnp.einsum("tkf,tkfd->tkd", h_tkf, w2_efd[expert_idx_tk])
+    y_tkd = _swiglu(lambda x, w: jnp.einsum("td,tkdf->tkf", x, w[expert_idx_tk]), x_td, w1_edf, w3_edf, w2_efd,
+                    lambda x, w: jnp.einsum("tkf,tkfd->tkd", x, w[expert_idx_tk]))
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
 
 

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from moe.config import ModelConfig
+from moe.config import LoRAConfig, ModelConfig
+from moe.model.lora import adapt, project
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -63,14 +64,20 @@ class SwiGLU(nn.Module):
     """Dense MLP: w2(silu(x @ w1) * (x @ w3)); w1 = gate, w3 = up, w2 = down."""
 
     cfg: ModelConfig
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x):  # [batch, seq, d_model]
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
         pdt, init = DTYPES[cfg.param_dtype], kernel_init(cfg)
-        w1 = param_with_axes(self, "w1", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt)
-        w3 = param_with_axes(self, "w3", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt)
-        w2 = param_with_axes(self, "w2", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt)
+
+        def weight(name, shape, axes):
+            w = param_with_axes(self, name, init, shape, axes, pdt)
+            return adapt(self, name, w, self.lora, n_lead=0, n_in=1, axes=axes, dtype=pdt).astype(dtype)
+
+        w1 = weight("w1", (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+        w3 = weight("w3", (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+        w2 = weight("w2", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         x = x.astype(dtype)
-        h = nn.silu(x @ w1.astype(dtype)) * (x @ w3.astype(dtype))  # [batch, seq, d_ff]
-        return h @ w2.astype(dtype)
+        h = nn.silu(project(x, w1, 1)) * project(x, w3, 1)  # [batch, seq, d_ff]
+        return project(h, w2, 1)

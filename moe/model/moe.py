@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moe import expert_parallel
-from moe.config import ModelConfig
+from moe.config import LoRAConfig, ModelConfig
 from moe.model import dispatch as dispatch_lib
 from moe.model.layers import DTYPES, kernel_init, param_with_axes
+from moe.model.lora import adapt, project
 
 
 def route(logits_te, top_k: int):
@@ -47,20 +48,25 @@ def router_stats(logits_te, probs_te, expert_idx_tk, valid_t):
 
 class SparseMoE(nn.Module):
     cfg: ModelConfig
+    lora: LoRAConfig | None = None  # adapters on the router and on every expert (moe/model/lora.py)
+
+    def _weight(self, name, shape, axes, n_lead):
+        pdt = DTYPES[self.cfg.param_dtype]
+        w = param_with_axes(self, name, kernel_init(self.cfg), shape, axes, pdt)
+        return adapt(self, name, w, self.lora, n_lead=n_lead, n_in=1, axes=axes, dtype=pdt)
 
     @nn.compact
     def __call__(self, x, valid=None):  # x: [batch, seq, d_model]; valid: [batch, seq] bool
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-        pdt, init = DTYPES[cfg.param_dtype], kernel_init(cfg)
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
-        gate = param_with_axes(self, "gate", init, (d, e), ("embed", "exp"), pdt)
-        w1 = param_with_axes(self, "w1", init, (e, d, f), ("exp", "embed", "mlp"), pdt)
-        w3 = param_with_axes(self, "w3", init, (e, d, f), ("exp", "embed", "mlp"), pdt)
-        w2 = param_with_axes(self, "w2", init, (e, f, d), ("exp", "mlp", "embed"), pdt)
+        gate = self._weight("gate", (d, e), ("embed", "exp"), 0)
+        w1 = self._weight("w1", (e, d, f), ("exp", "embed", "mlp"), 1)
+        w3 = self._weight("w3", (e, d, f), ("exp", "embed", "mlp"), 1)
+        w2 = self._weight("w2", (e, f, d), ("exp", "mlp", "embed"), 1)
 
         batch, seq, _ = x.shape
         x_td = x.reshape(batch * seq, d)
-        logits_te = x_td.astype(jnp.float32) @ gate.astype(jnp.float32)  # [tokens, experts]
+        logits_te = project(x_td.astype(jnp.float32), gate.astype(jnp.float32), 1)  # [tokens, experts]
         probs_te, weight_tk, expert_idx_tk = route(logits_te, cfg.top_k)
         valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
         stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t)

@@ -11,6 +11,7 @@ Parameter tree (the checkpoint format; moe/convert maps it to Hugging Face names
   layers/moe/{w1,w3}, w2     [layers, experts, d_model, d_ff], [layers, experts, d_ff, d_model]
   final_norm/scale           [d_model]
   lm_head/kernel             [d_model, vocab]
+With LoRA (moe/model/lora.py), each targeted weight W has W_lora_a and W_lora_b beside it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from moe.config import ModelConfig
+from moe.config import LoRAConfig, ModelConfig
 from moe.model import kv_cache
 from moe.model.attention import Attention
 from moe.model.layers import DTYPES, RMSNorm, SwiGLU, kernel_init, param_with_axes, rope_cos_sin
+from moe.model.lora import DROPOUT_RNG
 from moe.model.moe import SparseMoE
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -38,18 +40,20 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     append: bool = False  # see Attention
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, attn, valid, kv=None):  # x: [batch, seq, d_model]
+        cfg = self.cfg
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        a = Attention(self.cfg, self.append, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, attn, kv)
+        a = Attention(cfg, self.append, self.lora, name="attn")(RMSNorm(cfg, name="attn_norm")(x), cos, sin, attn, kv)
         a, kv = a if kv is not None else (a, None)
         h = x + a
-        normed = RMSNorm(self.cfg, name="mlp_norm")(h)
-        if self.cfg.is_moe:
-            y, stats = SparseMoE(self.cfg, name="moe")(normed, valid)
+        normed = RMSNorm(cfg, name="mlp_norm")(h)
+        if cfg.is_moe:
+            y, stats = SparseMoE(cfg, self.lora, name="moe")(normed, valid)
         else:
-            y, stats = SwiGLU(self.cfg, name="mlp")(normed), {}
+            y, stats = SwiGLU(cfg, self.lora, name="mlp")(normed), {}
         out = nn.with_logical_constraint((h + y).astype(x.dtype), ACTIVATION_AXES)
         return out, (stats if kv is None else (stats, kv))
 
@@ -63,7 +67,7 @@ def _layer_stack(cfg: ModelConfig, cached: bool = False):
     return nn.scan(
         layer,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, DROPOUT_RNG: True},
         in_axes=(nn.broadcast,) * 4 + ((0,) if cached else ()),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -106,6 +110,7 @@ class Transformer(nn.Module):
     """
 
     cfg: ModelConfig
+    lora: LoRAConfig | None = None  # adapters (moe/model/lora.py); None: the plain model
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
@@ -122,7 +127,7 @@ class Transformer(nn.Module):
         if segment_ids is not None:
             attn.update(q_seg=segment_ids, k_seg=segment_ids)
         valid = jnp.ones((batch, seq), bool) if segment_ids is None else segment_ids != 0
-        x, stats = _layer_stack(cfg)(cfg, name="layers")(x, cos, sin, attn, valid)
+        x, stats = _layer_stack(cfg)(cfg, lora=self.lora, name="layers")(x, cos, sin, attn, valid)
         x = RMSNorm(cfg, name="final_norm")(x)
         return LMHead(cfg, name="lm_head")(x), stats
 
@@ -130,7 +135,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         attn, new_pos, new_end, append = kv_cache.plan_write(cache, positions, cfg.sliding_window)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), cfg.resolved_head_dim, cfg.rope_theta)
-        layers = _layer_stack(cfg, cached=True)(cfg, append, name="layers")
+        layers = _layer_stack(cfg, cached=True)(cfg, append, self.lora, name="layers")
         x, (stats, kv) = layers(x, cos, sin, attn, positions >= 0, {"k": cache["k"], "v": cache["v"]})
         x = RMSNorm(cfg, name="final_norm")(x)
         return LMHead(cfg, name="lm_head")(x), stats, {**kv, "pos": new_pos, "end": new_end}

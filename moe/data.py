@@ -155,22 +155,37 @@ def _to_batch(packed: dict) -> dict:
             "positions": packed["inputs_positions"].astype(np.int32)}
 
 
-def dataset(source: DocumentSource, cfg: Config, *, seed: int, workers: int) -> grain.IterDataset:
-    """An endless IterDataset of packed batches [batch_size, seq_len]: documents shuffled by
-    `seed`, packed, and the packed sequences shuffled again within data.shuffle_window (a
-    long document's consecutive pieces would otherwise fill whole batches)."""
+def dataset(source, cfg: Config, *, seed: int, workers: int) -> grain.IterDataset:
+    """An endless IterDataset of batches: text (below), or chat and preference data
+    (moe/tune/chat_data.py), read by `workers` processes."""
+    if is_chat(cfg.data):
+        from moe.tune import chat_data
+
+        ds = chat_data.batches(source, cfg, seed)
+    else:
+        ds = text_batches(source, cfg, seed)
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=die_with_parent)
+    return ds
+
+
+def is_chat(cfg: DataConfig) -> bool:
+    return cfg.format in ("chat", "preference")
+
+
+def text_batches(source: DocumentSource, cfg: Config, seed: int) -> grain.IterDataset:
+    """Packed batches [batch_size, seq_len]: documents shuffled by `seed`, packed, and the
+    packed sequences shuffled again within data.shuffle_window (a long document's
+    consecutive pieces would otherwise fill whole batches)."""
     ds = grain.MapDataset.source(source).shuffle(seed=seed)
     ds = ds.repeat(None).map(Tokenize(cfg.data.tokenizer)).to_iter_dataset()
     seq_len = cfg.train.seq_len
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
     if cfg.data.shuffle_window > 1:
         ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=cfg.data.shuffle_window, seed=seed)
-    ds = ds.map(_to_batch).batch(cfg.train.batch_size, drop_remainder=True)
-    if workers > 0:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=die_with_parent)
-    return ds
+    return ds.map(_to_batch).batch(cfg.train.batch_size, drop_remainder=True)
 
 
 def die_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
@@ -191,10 +206,29 @@ def die_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
         os._exit(1)
 
 
-def check(cfg: Config) -> tuple[DocumentSource, DocumentSource]:
-    """Everything that can be wrong with the data, found before compiling anything."""
+def check(cfg: Config):
+    """(train, validation) sources, with everything that can be wrong with the data found
+    before compiling anything (chat data: every row checked and rendered)."""
     tokenizer_lib.check_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
-    return split_documents(cfg.data)
+    if not is_chat(cfg.data):
+        return split_documents(cfg.data)
+    from moe.tune import chat_data
+
+    files = resolve_paths(cfg.data.paths) if cfg.data.paths else []
+    if not files:
+        raise DataError(f"data.format={cfg.data.format} needs data.paths (JSONL files); the default corpus is text")
+    rows = chat_data.locate(files)
+    if cfg.data.val_paths:
+        train, val = rows, chat_data.locate(resolve_paths(cfg.data.val_paths))
+    else:
+        line_of = {(p, o): n for p, o, n in rows}
+        train, val = (sorted((p, o, line_of[p, o]) for p, o in part)
+                      for part in _hold_out([(p, o) for p, o, _ in rows], cfg.data.val_fraction))
+    train, val = chat_data.check(cfg, train), chat_data.check(cfg, val)
+    if not len(train) or not len(val):
+        raise DataError(f"no {'training' if not len(train) else 'validation'} rows left ({train.dropped + val.dropped} "
+                        "dropped as longer than train.seq_len); raise train.seq_len or add data")
+    return train, val
 
 
 def train_iterator(cfg: Config, source: DocumentSource):

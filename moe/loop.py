@@ -32,6 +32,7 @@ from moe import train as train_lib
 from moe.checkpoint import RunCheckpoints
 from moe.config import Config
 from moe.params import count_params
+from moe.tune import trainable as trainable_lib
 
 log = logging.getLogger("moe.train")
 
@@ -76,19 +77,53 @@ def _setup_run_dir(cfg: Config, run_dir: Path) -> None:
     log.info("resolved config:\n%s", config_lib.dump(cfg))
 
 
+def _base_params(cfg: Config, mesh):
+    """The params of train.init_from on the mesh (the base model's, no adapters), or None."""
+    from moe.model import param_shapes
+    from moe.tune import init_from
+
+    if cfg.train.init_from is None:
+        return None
+    shapes = param_shapes(cfg.model)
+    target = sharding_lib.with_shardings(shapes, sharding_lib.like_params(cfg, mesh, shapes))
+    log.info("reading the starting weights from %s", cfg.train.init_from)
+    return init_from.load(cfg, target)
+
+
+def _start(cfg: Config, mesh, shardings, base):
+    """Step 0: random weights, or init_from's (with fresh adapters for LoRA)."""
+    if base is None:
+        log.info("starting from step 0 with random weights")
+        return jax.jit(lambda r: train_lib.fresh_state(cfg, r), out_shardings=shardings)(jax.random.key(cfg.seed))
+    log.info("starting from step 0 with the weights of %s", cfg.train.init_from)
+    if cfg.lora.rank is not None:
+        adapters = jax.jit(lambda r: trainable_lib.split(cfg, train_lib.fresh_params(cfg, r))[0],
+                           out_shardings=shardings.params)(jax.random.key(cfg.seed))
+        base = trainable_lib.combine(cfg, adapters, base)
+    trainable = trainable_lib.split(cfg, base)[0]
+    return jax.jit(lambda t: train_lib.state_from(cfg, t), out_shardings=shardings)(trainable)
+
+
 def _initial_state(cfg: Config, checkpoints: RunCheckpoints, mesh):
-    """(state, state shardings, data iterator state or None): the newest readable
-    checkpoint, or a fresh init, laid out on the mesh."""
+    """(state, state shardings, frozen params, their shardings, data iterator state or
+    None): the newest readable checkpoint, or step 0, laid out on the mesh. A run that
+    started from init_from resumes from its own checkpoints; it reads the source again only
+    for what stays frozen (a LoRA base, DPO's reference)."""
     target, shardings = sharding_lib.abstract_state(cfg, mesh)
     restored = checkpoints.restore_latest(target.params, target.opt_state)
+    keeps_base = cfg.lora.rank is not None or cfg.train.objective == "dpo"
+    base = _base_params(cfg, mesh) if restored is None or keeps_base else None
+    frozen = {}
+    if keeps_base:  # a copy: the train step donates the state, which may start as these arrays
+        frozen = jax.tree_util.tree_map(lambda x: x.copy(), trainable_lib.split(cfg, base)[1])
+    frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
     if restored is None:
-        log.info("starting from step 0")
-        init = jax.jit(lambda r: train_lib.fresh_state(cfg, r), out_shardings=shardings)
-        return init(jax.random.key(cfg.seed)), shardings, None
+        return _start(cfg, mesh, shardings, base), shardings, frozen, frozen_shardings, None
     step, params, opt_state, data_state, meta = restored
     log.info("resumed from the checkpoint at step %d", step)
     step_array = jax.device_put(np.int32(meta["step"]), shardings.step)
-    return train_lib.TrainState(step_array, params, opt_state), shardings, data_state
+    state = train_lib.TrainState(step_array, params, opt_state)
+    return state, shardings, frozen, frozen_shardings, data_state
 
 
 def _on_mesh(batch: dict, sharding) -> dict:
@@ -97,10 +132,10 @@ def _on_mesh(batch: dict, sharding) -> dict:
             for k, v in batch.items()}
 
 
-def _evaluate(eval_fn, params, batches) -> dict:
+def _evaluate(eval_fn, params, frozen, batches) -> dict:
     ce, tokens = 0.0, 0.0
     for batch in batches:
-        out = jax.device_get(eval_fn(params, batch))
+        out = jax.device_get(eval_fn(params, batch, frozen))
         ce, tokens = ce + float(out["ce_sum"]), tokens + float(out["n_tokens"])
     val_loss = ce / max(tokens, 1.0)
     return {"val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 80.0)))}
@@ -116,11 +151,14 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
     train_docs, val_docs = data_lib.check(cfg)
     log.info("data: %d training and %d validation documents", len(train_docs), len(val_docs))
+    if data_lib.is_chat(cfg.data):
+        log.info("data: %d rows truncated (oldest turns dropped) and %d left out to fit train.seq_len=%d",
+                 train_docs.truncated + val_docs.truncated, train_docs.dropped + val_docs.dropped, cfg.train.seq_len)
     checkpoints = RunCheckpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
 
     # --- state and data, fresh or resumed
     with jax.set_mesh(mesh):
-        state, state_sharding, data_state = _initial_state(cfg, checkpoints, mesh)
+        state, state_sharding, frozen, frozen_sharding, data_state = _initial_state(cfg, checkpoints, mesh)
     start = int(jax.device_get(state.step))
     batches = data_lib.train_iterator(cfg, train_docs)
     if data_state is not None:
@@ -130,7 +168,7 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
 
     # --- compile
     optimizer = train_lib.make_optimizer(cfg, state.params)
-    train_step, eval_step = train_lib.jit_steps(cfg, optimizer, mesh, state_sharding)
+    train_step, eval_step = train_lib.jit_steps(cfg, optimizer, mesh, state_sharding, frozen_sharding)
     flops_per_token = train_lib.flops_per_token(cfg, count_params(cfg.model).active)
     peak, peak_source = metrics_lib.peak_flops(cfg.model.dtype)
     log.info("MFU against %.3g FLOP/s (%s); %.4g FLOPs per token", peak, peak_source, flops_per_token)
@@ -151,9 +189,9 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
             for step in range(start + 1, cfg.train.steps + 1):
                 batch = next(batches)
                 t0 = time.perf_counter()
-                state, metrics = train_step(state, _on_mesh(batch, batch_sharding))
+                state, metrics = train_step(state, _on_mesh(batch, batch_sharding), frozen)
                 metrics = jax.device_get(metrics)
-                tokens = float(np.sum(batch["segment_ids"] != 0))
+                tokens = float(np.sum(batch["loss_mask"] if "loss_mask" in batch else batch["segment_ids"] != 0))
                 record = metrics_lib.step_record(step, metrics, tokens, time.perf_counter() - t0,
                                                  flops_per_token, peak)
                 record["batch_crc32"] = zlib.crc32(np.ascontiguousarray(batch["inputs"]).tobytes())
@@ -161,7 +199,7 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    val = _evaluate(eval_step, state.params, val_set)
+                    val = _evaluate(eval_step, state.params, frozen, val_set)
                     metrics_log.write({"step": step, **val})
                     log.info("step %d: loss %.4f, val_loss %.4f, val_ppl %.2f", step, record["loss"],
                              val["val_loss"], val["val_ppl"])

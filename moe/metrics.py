@@ -107,6 +107,9 @@ def read_if_any(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return read(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else ([], [])
 
 
+DPO_METRICS = ("dpo_loss", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected")
+
+
 def step_record(step: int, metrics: dict, tokens: float, seconds: float, flops_per_token: float,
                 peak: float) -> dict:
     """One step's JSON record from the step's device metrics (already on the host)."""
@@ -114,7 +117,7 @@ def step_record(step: int, metrics: dict, tokens: float, seconds: float, flops_p
     record = {"step": step, **{k: metrics[k] for k in ("loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr")},
               "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
               "skipped_steps": metrics["nonfinite_total"]}
-    if "expert_load" in metrics:
+    record.update({k: metrics[k] for k in DPO_METRICS if k in metrics})    if "expert_load" in metrics:
         load = np.asarray(metrics["expert_load"])  # [layers, experts], each row sums to 1
         record["expert_load"] = load
         record["expert_imbalance"] = load.max(-1) / np.maximum(load.mean(-1), 1e-12)

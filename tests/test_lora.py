@@ -1,0 +1,140 @@
+"""LoRA in the model: exact at B = 0, per-expert adapters against a per-token loop in every
+dispatch path and under expert parallelism, merge equal to the adapted model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import moe.model as model_lib
+from moe.config import LoRAConfig
+from moe.model import dispatch as dispatch_lib
+from moe.model.lora import is_adapter
+from moe.model.moe import SparseMoE, route
+from moe.tune import merge as merge_lib
+
+from helpers import tiny_model
+
+ALL = LoRAConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "mlp", "gate"))
+
+
+def lora_params(cfg, lora, seed=0, b_scale=0.3):
+    """Params with adapters whose B is random (an adapter that has trained)."""
+    params = jax.jit(lambda r: nn.unbox(model_lib.init_boxed(cfg, r, lora)))(jax.random.key(seed))
+    flat = traverse_util.flatten_dict(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(flat))
+    for key, (path, value) in zip(keys, sorted(flat.items())):
+        if path[-1].endswith("_lora_b"):
+            flat[path] = b_scale * jax.random.normal(key, value.shape, value.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def base_of(params):
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not is_adapter(p)})
+
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_untrained_adapters_leave_the_model_exactly_as_it_was(n_experts):
+    cfg = tiny_model(n_experts=n_experts)
+    lora = dataclasses.replace(ALL, targets=("q", "k", "v", "o", "mlp") + (("gate",) if n_experts else ()))
+    params = lora_params(cfg, lora, b_scale=0.0)  # B = 0, as initialized
+    tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+    with_lora, _ = model_lib.apply(cfg, params, tokens, lora=lora)
+    plain, _ = model_lib.apply(cfg, base_of(params), tokens)
+    np.testing.assert_array_equal(np.asarray(with_lora), np.asarray(plain))
+    assert sum(is_adapter(p) for p in traverse_util.flatten_dict(params)) == 2 * (8 if n_experts else 7)
+
+
+def _loop_reference(x_td, gate, w1, w3, w2, top_k, scale):
+    """Per token, per chosen expert: that expert's own W + scale * A_e B_e, one row at a time."""
+    def merged(w, e=None):
+        if not isinstance(w, tuple):
+            return w if e is None else w[e]
+        base, a, b = w
+        return (base + scale * a @ b) if e is None else (base[e] + scale * a[e] @ b[e])
+
+    logits = x_td @ merged(gate)
+    _, weight, idx = route(logits, top_k)
+    out = np.zeros_like(x_td)
+    for t in range(x_td.shape[0]):
+        for k in range(top_k):
+            e = int(idx[t, k])
+            h = jax.nn.silu(x_td[t] @ merged(w1, e)) * (x_td[t] @ merged(w3, e))
+            out[t] += float(weight[t, k]) * np.asarray(h @ merged(w2, e))
+    return out
+
+
+@pytest.mark.parametrize("dispatch", sorted(dispatch_lib.DISPATCH))
+def test_expert_adapters_match_a_per_token_loop(dispatch):
+    cfg = tiny_model(moe_dispatch=dispatch)
+    lora = dataclasses.replace(ALL, targets=("mlp", "gate"))
+    x = jax.random.normal(jax.random.key(0), (2, 5, cfg.d_model))
+    block = SparseMoE(cfg, lora)
+    variables = block.init(jax.random.key(1), x)
+    p = dict(nn.unbox(variables["params"]))
+    for i, name in enumerate(["w1", "w2", "w3", "gate"]):
+        p[f"{name}_lora_b"] = 0.3 * jax.random.normal(jax.random.key(10 + i), p[f"{name}_lora_b"].shape)
+    y, _ = block.apply({"params": p}, x)
+    triple = lambda n: (np.asarray(p[n]), np.asarray(p[f"{n}_lora_a"]), np.asarray(p[f"{n}_lora_b"]))
+    ref = _loop_reference(np.asarray(x).reshape(-1, cfg.d_model), *map(triple, ["gate", "w1", "w3", "w2"]),
+                          cfg.top_k, lora.alpha / lora.rank)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.d_model), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_parallel_adapters_equal_one_device():
+    """expert=8 over 8 CPU devices, adapters on every expert and the router, equals 1 device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from moe import config as config_lib
+    from moe import sharding as sharding_lib
+    from moe.train import _with_rules
+
+    cfg = config_lib.Config(model=tiny_model(n_experts=8, moe_dispatch="grouped"),
+                            lora=dataclasses.replace(ALL, targets=("q", "mlp", "gate")),
+                            train=config_lib.TrainConfig(batch_size=8, seq_len=8), mesh=config_lib.MeshConfig(
+                                data=1, expert=8))
+    params = lora_params(cfg.model, cfg.lora)
+    tokens = jax.random.randint(jax.random.key(5), (8, 8), 0, cfg.model.vocab_size)
+    single, _ = jax.jit(lambda p, t: model_lib.apply(cfg.model, p, t, lora=cfg.lora))(params, tokens)
+    mesh = sharding_lib.make_mesh(cfg)
+    shardings = sharding_lib.like_params(cfg, mesh, params)
+    assert any("expert" in str(s.spec) for s in jax.tree_util.tree_leaves(shardings["layers"]["moe"]))
+    fn = _with_rules(cfg, lambda p, t: model_lib.apply(cfg.model, p, t, lora=cfg.lora)[0])
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(fn, in_shardings=(shardings, NamedSharding(mesh, P(sharding_lib.BATCH_AXES))))(
+            jax.device_put(params, shardings), tokens)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_weights_equal_the_adapted_model():
+    cfg = tiny_model()
+    params = lora_params(cfg, ALL)
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, cfg.vocab_size)
+    adapted, _ = model_lib.apply(cfg, params, tokens, lora=ALL)
+    merged = merge_lib.merge(params, ALL)
+    assert not any(is_adapter(p) for p in traverse_util.flatten_dict(merged))
+    plain, _ = model_lib.apply(cfg, merged, tokens)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(adapted), atol=1e-5, rtol=1e-5)
+    rs = dataclasses.replace(ALL, rslora=True)
+    adapted_rs, _ = model_lib.apply(cfg, params, tokens, lora=rs)
+    np.testing.assert_allclose(np.asarray(model_lib.apply(cfg, merge_lib.merge(params, rs), tokens)[0]),
+                               np.asarray(adapted_rs), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(np.asarray(adapted_rs), np.asarray(adapted), atol=1e-3)
+
+
+def test_dropout_only_when_a_key_is_given():
+    cfg = tiny_model()
+    lora = dataclasses.replace(ALL, dropout=0.5)
+    params = lora_params(cfg, lora)
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, cfg.vocab_size)
+    plain, _ = model_lib.apply(cfg, params, tokens, lora=lora)
+    same, _ = model_lib.apply(cfg, params, tokens, lora=dataclasses.replace(lora, dropout=0.0))
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(same))
+    dropped, _ = model_lib.apply(cfg, params, tokens, lora=lora, dropout_rng=jax.random.key(0))
+    assert not np.allclose(np.asarray(dropped), np.asarray(plain), atol=1e-4)
+    assert jnp.all(jnp.isfinite(dropped))

@@ -117,7 +117,8 @@ def step_record(step: int, metrics: dict, tokens: float, seconds: float, flops_p
     record = {"step": step, **{k: metrics[k] for k in ("loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr")},
               "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
               "skipped_steps": metrics["nonfinite_total"]}
-    record.update({k: metrics[k] for k in DPO_METRICS if k in metrics})    if "expert_load" in metrics:
+    record.update({k: metrics[k] for k in DPO_METRICS if k in metrics})
+    if "expert_load" in metrics:
         load = np.asarray(metrics["expert_load"])  # [layers, experts], each row sums to 1
         record["expert_load"] = load
         record["expert_imbalance"] = load.max(-1) / np.maximum(load.mean(-1), 1e-12)

@@ -67,8 +67,32 @@ def _from_checkpoint(path: Path) -> tuple[Config, dict, str]:
         params = restore_params(params_dir)
     except (ConversionError, ConfigError, OSError, ValueError) as e:
         raise SourceError(f"{path}: {e}; {HINT}") from None
+    if cfg.lora.rank is not None:
+        cfg, params = _merged_lora(cfg, params, path)
     tokenizer = params_dir.parent / "tokenizer.model"  # a converted folder keeps the HF tokenizer
     return cfg, params, str(tokenizer) if tokenizer.is_file() else cfg.data.tokenizer
+
+
+def _merged_lora(cfg: Config, adapters: dict, path: Path) -> tuple[Config, dict]:
+    """A LoRA run's checkpoint (adapters, maybe the router) over its base (train.init_from,
+    read again), folded into plain weights: the config and params of the merged model."""
+    from moe.tune.merge import merge
+    from moe.tune.trainable import combine
+
+    base_path = Path(cfg.train.init_from)
+    if not base_path.is_dir():
+        raise SourceError(f"{path} is a LoRA run whose base (train.init_from = {base_path}) is not there; "
+                          "run from the folder it was trained from, or merge it with `moe lora merge`")
+    _, base, _ = (_from_hf if _is_hf(base_path) else _from_checkpoint)(base_path)
+    params = merge(combine(cfg, adapters, base), cfg.lora)
+    plain = dataclasses.replace(cfg, lora=config_lib.LoRAConfig(),
+                                train=dataclasses.replace(cfg.train, init_from=None, objective="lm"),
+                                data=dataclasses.replace(cfg.data, format="auto"))
+    return plain, params
+
+
+def _is_hf(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
 
 
 def load(source: str | Path, dtype: str = "float32", tokenizer: str | None = None) -> Source:
@@ -80,8 +104,7 @@ def load(source: str | Path, dtype: str = "float32", tokenizer: str | None = Non
         raise SourceError(f"{source} is a file; {HINT}")
     if dtype not in NP_DTYPES:
         raise SourceError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
-    is_hf = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
-    cfg, params, found_tokenizer = (_from_hf if is_hf else _from_checkpoint)(path)
+    cfg, params, found_tokenizer = (_from_hf if _is_hf(path) else _from_checkpoint)(path)
     params = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(NP_DTYPES[dtype]), params)
     model = dataclasses.replace(cfg.model, dtype=dtype, param_dtype=dtype)
     cfg = dataclasses.replace(cfg, model=model)

@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moe.infer import commands as infer_commands
 
     infer_commands.add_parsers(sub)
+    from moe.tune import commands as tune_commands
+
+    tune_commands.add_parsers(sub)
     return parser
 
 

@@ -113,6 +113,16 @@ class AotReport:
         return "\n".join(lines)
 
 
+def _frozen(cfg: Config, mesh):
+    """(the frozen params as sharded ShapeDtypeStructs, their shardings); {} when all train."""
+    from moe.tune.trainable import split
+
+    full = jax.eval_shape(lambda: train_lib.fresh_params(cfg, jax.random.key(0)))
+    frozen = split(cfg, full)[1]
+    shardings = sharding_lib.like_params(cfg, mesh, frozen)
+    return sharding_lib.with_shardings(frozen, shardings), shardings
+
+
 def compile_for_topology(cfg: Config, topology: str) -> AotReport:
     from jax.experimental import topologies
 
@@ -130,14 +140,16 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
     one_layer = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=1))
     model_flops, model_flops_one = (
         train_lib.flops_per_token(c, count_params(c.model).active) * tokens / chips for c in (cfg, one_layer))
-    report = AotReport(topology, chips, dict(mesh.shape), hbm, _per_chip_bytes(abstract.params, shardings.params),
+    frozen, frozen_shardings = _frozen(cfg, mesh)  # a LoRA base or DPO's reference: no gradients, no state
+    params_bytes = _per_chip_bytes(abstract.params, shardings.params) + _per_chip_bytes(frozen, frozen_shardings)
+    report = AotReport(topology, chips, dict(mesh.shape), hbm, params_bytes,
                        _per_chip_bytes(abstract.opt_state, shardings.opt_state), None, None, None, model_flops,
                        model_flops_one, 0.0, False)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         optimizer = train_lib.make_optimizer(cfg, abstract.params)
-        step, _ = train_lib.jit_steps(cfg, optimizer, mesh, shardings)
-        lowered = step.lower(abstract, batch)
+        step, _ = train_lib.jit_steps(cfg, optimizer, mesh, shardings, frozen_shardings)
+        lowered = step.lower(abstract, batch, frozen)
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - the TPU compiler reports over-HBM plans this way

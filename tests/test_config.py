@@ -71,7 +71,7 @@ INVALID = [
     (["data.val_fraction=1"], r"data.val_fraction must be in \(0, 1\)"),
     (["data.workers=-1"], r"data.workers must be >= 0"),
     (["data.shuffle_window=-5"], r"data.shuffle_window must be >= 0"),
-    (["data.format=csv"], r"data.format must be one of \['auto', 'text', 'jsonl'\]"),
+    (["data.format=csv"], r"data.format must be one of \['auto', 'text', 'jsonl', 'chat', 'preference'\]"),
     (["checkpoint.keep=0"], r"checkpoint.every_steps and checkpoint.keep must be >= 1"),
     (["checkpoint.every_steps=0"], r"checkpoint.every_steps and checkpoint.keep must be >= 1"),
     (["mesh.rules=fancy"], r"mesh.rules must be one of \['default', 'replicated'\]"),

@@ -189,7 +189,7 @@ def test_validation_loss_equals_numpy_cross_entropy_over_the_same_batches():
     params = T.init_state(cfg, jax.random.key(9)).params
     batches = [fixed_batch(cfg, seed) for seed in (1, 2)]
     _, eval_step = T.jit_steps(cfg, T.make_optimizer(cfg, params))
-    got = _evaluate(eval_step, params, batches)
+    got = _evaluate(eval_step, params, None, batches)
     nll_sum, count = 0.0, 0
     for batch in batches:
         logits, _ = M.apply(cfg.model, params, batch["inputs"], batch["positions"], batch["segment_ids"])

@@ -16,8 +16,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_params(args) -> int:
     from moe.params import count_params, format_count
 
+    from moe.tune.trainable import counts
+
     cfg = config_lib.load(args.config, args.overrides)
     print(format_count(cfg.model, count_params(cfg.model)))
+    tuned = counts(cfg)
+    print(f"trainable parameters: {tuned['trainable']:,} (LoRA adapters {tuned['adapters']:,}); frozen (no "
+          f"gradients, no optimizer state): {tuned['frozen']:,}")
     return 0
 
 

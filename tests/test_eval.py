@@ -122,9 +122,11 @@ def test_generate_writes_jsonl_for_a_prompt_file(hf_model):
 
 
 def test_chat_uses_mistral_instruct_template():
-    ids = chat_ids("Hello there", tokenizer_lib.load("mistral-v1"))
+    ids = chat_ids("Hello there", "mistral-v1")
     sp = tokenizer_lib.load("mistral-v1")
     assert ids[0] == 1 and sp.decode(ids) == "[INST] Hello there [/INST]"
+    own = chat_ids("Hello there", "experiments/tokenizer/stdlib-4k.model")  # any model's own tokenizer
+    assert tokenizer_lib.load("experiments/tokenizer/stdlib-4k.model").decode(own) == "[INST] Hello there [/INST]"
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -133,7 +135,6 @@ def test_chat_uses_mistral_instruct_template():
     (["--prompt", "x" * 400, "--max-new-tokens", "4"], "exceeds model.max_seq_len"),
     (["--prompt", "x", "--top-k", "0", "--temperature", "1"], "top-k must be >= 1"),
     (["--prompt", "x", "--tokenizer", "mistral-v1"], "has a vocabulary of 32000 but model.vocab_size is 4096"),
-    (["--prompt", "x", "--chat"], "--chat needs the Mistral v1 tokenizer"),
     (["--prompts", "missing.jsonl", "--out", "OUT"], "cannot read --prompts"),
 ])
 def test_bad_generate_input_is_one_line_and_writes_nothing(hf_model, capsys, extra, message):

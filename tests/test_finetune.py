@@ -200,3 +200,16 @@ def test_exported_adapter_loads_into_peft_with_our_logits(tmp_path, targets):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), out)
         theirs = model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_trainable_counts_of_lora_on_mixtral_8x7b(capsys):
+    from moe import cli
+
+    root = config_lib.Path(__file__).parents[1]
+    assert cli.main(["params", str(root / "configs" / "mixtral-8x7b.yaml"), "lora.rank=16",
+                     "lora.targets=[q,k,v,o,mlp]", "train.init_from=x"]) == 0
+    r, d, kv, f = 16, 4096, 1024, 14336  # per layer: q, k, v, o, then 8 experts x (w1, w3, w2)
+    per_layer = r * (d + d) + 2 * r * (d + kv) + r * (d + d) + 8 * 3 * r * (d + f)
+    out = capsys.readouterr().out
+    assert f"trainable parameters: {32 * per_layer:,} (LoRA adapters {32 * per_layer:,})" in out
+    assert "frozen (no gradients, no optimizer state): 46,702,792,704" in out

@@ -114,6 +114,7 @@ def test_compare_counts_wins_ties_and_losses(tmp_path, capsys):
     # p1 both right (tie), p2 A right, p3 both wrong (tie), p4 B right, p5 A right
     assert (result["wins"], result["ties"], result["losses"]) == (2, 2, 1)
     assert result["win_rate"] == 2 / 3 and result["win_rate_ties_half"] == 3 / 5
+    assert (result["accuracy_a"], result["accuracy_b"]) == (3 / 5, 2 / 5)
     assert "2 wins / 2 ties / 1 losses" in capsys.readouterr().out
     judge = tmp_path / "judge.py"
     judge.write_text("import json, sys\nrow = json.load(sys.stdin)\nprint('B' if len(row['b']) > len(row['a']) "

@@ -47,18 +47,12 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def chat_ids(text: str, sp) -> list[int]:
-    """Mistral's instruct template ([INST] ... [/INST]) through mistral-common (v1 tokenizer)."""
-    from mistral_common.protocol.instruct.messages import UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+def chat_ids(text: str, tokenizer: str) -> list[int]:
+    """Mistral's instruct template ([INST] ... [/INST]) through mistral-common, on the
+    model's own sentencepiece model (moe/tune/chat.py, as chat fine-tuning renders it)."""
+    from moe.tune import chat
 
-    mistral = MistralTokenizer.v1()
-    v1 = mistral.instruct_tokenizer.tokenizer
-    if sp.vocab_size() != v1.n_words or any(sp.id_to_piece(i) != v1.id_to_piece(i) for i in range(0, 32000, 997)):
-        raise UsageError("--chat needs the Mistral v1 tokenizer (Mistral 7B, Mixtral 8x7B); this model's "
-                         "tokenizer differs, so leave out --chat")
-    return mistral.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=text)])).tokens
+    return chat.encode_prompt(chat.tokenizer_path(tokenizer), [{"role": "user", "content": text}])
 
 
 def _sampling_args(args) -> dict:
@@ -81,7 +75,7 @@ def run_generate(args) -> int:
     texts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)
     src = source_lib.load(args.source, args.dtype, args.tokenizer)
     sp = tokenizer_lib.load(src.tokenizer)
-    ids = [chat_ids(t, sp) if args.chat else [sp.bos_id(), *sp.encode(t)] for t in texts]
+    ids = [chat_ids(t, src.tokenizer) if args.chat else [sp.bos_id(), *sp.encode(t)] for t in texts]
     cfg = src.model
     if args.prompt is not None:
         return _stream_one(cfg, src.params, ids[0], sp, args, sampling)

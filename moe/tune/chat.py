@@ -124,6 +124,11 @@ def _encode(tokenizer_path: str, messages: list[dict]) -> list[int]:
     return list(_mistral(tokenizer_path, finetuning).encode_chat_completion(request).tokens)
 
 
+def encode_prompt(tokenizer_path: str, messages: list[dict]) -> list[int]:
+    """The tokens of a conversation ending with a user turn, up to [/INST]: a prompt."""
+    return _encode(tokenizer_path, messages)
+
+
 def render(tokenizer_path: str, messages: list[dict], last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(token ids [n], mask [n]: 1 on every assistant token, its eos included; with
     last_only, on the last assistant turn's only)."""

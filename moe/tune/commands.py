@@ -77,7 +77,9 @@ def run_compare(args) -> int:
     print(f"A {args.a} vs B {args.b}, judge {args.judge}, {result['n']} prompts: "
           f"{result['wins']} wins / {result['ties']} ties / {result['losses']} losses; win rate "
           f"{'n/a' if rate is None else f'{rate:.3f}'} without ties, {result['win_rate_ties_half']:.3f} with ties "
-          f"as half (95% bootstrap {result['interval_95'][0]:.3f}-{result['interval_95'][1]:.3f})")
+          f"as half (95% bootstrap {result['interval_95'][0]:.3f}-{result['interval_95'][1]:.3f})"
+          + (f"; exact-match accuracy A {result['accuracy_a']:.3f}, B {result['accuracy_b']:.3f}"
+             if "accuracy_a" in result else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

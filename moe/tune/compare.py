@@ -88,6 +88,12 @@ def summarize(verdicts: list[str], seed: int = 0, samples: int = 2000) -> dict:
             "interval_95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
 
 
+def accuracy(answers: dict[str, str], references: dict[str, str]) -> float:
+    """Exact-match accuracy (whitespace stripped) over the prompts with a reference."""
+    scored = [answers.get(p, "").strip() == ref.strip() for p, ref in references.items()]
+    return sum(scored) / max(len(scored), 1)
+
+
 def compare(a_path, b_path, judge: str, references=None) -> dict:
     a, b = read_answers(a_path), read_answers(b_path)
     refs = read_answers(references, "answer") if references else {}
@@ -100,4 +106,7 @@ def compare(a_path, b_path, judge: str, references=None) -> dict:
     if missing:
         raise CompareError(f"{len(missing)} prompts have no reference answer, e.g. {missing[0][:60]!r}")
     fn = make_judge(judge)
-    return summarize([fn(p, a[p], b[p], refs.get(p, "")) for p in prompts])
+    result = summarize([fn(p, a[p], b[p], refs.get(p, "")) for p in prompts])
+    if refs:
+        result.update(accuracy_a=accuracy(a, refs), accuracy_b=accuracy(b, refs))
+    return result

@@ -48,3 +48,19 @@ def combine(cfg: Config, trainable, frozen):
     flat = traverse_util.flatten_dict(frozen)
     flat.update(traverse_util.flatten_dict(trainable))
     return traverse_util.unflatten_dict(flat)
+
+
+def counts(cfg: Config) -> dict:
+    """Parameter counts from shapes alone: trainable (adapters included), adapters, and the
+    frozen base that has no gradients and no optimizer state (0 in a full fine-tune)."""
+    import math
+
+    import jax
+
+    from moe import train as train_lib
+
+    full = traverse_util.flatten_dict(jax.eval_shape(lambda: train_lib.fresh_params(cfg, jax.random.key(0))))
+    size = {p: math.prod(v.shape) for p, v in full.items()}
+    trainable = sum(n for p, n in size.items() if is_trainable(cfg, p))
+    return {"trainable": trainable, "adapters": sum(n for p, n in size.items() if is_adapter(p)),
+            "frozen": sum(size.values()) - trainable}

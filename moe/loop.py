@@ -100,7 +100,9 @@ def _start(cfg: Config, mesh, shardings, base):
         adapters = jax.jit(lambda r: trainable_lib.split(cfg, train_lib.fresh_params(cfg, r))[0],
                            out_shardings=shardings.params)(jax.random.key(cfg.seed))
         base = trainable_lib.combine(cfg, adapters, base)
-    trainable = trainable_lib.split(cfg, base)[0]
+    trainable, frozen = trainable_lib.split(cfg, base)
+    if frozen:  # own buffers: the train step donates the state, and jit may forward its inputs as outputs
+        trainable = jax.tree_util.tree_map(lambda x: x.copy(), trainable)
     return jax.jit(lambda t: train_lib.state_from(cfg, t), out_shardings=shardings)(trainable)
 
 
@@ -113,9 +115,7 @@ def _initial_state(cfg: Config, checkpoints: RunCheckpoints, mesh):
     restored = checkpoints.restore_latest(target.params, target.opt_state)
     keeps_base = cfg.lora.rank is not None or cfg.train.objective == "dpo"
     base = _base_params(cfg, mesh) if restored is None or keeps_base else None
-    frozen = {}
-    if keeps_base:  # a copy: the train step donates the state, which may start as these arrays
-        frozen = jax.tree_util.tree_map(lambda x: x.copy(), trainable_lib.split(cfg, base)[1])
+    frozen = trainable_lib.split(cfg, base)[1] if keeps_base else {}
     frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
     if restored is None:
         return _start(cfg, mesh, shardings, base), shardings, frozen, frozen_shardings, None

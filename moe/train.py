@@ -159,9 +159,9 @@ def combine(cfg: Config, terms: dict, total_tokens, router_totals: dict | None =
     loss = terms["loss_sum"] / total
     metrics = {"ce_loss": terms["ce_sum"] / total}
     if cfg.train.objective == "dpo":
-        from moe.tune import dpo
+        from moe.metrics import DPO_METRICS
 
-        metrics.update({name: terms[name] / total for name in dpo.METRICS})
+        metrics.update({name: terms[name] / total for name in DPO_METRICS})
     if cfg.model.is_moe:
         totals = terms if router_totals is None else router_totals
         rows = jnp.sum(totals["router_rows"])

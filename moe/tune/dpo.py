@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from moe.config import Config
-from moe.metrics import DPO_METRICS as METRICS
 
 
 def flat_pairs(batch: dict) -> dict:

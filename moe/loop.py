@@ -32,6 +32,7 @@ from moe import train as train_lib
 from moe.checkpoint import RunCheckpoints
 from moe.config import Config
 from moe.params import count_params
+from moe.tune import init_from as init_from_lib
 from moe.tune import trainable as trainable_lib
 
 log = logging.getLogger("moe.train")
@@ -80,14 +81,13 @@ def _setup_run_dir(cfg: Config, run_dir: Path) -> None:
 def _base_params(cfg: Config, mesh):
     """The params of train.init_from on the mesh (the base model's, no adapters), or None."""
     from moe.model import param_shapes
-    from moe.tune import init_from
 
     if cfg.train.init_from is None:
         return None
     shapes = param_shapes(cfg.model)
     target = sharding_lib.with_shardings(shapes, sharding_lib.like_params(cfg, mesh, shapes))
     log.info("reading the starting weights from %s", cfg.train.init_from)
-    return init_from.load(cfg, target)
+    return init_from_lib.load(cfg, target)
 
 
 def _start(cfg: Config, mesh, shardings, base):
@@ -146,10 +146,11 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     # --- setup: processes, mesh, run directory, data
     sharding_lib.initialize_distributed(cfg)
     mesh = sharding_lib.make_mesh(cfg)  # refuses layouts that do not divide, before compiling
+    train_docs, val_docs = data_lib.check(cfg)  # bad data or a bad init_from: refused before
+    init_from_lib.check(cfg)                    # anything is written
     run_dir = Path(run_dir)
     _setup_run_dir(cfg, run_dir)
     log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
-    train_docs, val_docs = data_lib.check(cfg)
     log.info("data: %d training and %d validation documents", len(train_docs), len(val_docs))
     if data_lib.is_chat(cfg.data):
         log.info("data: %d rows truncated (oldest turns dropped) and %d left out to fit train.seq_len=%d",

@@ -122,3 +122,19 @@ def test_compare_counts_wins_ties_and_losses(tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--judge",
                      f"cmd:python {judge}", "--out", str(out)]) == 0
     assert (json.loads(out.read_text())["losses"], json.loads(out.read_text())["ties"]) == (1, 4)
+
+
+def test_bad_chat_data_or_init_from_is_one_line_and_writes_nothing(tmp_path, capsys):
+    base_dir, base_cfg, _ = _base(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                "content": "yo"}]}) + "\n{oops\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(config_lib.dump(_cfg(base_dir, base_cfg, _rows(tmp_path))))
+    for overrides, message in [([f"data.paths=[{bad}]", f"data.val_paths=[{bad}]"], "bad.jsonl:2: not valid JSON"),
+                               (["model.n_experts=8"], "different architecture: model.n_experts is 4 there but 8 "
+                                                       "here; set model.n_experts=4")]:
+        assert cli.main(["train", str(config), "--run-dir", str(tmp_path / "run"), *overrides]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not (tmp_path / "run").exists()

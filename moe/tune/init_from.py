@@ -124,13 +124,23 @@ def _hf_array(source, model: ModelConfig, entries: list, leaf):
     return jax.make_array_from_callback(leaf.shape, leaf.sharding, block)
 
 
-def load(cfg: Config, target) -> dict:
-    """The params of cfg.train.init_from, shaped, typed and placed as `target` (a tree of
-    ShapeDtypeStructs with shardings: the base model's params, no adapters)."""
+def _reader(cfg: Config, target):
     path = Path(cfg.train.init_from)
     if not path.is_dir():
         raise InitFromError(f"train.init_from {path}: no such directory; give {HINT}")
     is_hf = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
     source_model, read = _hf_reader(path, target) if is_hf else _restore_orbax(path, target)
     _check_architecture(source_model, cfg.model, str(path))
-    return read()
+    return read
+
+
+def check(cfg: Config) -> None:
+    """Refuse a missing source, a LoRA run or another architecture, reading configs only."""
+    if cfg.train.init_from is not None:
+        _reader(cfg, None)
+
+
+def load(cfg: Config, target) -> dict:
+    """The params of cfg.train.init_from, shaped, typed and placed as `target` (a tree of
+    ShapeDtypeStructs with shardings: the base model's params, no adapters)."""
+    return _reader(cfg, target)()

@@ -75,6 +75,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy per task and overall, one bar per run (seeds side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = ["First word", "Last word", "Count the words", "Reverse the words"]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        values = [r["by_task"].get(t, 0.0) for t in tasks] + [r["accuracy"]]
+        ax.bar([x + i * width for x in range(len(values))], values, width, label=r["run"])
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks) + 1)], [t.split()[0] for t in tasks] + ["all"])
+    ax.set_ylabel("exact-match accuracy (200 held-out prompts)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(out: str, data: str, *runs_dirs: str) -> None:
     data, out = Path(data), Path(out)
     runs = [p for d in runs_dirs for p in sorted(Path(d).iterdir())
@@ -83,6 +105,7 @@ def main(out: str, data: str, *runs_dirs: str) -> None:
     rows = [row(run, paths[run], data) for run in runs]
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "results.md").write_text(table(rows) + "\n")
+    plot(rows, out / "accuracy.png")
     print(table(rows))
 
 

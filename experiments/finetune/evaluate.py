@@ -85,9 +85,10 @@ def plot(rows: list[dict], path: Path) -> None:
     tasks = ["First word", "Last word", "Count the words", "Reverse the words"]
     fig, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / len(rows)
+    colors = plt.get_cmap("tab20").colors
     for i, r in enumerate(rows):
         values = [r["by_task"].get(t, 0.0) for t in tasks] + [r["accuracy"]]
-        ax.bar([x + i * width for x in range(len(values))], values, width, label=r["run"])
+        ax.bar([x + i * width for x in range(len(values))], values, width, label=r["run"], color=colors[i % 20])
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks) + 1)], [t.split()[0] for t in tasks] + ["all"])
     ax.set_ylabel("exact-match accuracy (200 held-out prompts)")
     ax.set_ylim(0, 1.05)

@@ -75,10 +75,18 @@ def matmul(mm: Callable, x, w, mm_b: Optional[Callable] = None):
     return mm(x, w.w) + (w.scale * (mm_b or mm)(low, w.b)).astype(x.dtype)
 
 
+def _contract(x, w, n_in: int):
+    """x [..., in dims] times w [in dims..., out dims...] as one einsum (no reshape of a
+    sharded weight, which a tensordot would add)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    n_batch, n_out = x.ndim - n_in, w.ndim - n_in
+    batch, ins, outs = letters[:n_batch], letters[n_batch:x.ndim], letters[x.ndim:x.ndim + n_out]
+    return jnp.einsum(f"{batch}{ins},{ins}{outs}->{batch}{outs}", x, w)
+
+
 def project(x, w, n_in: int):
     """x [..., in dims] times w [in dims..., out dims...] (n_in input dims), adapters included."""
-    return matmul(lambda x_, w_: jnp.tensordot(x_, w_, axes=n_in), x, w,
-                  lambda x_, w_: jnp.tensordot(x_, w_, axes=1))
+    return matmul(lambda x_, w_: _contract(x_, w_, n_in), x, w, lambda x_, w_: _contract(x_, w_, 1))
 
 
 def _uniform_fan_in(fan_in: int):

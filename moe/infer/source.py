@@ -34,7 +34,7 @@ class Source:
         return self.config.model
 
 
-def _newest_step(run_dir: Path) -> Path:
+def newest_step(run_dir: Path) -> Path:
     steps = sorted((int(p.name), p) for p in (run_dir / "checkpoints").iterdir()
                    if p.name.isdigit() and (p / "params" / "_METADATA").exists())
     if not steps:
@@ -60,7 +60,7 @@ def _from_checkpoint(path: Path) -> tuple[Config, dict, str]:
     from moe.convert.hf import find_checkpoint
 
     if (path / "checkpoints").is_dir():
-        path = _newest_step(path)
+        path = newest_step(path)
     try:
         params_dir, config_path = find_checkpoint(path)
         cfg = config_lib.load(config_path)

@@ -18,12 +18,12 @@ def _lora_run(source: str):
     from moe import config as config_lib
     from moe.checkpoint import restore_params
     from moe.convert.hf import find_checkpoint
-    from moe.infer.source import SourceError, _newest_step
+    from moe.infer.source import SourceError, newest_step
 
     path = Path(source)
     if not path.is_dir():
         raise SourceError(f"{source}: no such directory; give a LoRA run directory or one of its checkpoint steps")
-    step = _newest_step(path) if (path / "checkpoints").is_dir() else path
+    step = newest_step(path) if (path / "checkpoints").is_dir() else path
     params_dir, config_path = find_checkpoint(step)
     cfg = config_lib.load(config_path)
     if cfg.lora.rank is None:

@@ -46,17 +46,18 @@ def _shape_error(where: str, name: str, found, expected) -> InitFromError:
 
 def _orbax_dir(path: Path) -> tuple[Path, Config]:
     from moe.convert.hf import find_checkpoint
-    from moe.infer.source import SourceError, _newest_step
+    from moe.infer.source import SourceError, newest_step
 
     try:
-        step = _newest_step(path) if (path / "checkpoints").is_dir() else path
+        step = newest_step(path) if (path / "checkpoints").is_dir() else path
         params_dir, config_path = find_checkpoint(step)
         return params_dir, config_lib.load(config_path)
     except (SourceError, ValueError, OSError) as e:
         raise InitFromError(f"train.init_from {path}: {e}") from None
 
 
-def _restore_orbax(path: Path, target) -> dict:
+def _restore_orbax(path: Path, target):
+    """(source ModelConfig, a function giving the params restored onto their shardings)."""
     from moe.checkpoint import ParamReader, restore_params
 
     params_dir, source_cfg = _orbax_dir(path)

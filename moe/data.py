@@ -62,6 +62,24 @@ def resolve_paths(patterns: tuple[str, ...]) -> list[Path]:
     return sorted(set(files))
 
 
+def read_jsonl(path: str | Path, fields: tuple[str, ...], error: type[Exception] = DataError) -> list[dict]:
+    """The JSON objects of a small JSONL file (blank lines skipped), each holding the string
+    `fields`; a bad line raises `error` naming the file and line."""
+    names = " and ".join(f'"{f}"' for f in fields)
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{number}: not JSON ({e.msg}); each line must be an object with {names}") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in fields):
+            raise error(f"{path}:{number}: each line must be an object with string {names}")
+        rows.append(row)
+    return rows
+
+
 def _is_jsonl(path: Path, fmt: str) -> bool:
     return fmt == "jsonl" or (fmt == "auto" and path.suffix in (".jsonl", ".json"))
 

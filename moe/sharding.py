@@ -10,6 +10,7 @@ Changing the layout is a config change: `mesh.fsdp=4 mesh.expert=2 mesh.rules=de
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -133,30 +134,35 @@ def param_shardings(cfg: Config, mesh: Mesh):
     return nn.logical_to_mesh_sharding(logical_axes(cfg.model, lora_of(cfg)), mesh, rules(cfg))
 
 
+@functools.lru_cache(maxsize=8)
+def _param_layout(cfg: Config, mesh: Mesh) -> dict:
+    """{param path: (shape, sharding)}, from one shape evaluation of the model (cached: the
+    state, the frozen params and the init_from target all ask at start-up)."""
+    from moe.model import init_boxed
+    from moe.tune.trainable import lora_of
+
+    boxed = jax.eval_shape(lambda: init_boxed(cfg.model, jax.random.key(0), lora_of(cfg)))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules(cfg))
+    flat = jax.tree_util.tree_flatten_with_path
+    shapes = {_dict_path(p): leaf.shape for p, leaf in flat(nn.unbox(boxed))[0]}
+    return {_dict_path(p): (shapes[_dict_path(p)], s) for p, s in flat(shardings)[0]}
+
+
 def like_params(cfg: Config, mesh: Mesh, tree):
     """Shardings for `tree`: each leaf whose path ends like a parameter's path, with that
     parameter's shape, is laid out like it (a subset of the params, Adam's mu and nu);
     everything else is replicated."""
-    params = param_shardings(cfg, mesh)
-    by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(params)[0]}
-    shapes = {_dict_path(p): leaf.shape for p, leaf in
-              jax.tree_util.tree_flatten_with_path(jax.eval_shape(lambda: _full_shapes(cfg)))[0]}
+    layout = _param_layout(cfg, mesh)
 
     def like_param(path, leaf):
         names = _dict_path(path)
         for start in range(len(names)):
-            key = names[start:]
-            if key in by_path and shapes[key] == leaf.shape:
-                return by_path[key]
+            shape, sharding = layout.get(names[start:], (None, None))
+            if shape == leaf.shape:
+                return sharding
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(like_param, tree)
-
-
-def _full_shapes(cfg: Config):
-    from moe import train as train_lib
-
-    return train_lib.fresh_params(cfg, jax.random.key(0))
 
 
 def state_shardings(cfg: Config, mesh: Mesh, abstract_state):

@@ -27,21 +27,12 @@ def _write_atomic(path: str | Path, text: str) -> None:
 
 
 def _read_prompts(path: str) -> list[str]:
+    from moe.data import read_jsonl
+
     try:
-        lines = Path(path).read_text().splitlines()
+        prompts = [row["prompt"] for row in read_jsonl(path, ("prompt",), UsageError)]
     except OSError as e:
         raise UsageError(f"cannot read --prompts {path}: {e.strerror}") from None
-    prompts = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{i}: not JSON ({e.msg}); each line must be {{\"prompt\": \"...\"}}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UsageError(f"{path}:{i}: each line must be an object with a string \"prompt\"")
-        prompts.append(record["prompt"])
     if not prompts:
         raise UsageError(f"{path} holds no prompts")
     return prompts

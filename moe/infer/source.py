@@ -43,6 +43,20 @@ def newest_step(run_dir: Path) -> Path:
     return steps[-1][1]
 
 
+def checkpoint_of(path: Path) -> tuple[Path, Path, Config]:
+    """(params dir, the step dir it belongs to, the run's config) of a run directory (its
+    newest checkpoint), a checkpoint step or a converted folder."""
+    from moe.convert import ConversionError
+    from moe.convert.hf import find_checkpoint
+
+    step = newest_step(path) if (path / "checkpoints").is_dir() else path
+    try:
+        params_dir, config_path = find_checkpoint(step)
+        return params_dir, step, config_lib.load(config_path)
+    except (ConversionError, ConfigError, OSError, ValueError) as e:
+        raise SourceError(f"{step}: {e}; {HINT}") from None
+
+
 def _from_hf(path: Path) -> tuple[Config, dict, str]:
     from moe.convert import ConversionError, load_hf
 
@@ -56,16 +70,11 @@ def _from_hf(path: Path) -> tuple[Config, dict, str]:
 
 def _from_checkpoint(path: Path) -> tuple[Config, dict, str]:
     from moe.checkpoint import restore_params
-    from moe.convert import ConversionError
-    from moe.convert.hf import find_checkpoint
 
-    if (path / "checkpoints").is_dir():
-        path = newest_step(path)
+    params_dir, path, cfg = checkpoint_of(path)
     try:
-        params_dir, config_path = find_checkpoint(path)
-        cfg = config_lib.load(config_path)
         params = restore_params(params_dir)
-    except (ConversionError, ConfigError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise SourceError(f"{path}: {e}; {HINT}") from None
     if cfg.lora.rank is not None:
         cfg, params = _merged_lora(cfg, params, path)

@@ -136,7 +136,8 @@ def render(tokenizer_path: str, messages: list[dict], last_only: bool = False) -
     mask = np.zeros(len(ids), np.int32)
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     for i in answers[-1:] if last_only else answers:
-        start, upto = len(_encode(tokenizer_path, messages[:i])), _encode(tokenizer_path, messages[:i + 1])
+        upto = ids if i + 1 == len(messages) else _encode(tokenizer_path, messages[:i + 1])
+        start = len(_encode(tokenizer_path, messages[:i]))
         if upto != ids[:len(upto)]:
             raise ChatDataError("mistral-common's rendering of this conversation is not prefix-stable; "
                                 "cannot tell the assistant's tokens apart")

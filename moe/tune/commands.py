@@ -15,17 +15,13 @@ from pathlib import Path
 
 def _lora_run(source: str):
     """(run config, adapter params, step dir) of a LoRA run directory or checkpoint step."""
-    from moe import config as config_lib
     from moe.checkpoint import restore_params
-    from moe.convert.hf import find_checkpoint
-    from moe.infer.source import SourceError, newest_step
+    from moe.infer.source import SourceError, checkpoint_of
 
     path = Path(source)
     if not path.is_dir():
         raise SourceError(f"{source}: no such directory; give a LoRA run directory or one of its checkpoint steps")
-    step = newest_step(path) if (path / "checkpoints").is_dir() else path
-    params_dir, config_path = find_checkpoint(step)
-    cfg = config_lib.load(config_path)
+    params_dir, step, cfg = checkpoint_of(path)
     if cfg.lora.rank is None:
         raise SourceError(f"{source} is not a LoRA run (its config has no lora.rank); its checkpoints are "
                           "already plain weights")

@@ -28,18 +28,10 @@ class CompareError(ValueError):
 
 
 def read_answers(path: str | Path, field: str = "completion") -> dict[str, str]:
-    out = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CompareError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(field), str):
-            raise CompareError(f"{path}:{number}: each line needs \"prompt\" and \"{field}\" strings")
-        out[row["prompt"]] = row[field]
-    return out
+    """{prompt: answer} of a JSONL file of {"prompt", field} lines."""
+    from moe.data import read_jsonl
+
+    return {row["prompt"]: row[field] for row in read_jsonl(path, ("prompt", field), CompareError)}
 
 
 def token_f1(answer: str, reference: str) -> float:

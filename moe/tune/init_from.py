@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from moe import config as config_lib
 from moe.config import Config, ModelConfig
 
 # Settings that may differ between the source and the run: how it computes, not what it is.
@@ -44,23 +43,15 @@ def _shape_error(where: str, name: str, found, expected) -> InitFromError:
                          f"needs {tuple(expected)}; the checkpoint does not match its own config")
 
 
-def _orbax_dir(path: Path) -> tuple[Path, Config]:
-    from moe.convert.hf import find_checkpoint
-    from moe.infer.source import SourceError, newest_step
-
-    try:
-        step = newest_step(path) if (path / "checkpoints").is_dir() else path
-        params_dir, config_path = find_checkpoint(step)
-        return params_dir, config_lib.load(config_path)
-    except (SourceError, ValueError, OSError) as e:
-        raise InitFromError(f"train.init_from {path}: {e}") from None
-
-
 def _restore_orbax(path: Path, target):
     """(source ModelConfig, a function giving the params restored onto their shardings)."""
     from moe.checkpoint import ParamReader, restore_params
+    from moe.infer.source import SourceError, checkpoint_of
 
-    params_dir, source_cfg = _orbax_dir(path)
+    try:
+        params_dir, _, source_cfg = checkpoint_of(path)
+    except SourceError as e:
+        raise InitFromError(f"train.init_from {path}: {e}") from None
     if source_cfg.lora.rank is not None:
         raise InitFromError(f"train.init_from {path} is a LoRA run (adapters only); merge it first with "
                             f"`moe lora merge {path} OUT` and start from OUT")

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe.model.lora import Adapted
+from moe.quant.qarray import QArray
 from moe.sharding import BATCH_AXES
 
 EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
@@ -112,5 +113,8 @@ def _weight_spec(w, spec, a_spec, b_spec):
     experts alike; the rank dimension whole, and A's rows split over `tensor` as W's are for
     w2, whose partial products the final psum over `tensor` adds up)."""
     if isinstance(w, Adapted):
-        return w.replace(w=spec, a=a_spec, b=b_spec, key=None if w.key is None else P())
+        return w.replace(w=_weight_spec(w.w, spec, None, None), a=a_spec, b=b_spec,
+                         key=None if w.key is None else P())
+    if isinstance(w, QArray):  # quantized: split over experts only, each expert's codes whole
+        return jax.tree_util.tree_map(lambda _: P(spec[0]), w)
     return spec

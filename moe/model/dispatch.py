@@ -23,6 +23,10 @@ Every strategy is exact and dropless (no token is ever dropped):
 Any expert weight may be a LoRA-adapted one (moe/model/lora.py): each strategy multiplies
 through `matmul` with its own product, so an expert's adapter pair meets exactly the rows
 routed to that expert, by the same grouped product as its base weight.
+
+Any expert weight may be quantized (a QArray, moe/quant): "grouped" dequantizes one expert
+at a time inside its loop, "gather" only the experts a copy was routed to; "dense",
+"ragged" and "sorted" use every expert at once and dequantize the layer's weights first.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moe.model.gmm import gmm
-from moe.model.lora import matmul
+from moe.model.lora import Adapted, matmul
+from moe.quant.qarray import as_array
 
 
 def _swiglu(mm, x, w1, w3, w2, mm_rest=None):
@@ -43,7 +48,13 @@ def _swiglu(mm, x, w1, w3, w2, mm_rest=None):
     return matmul(mm_rest, h, w2)
 
 
+def _whole(w):
+    """An expert weight as arrays (a quantized base dequantized for the whole layer)."""
+    return w.replace(w=as_array(w.w)) if isinstance(w, Adapted) else as_array(w)
+
+
 def dense_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+    w1_edf, w3_edf, w2_efd = _whole(w1_edf), _whole(w3_edf), _whole(w2_efd)
     n_experts = w1_edf.shape[0]
     y_etd = _swiglu(lambda x, w: jnp.einsum("td,edf->etf", x, w), x_td, w1_edf, w3_edf, w2_efd,
                     lambda x, w: jnp.einsum("etf,efd->etd", x, w))
@@ -67,6 +78,7 @@ def sort_by_expert(expert_idx_tk, weight_tk, n_experts: int):
 
 def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     tokens, top_k = expert_idx_tk.shape
+    w1_edf, w3_edf, w2_efd = _whole(w1_edf), _whole(w3_edf), _whole(w2_efd)
     order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
     x_sorted = x_td[order // top_k]  # [tokens * top_k, d_model], grouped by expert
     mm = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes)
@@ -88,6 +100,7 @@ def sorted_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     block through its own expert as one batched matmul. Work: the routed copies plus under
     one block of padding per expert (not E times the copies, as a masked product does)."""
     tokens, top_k = expert_idx_tk.shape
+    w1_edf, w3_edf, w2_efd = _whole(w1_edf), _whole(w3_edf), _whole(w2_efd)
     n_experts, d_model = w1_edf.shape[0], x_td.shape[1]
     copies = tokens * top_k
     rows = block_size(copies, n_experts)
@@ -125,8 +138,9 @@ def grouped_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
 def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     """Every copy through its own expert's gathered weights: reads tokens * top_k experts
     (at most every expert once when copies <= experts), no sort, no loop over experts."""
-    y_tkd = _swiglu(lambda x, w: jnp.einsum("td,tkdf->tkf", x, w[expert_idx_tk]), x_td, w1_edf, w3_edf, w2_efd,
-                    lambda x, w: jnp.einsum("tkf,tkfd->tkd", x, w[expert_idx_tk]))
+    y_tkd = _swiglu(lambda x, w: jnp.einsum("td,tkdf->tkf", x, as_array(w[expert_idx_tk])), x_td,
+                    w1_edf, w3_edf, w2_efd,
+                    lambda x, w: jnp.einsum("tkf,tkfd->tkd", x, as_array(w[expert_idx_tk])))
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
 
 

@@ -2,6 +2,7 @@
 
     gmm(x_nk, w_gkm, group_sizes_g, block) -> y_nm
     y[rows of group g] = x[rows of group g] @ w[g]; rows after the last group are zero.
+    w may be a QArray (moe/quant): each group's weights are dequantized in the loop, one at a time.
 
 On CPU and GPU jax.lax.ragged_dot lowers to a product masked over every group (G times the
 work); this computes only the routed rows. A static loop runs over the groups and, inside
@@ -18,7 +19,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from moe.quant.qarray import QArray, as_array
 
 
 def _group_bounds(group_sizes):
@@ -54,7 +58,7 @@ def _forward(x_nk, w_gkm, group_sizes, block: int, transpose_w: bool):
     contract = ((1,), (1,)) if transpose_w else ((1,), (0,))
 
     def per_group(g, y):
-        w_km = w_gkm[g]  # this group's weights, read once
+        w_km = as_array(w_gkm[g])  # this group's weights, read once (a quantized one dequantized here)
 
         def per_block(row, rows: int, mine, y):
             x_block = lax.dynamic_slice_in_dim(x_nk, row, rows)  # [rows, k]
@@ -102,8 +106,19 @@ def _gmm_fwd(x_nk, w_gkm, group_sizes, block):
 def _gmm_bwd(block, residuals, dy_nm):
     x_nk, w_gkm, group_sizes = residuals
     dx = _forward(dy_nm, w_gkm, group_sizes, block, transpose_w=True)  # dy @ w[g].T per group
+    if isinstance(w_gkm, QArray):  # a frozen quantized base (QLoRA): no weight gradient
+        return dx, _no_gradient(w_gkm), None
     dw = _weight_grad(x_nk, dy_nm, group_sizes, block, w_gkm.dtype)
     return dx, dw, None
+
+
+def _no_gradient(tree):
+    """Zero cotangents for a tree (float0 for its integer leaves, as JAX requires)."""
+    def zero(x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.zeros_like(x)
+        return np.zeros(x.shape, jax.dtypes.float0)
+    return jax.tree_util.tree_map(zero, tree)
 
 
 gmm.defvjp(_gmm_fwd, _gmm_bwd)

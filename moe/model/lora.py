@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
+from moe.quant.qarray import as_array
+
 MLP_TARGETS = ("w1", "w2", "w3")
 TARGETS = ("q", "k", "v", "o", *MLP_TARGETS, "gate")
 DROPOUT_RNG = "lora_dropout"
@@ -43,8 +45,8 @@ def scale(alpha: float, rank: int, rslora: bool) -> float:
 
 @struct.dataclass
 class Adapted:
-    """A base weight with its adapter pair; the dispatch and projections accept it wherever
-    they accept a plain weight (see `matmul`)."""
+    """A base weight (an array, or a QArray: QLoRA) with its adapter pair; the dispatch and
+    projections accept it wherever they accept a plain weight (see `matmul`)."""
 
     w: jax.Array
     a: jax.Array
@@ -86,7 +88,7 @@ def _contract(x, w, n_in: int):
 
 def project(x, w, n_in: int):
     """x [..., in dims] times w [in dims..., out dims...] (n_in input dims), adapters included."""
-    return matmul(lambda x_, w_: _contract(x_, w_, n_in), x, w, lambda x_, w_: _contract(x_, w_, 1))
+    return matmul(lambda x_, w_: _contract(x_, as_array(w_), n_in), x, w, lambda x_, w_: _contract(x_, w_, 1))
 
 
 def _uniform_fan_in(fan_in: int):

@@ -26,6 +26,7 @@ from moe.model.attention import Attention
 from moe.model.layers import DTYPES, RMSNorm, SwiGLU, kernel_init, param_with_axes, rope_cos_sin
 from moe.model.lora import DROPOUT_RNG
 from moe.model.moe import SparseMoE
+from moe.quant.qarray import as_array
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -82,7 +83,7 @@ class Embed(nn.Module):
         cfg = self.cfg
         table = param_with_axes(self, "embedding", kernel_init(cfg), (cfg.vocab_size, cfg.d_model),
                                 ("vocab", "embed"), DTYPES[cfg.param_dtype])
-        return jnp.take(table, tokens, axis=0).astype(DTYPES[cfg.dtype])  # [batch, seq, d_model]
+        return jnp.take(as_array(table), tokens, axis=0).astype(DTYPES[cfg.dtype])  # [batch, seq, d_model]
 
 
 class LMHead(nn.Module):
@@ -93,7 +94,7 @@ class LMHead(nn.Module):
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
         kernel = param_with_axes(self, "kernel", kernel_init(cfg), (cfg.d_model, cfg.vocab_size),
                                  ("embed", "vocab"), DTYPES[cfg.param_dtype])
-        return (x.astype(dtype) @ kernel.astype(dtype)).astype(jnp.float32)  # [batch, seq, vocab]
+        return (x.astype(dtype) @ as_array(kernel.astype(dtype))).astype(jnp.float32)  # [batch, seq, vocab]
 
 
 class Transformer(nn.Module):

@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moe.tune import commands as tune_commands
 
     tune_commands.add_parsers(sub)
+    from moe.quant import commands as quant_commands
+
+    quant_commands.add_parsers(sub)
     return parser
 
 

@@ -120,6 +120,17 @@ class DPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization (moe/quant). In a LoRA run, the frozen base is held in this
+    format (QLoRA); in a checkpoint's config.yaml, its params are stored in it."""
+
+    base: Optional[Literal["int8", "int4", "nf4", "nf4-dq"]] = None  # null: weights in param_dtype
+    include: tuple[str, ...] = ("layers/*",)  # fnmatch patterns of weight paths (moe/quant/params.py)
+    exclude: tuple[str, ...] = ()
+    block_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 100
     keep: int = 3  # most recent checkpoints kept
@@ -161,6 +172,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     seed: int = 0
@@ -262,6 +274,12 @@ def validate_tuning(cfg: Config) -> None:
                           f"preference pairs (got objective {t.objective!r}, format {fmt!r})")
     if t.objective == "dpo" and t.init_from is None:
         raise ConfigError("DPO tunes a pretrained model against itself: set train.init_from")
+    q = cfg.quant
+    if q.base is not None and t.init_from is not None and lora.rank is None:
+        raise ConfigError(f"quant.base={q.base} holds a frozen base quantized, which only LoRA keeps frozen: "
+                          "set lora.rank (QLoRA), or quant.base=null to fine-tune every weight")
+    if q.block_size < 2 or q.block_size % 2:
+        raise ConfigError(f"quant.block_size must be an even number >= 2, got {q.block_size}")
     if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5), got {cfg.dpo.beta}, "
                           f"{cfg.dpo.label_smoothing}")

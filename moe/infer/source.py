@@ -14,6 +14,7 @@ from moe import config as config_lib
 from moe import tokenizer as tokenizer_lib
 from moe.config import Config, ConfigError, ModelConfig
 from moe.convert.hf import NP_DTYPES
+from moe.quant.qarray import QArray
 
 HINT = "give a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
 
@@ -76,6 +77,10 @@ def _from_checkpoint(path: Path) -> tuple[Config, dict, str]:
         params = restore_params(params_dir)
     except (OSError, ValueError) as e:
         raise SourceError(f"{path}: {e}; {HINT}") from None
+    if cfg.quant.base is not None:  # a `moe quantize` output: rebuild its QArrays
+        from moe.quant import store
+
+        params = store.from_storage(params, store.shapes(cfg))
     if cfg.lora.rank is not None:
         cfg, params = _merged_lora(cfg, params, path)
     tokenizer = params_dir.parent / "tokenizer.model"  # a converted folder keeps the HF tokenizer
@@ -105,7 +110,8 @@ def _is_hf(path: Path) -> bool:
 
 
 def load(source: str | Path, dtype: str = "float32", tokenizer: str | None = None) -> Source:
-    """The model at `source` with params cast to `dtype`, computing in `dtype`."""
+    """The model at `source` with params cast to `dtype`, computing in `dtype` (quantized
+    weights stay quantized and dequantize to `dtype`)."""
     path = Path(source)
     if not path.exists():
         raise SourceError(f"{source}: no such file or directory; {HINT}")
@@ -114,7 +120,9 @@ def load(source: str | Path, dtype: str = "float32", tokenizer: str | None = Non
     if dtype not in NP_DTYPES:
         raise SourceError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
     cfg, params, found_tokenizer = (_from_hf if _is_hf(path) else _from_checkpoint)(path)
-    params = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(NP_DTYPES[dtype]), params)
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype) if isinstance(a, QArray) else  # computes in dtype
+                                    np.asarray(a).astype(NP_DTYPES[dtype]), params,
+                                    is_leaf=lambda a: isinstance(a, QArray))
     model = dataclasses.replace(cfg.model, dtype=dtype, param_dtype=dtype)
     cfg = dataclasses.replace(cfg, model=model)
     tokenizer = tokenizer or found_tokenizer

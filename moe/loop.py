@@ -32,6 +32,7 @@ from moe import train as train_lib
 from moe.checkpoint import RunCheckpoints
 from moe.config import Config
 from moe.params import count_params
+from moe.quant import params as quant_params
 from moe.tune import init_from as init_from_lib
 from moe.tune import trainable as trainable_lib
 
@@ -101,6 +102,7 @@ def _start(cfg: Config, mesh, shardings, base):
                            out_shardings=shardings.params)(jax.random.key(cfg.seed))
         base = trainable_lib.combine(cfg, adapters, base)
     trainable, frozen = trainable_lib.split(cfg, base)
+    trainable = quant_params.dequantize_params(trainable)  # a router trained over a quantized source
     if frozen:  # own buffers: the train step donates the state, and jit may forward its inputs as outputs
         trainable = jax.tree_util.tree_map(lambda x: x.copy(), trainable)
     return jax.jit(lambda t: train_lib.state_from(cfg, t), out_shardings=shardings)(trainable)
@@ -116,6 +118,10 @@ def _initial_state(cfg: Config, checkpoints: RunCheckpoints, mesh):
     keeps_base = cfg.lora.rank is not None or cfg.train.objective == "dpo"
     base = _base_params(cfg, mesh) if restored is None or keeps_base else None
     frozen = trainable_lib.split(cfg, base)[1] if keeps_base else {}
+    if cfg.quant.base is not None and frozen:  # QLoRA: the frozen base held quantized
+        q = cfg.quant
+        frozen = quant_params.quantize_params(frozen, q.base, q.include, q.exclude, q.block_size)
+        log.info("the frozen base is held in %s: %.1f MB", q.base, quant_params.nbytes(frozen) / 1e6)
     frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
     if restored is None:
         return _start(cfg, mesh, shardings, base), shardings, frozen, frozen_shardings, None

@@ -77,9 +77,9 @@ def _from_checkpoint(path: Path) -> tuple[Config, dict, str]:
         params = restore_params(params_dir)
     except (OSError, ValueError) as e:
         raise SourceError(f"{path}: {e}; {HINT}") from None
-    if cfg.quant.base is not None:  # a `moe quantize` output: rebuild its QArrays
-        from moe.quant import store
+    from moe.quant import store
 
+    if store.stored_quantized(cfg):  # a `moe quantize` output: rebuild its QArrays
         params = store.from_storage(params, store.shapes(cfg))
     if cfg.lora.rank is not None:
         cfg, params = _merged_lora(cfg, params, path)
@@ -98,8 +98,13 @@ def _merged_lora(cfg: Config, adapters: dict, path: Path) -> tuple[Config, dict]
         raise SourceError(f"{path} is a LoRA run whose base (train.init_from = {base_path}) is not there; "
                           "run from the folder it was trained from, or merge it with `moe lora merge`")
     _, base, _ = (_from_hf if _is_hf(base_path) else _from_checkpoint)(base_path)
+    if cfg.quant.base is not None:  # QLoRA: merged into the dequantized base it trained over, never into 4 bits
+        from moe.quant.params import dequantize_params, quantize_params
+
+        q = cfg.quant
+        base = dequantize_params(quantize_params(base, q.base, q.include, q.exclude, q.block_size))
     params = merge(combine(cfg, adapters, base), cfg.lora)
-    plain = dataclasses.replace(cfg, lora=config_lib.LoRAConfig(),
+    plain = dataclasses.replace(cfg, lora=config_lib.LoRAConfig(), quant=config_lib.QuantConfig(),
                                 train=dataclasses.replace(cfg.train, init_from=None, objective="lm"),
                                 data=dataclasses.replace(cfg.data, format="auto"))
     return plain, params

@@ -65,14 +65,20 @@ def quantize_weight(path: tuple[str, ...], w, fmt: str, block_size: int = BLOCK)
 
 def quantize_params(params, fmt: str, include=DEFAULT_INCLUDE, exclude=(), block_size: int = BLOCK):
     """params with every selected weight replaced by its QArray, one tensor at a time;
-    the rest (and anything already quantized) as it was."""
+    the rest (and anything already quantized) as it was. A weight placed on a mesh gives
+    a QArray whose stack dims keep the weight's placement (see leaf_shardings)."""
     check_format(fmt)
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(params, is_leaf=lambda _, x: isinstance(x, QArray))
     out = {}
     for path in list(flat):
         w = flat.pop(path)  # drop our reference as we go: one full-precision tensor at a time
-        keep = isinstance(w, QArray) or not selected(path, include, exclude)
-        out[path] = w if keep else quantize_weight(path, w, fmt, block_size)
+        if isinstance(w, QArray) or not selected(path, include, exclude):
+            out[path] = w
+            continue
+        q = quantize_weight(path, w, fmt, block_size)
+        if isinstance(getattr(w, "sharding", None), jax.sharding.NamedSharding):
+            q = jax.device_put(q, leaf_shardings(q, w.sharding))
+        out[path] = q
     return traverse_util.unflatten_dict(out)
 
 
@@ -120,9 +126,10 @@ def bytes_table(shapes, include=DEFAULT_INCLUDE, exclude=()) -> list[tuple[str, 
     return rows
 
 
-def leaf_specs(q: QArray, lead_spec: tuple):
-    """A PartitionSpec tree for a QArray's leaves: the stack dims as `lead_spec` (layers,
-    experts), the codes and scales of each matrix whole."""
-    from jax.sharding import PartitionSpec as P
+def leaf_shardings(q: QArray, weight_sharding: jax.sharding.NamedSharding):
+    """Shardings for a QArray's leaves from its weight's: the stack dims (layers, experts)
+    placed as the weight's, the codes and scales of each matrix whole on their device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    return jax.tree_util.tree_map(lambda x: P(*lead_spec[:len(q.lead)]), q)
+    spec = tuple(weight_sharding.spec) + (None,) * len(q.lead)
+    return jax.tree_util.tree_map(lambda _: NamedSharding(weight_sharding.mesh, P(*spec[:len(q.lead)])), q)

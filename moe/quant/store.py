@@ -22,6 +22,12 @@ def shapes(cfg: Config):
     return qparams.abstract(param_shapes(cfg.model), q.base, q.include, q.exclude, q.block_size)
 
 
+def stored_quantized(cfg: Config) -> bool:
+    """Whether a checkpoint with this config stores quantized weights (a `moe quantize`
+    output); a QLoRA run's `quant` describes the base it trains over, not its checkpoints."""
+    return cfg.quant.base is not None and cfg.lora.rank is None
+
+
 def _is_q(x) -> bool:
     return isinstance(x, QArray)
 

@@ -43,8 +43,10 @@ def _shape_error(where: str, name: str, found, expected) -> InitFromError:
                          f"needs {tuple(expected)}; the checkpoint does not match its own config")
 
 
-def _restore_orbax(path: Path, target):
-    """(source ModelConfig, a function giving the params restored onto their shardings)."""
+def _restore_orbax(path: Path, target, quant):
+    """(source ModelConfig, a function giving the params restored onto their shardings).
+    A quantized source (`moe quantize`) is read as it is stored when the run's `quant`
+    section is the source's (QLoRA straight from 4-bit weights)."""
     from moe.checkpoint import ParamReader, restore_params
     from moe.infer.source import SourceError, checkpoint_of
 
@@ -55,6 +57,8 @@ def _restore_orbax(path: Path, target):
     if source_cfg.lora.rank is not None:
         raise InitFromError(f"train.init_from {path} is a LoRA run (adapters only); merge it first with "
                             f"`moe lora merge {path} OUT` and start from OUT")
+    if source_cfg.quant.base is not None:
+        return source_cfg.model, _quantized_reader(path, params_dir, source_cfg, target, quant)
 
     def load():
         reader = ParamReader(params_dir)
@@ -69,6 +73,29 @@ def _restore_orbax(path: Path, target):
         return restore_params(params_dir, target)
 
     return source_cfg.model, load
+
+
+def _quantized_reader(path: Path, params_dir: Path, source_cfg: Config, target, quant):
+    if source_cfg.quant != quant:
+        raise InitFromError(f"train.init_from {path} holds weights quantized as {source_cfg.quant.base} "
+                            f"(quant: {dataclasses.asdict(source_cfg.quant)}); a run starts from it with the same "
+                            "quant section (QLoRA: lora.rank set), or from its full-precision source")
+
+    def load():
+        from moe.checkpoint import restore_params
+        from moe.quant import params as qparams, store
+
+        params = store.from_storage(restore_params(params_dir), store.shapes(source_cfg))
+        flat_target = {tuple(k.key for k in kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+
+        def place(key_path, x):
+            leaf = flat_target[tuple(k.key for k in key_path)]
+            if isinstance(x, qparams.QArray):
+                return jax.device_put(x, qparams.leaf_shardings(x, leaf.sharding))
+            return jax.device_put(np.asarray(x).astype(leaf.dtype), leaf.sharding)
+        return jax.tree_util.tree_map_with_path(place, params, is_leaf=lambda x: isinstance(x, qparams.QArray))
+
+    return load
 
 
 def _hf_reader(path: Path, target):
@@ -121,7 +148,7 @@ def _reader(cfg: Config, target):
     if not path.is_dir():
         raise InitFromError(f"train.init_from {path}: no such directory; give {HINT}")
     is_hf = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
-    source_model, read = _hf_reader(path, target) if is_hf else _restore_orbax(path, target)
+    source_model, read = _hf_reader(path, target) if is_hf else _restore_orbax(path, target, cfg.quant)
     _check_architecture(source_model, cfg.model, str(path))
     return read
 

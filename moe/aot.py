@@ -61,6 +61,15 @@ def parse_topology(name: str) -> tuple[str, str, int]:
     return generation, f"{TOPOLOGY_NAMES[generation]}:{grid}", chips
 
 
+def _host_bounds(generation: str, name: str) -> dict:
+    """A v4 / v5p slice smaller than one host's 2x2x1 chips (e.g. one chip, v5p:1x1x1) is
+    described as a host of just those chips; libtpu takes the default otherwise."""
+    dims = tuple(int(d) for d in name.split(":")[1].split("x"))
+    if generation in ("v4", "v5p") and math.prod(dims) < 4:
+        return {"chips_per_host_bounds": dims}
+    return {}
+
+
 def _per_chip_bytes(abstract_tree, shardings) -> int:
     total = 0
     for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract_tree), jax.tree_util.tree_leaves(shardings)):
@@ -115,11 +124,18 @@ class AotReport:
 
 def _frozen(cfg: Config, mesh):
     """(the frozen params as sharded ShapeDtypeStructs, their shardings); {} when all train."""
+    from moe.quant import params as qparams
     from moe.tune.trainable import split
 
     full = jax.eval_shape(lambda: train_lib.fresh_params(cfg, jax.random.key(0)))
     frozen = split(cfg, full)[1]
     shardings = sharding_lib.like_params(cfg, mesh, frozen)
+    if cfg.quant.base is not None and frozen:  # QLoRA: the base held quantized
+        q = cfg.quant
+        frozen = qparams.abstract(frozen, q.base, q.include, q.exclude, q.block_size)
+        shardings = jax.tree_util.tree_map(
+            lambda leaf, s: qparams.leaf_shardings(leaf, s) if isinstance(leaf, qparams.QArray) else s,
+            frozen, shardings, is_leaf=lambda x: isinstance(x, qparams.QArray))
     return sharding_lib.with_shardings(frozen, shardings), shardings
 
 
@@ -129,7 +145,7 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
     generation, name, chips = parse_topology(topology)
     if cfg.model.moe_dispatch == "auto":  # the choice for TPU, not for this CPU host
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch="ragged"))
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=name, **_host_bounds(generation, name)).devices
     mesh = sharding_lib.make_mesh(cfg, devices)
     abstract, shardings = sharding_lib.abstract_state(cfg, mesh)
     batch_shape = (cfg.train.batch_size, cfg.train.seq_len)

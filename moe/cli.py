@@ -23,6 +23,10 @@ def cmd_params(args) -> int:
     tuned = counts(cfg)
     print(f"trainable parameters: {tuned['trainable']:,} (LoRA adapters {tuned['adapters']:,}); frozen (no "
           f"gradients, no optimizer state): {tuned['frozen']:,}")
+    if args.quant:
+        from moe.quant.params import format_bytes
+
+        print(format_bytes(cfg, args.quant))
     return 0
 
 
@@ -197,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="total and active parameter counts, from shapes alone")
     _add_config_args(p)
+    p.add_argument("--quant", metavar="FMT", help="also the weights' bytes quantized as int8, int4, nf4 or nf4-dq "
+                   "(beside the other formats), from the config's quant.include / exclude")
     p.set_defaults(func=cmd_params)
     _add_convert(sub)
     _add_train_and_tools(sub)

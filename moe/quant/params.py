@@ -126,6 +126,30 @@ def bytes_table(shapes, include=DEFAULT_INCLUDE, exclude=()) -> list[tuple[str, 
     return rows
 
 
+def format_bytes(cfg, fmt: str) -> str:
+    """`moe params --quant FMT`: the params' bytes unquantized (in the compute dtype) and in
+    every format, FMT marked; what is not quantized stays in the compute dtype."""
+    from moe.model import param_shapes
+    from moe.params import count_params
+
+    check_format(fmt)
+    dtype = jnp.dtype(cfg.model.dtype)
+    shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_shapes(cfg.model))
+    q = cfg.quant
+    rows = bytes_table(shapes, q.include, q.exclude)
+    n_quantized = sum(math.prod(s.shape) for p, s in traverse_util.flatten_dict(shapes).items()
+                      if selected(p, q.include, q.exclude))
+    total = count_params(cfg.model).total
+    lines = [f"weights by format (quantized: {n_quantized:,} of {total:,} parameters, "
+             f"{', '.join(q.include)}{' minus ' + ', '.join(q.exclude) if q.exclude else ''}; the rest in {dtype.name}):",
+             f"{'format':<10}{'GB':>10}{'GiB':>10}{'bits/param (quantized)':>26}"]
+    for name_, size, quantized in rows:
+        bits = f"{8 * quantized / n_quantized:.3f}" if quantized else f"{8 * dtype.itemsize}"
+        mark = "  <-" if name_ == fmt else ""
+        lines.append(f"{name_:<10}{size / 1e9:>10.2f}{size / 2**30:>10.2f}{bits:>26}{mark}")
+    return "\n".join(lines)
+
+
 def leaf_shardings(q: QArray, weight_sharding: jax.sharding.NamedSharding):
     """Shardings for a QArray's leaves from its weight's: the stack dims (layers, experts)
     placed as the weight's, the codes and scales of each matrix whole on their device."""

@@ -91,8 +91,12 @@ class QArray:
 
 
 def as_array(w):
-    """w itself, or a QArray dequantized to its compute dtype."""
-    return w.dequantize() if isinstance(w, QArray) else w
+    """w itself, or a QArray dequantized to its compute dtype. The dequantized weight is
+    materialized (an optimization barrier: XLA does not fuse the decoding into the matmul)
+    so the matmul is the one it would be with that weight given whole: the model's output
+    is bit for bit the same as with the weights dequantized first in the same program
+    (tested; without the barrier it differs in the last bits)."""
+    return jax.lax.optimization_barrier(w.dequantize()) if isinstance(w, QArray) else w
 
 
 def _matrix(tail: tuple, n_in: Optional[int]) -> tuple[int, int]:
@@ -207,7 +211,7 @@ def _encode_nf4(m, block_size, double_quant: bool = False):
     index, absmax = _blockwise(flat, codes_lib.nf4_code(), block_size)
     out = {"codes": _pack(index), "scale": absmax}
     if double_quant:
-        offset = jnp.mean(absmax, axis=-1)  # [...]
+        offset = jnp.mean(absmax, axis=-1)  # [...]; float32, summed in XLA's order (torch's may differ by an ulp)
         q_absmax, scale2 = _blockwise(absmax - offset[..., None], codes_lib.dynamic_code(), SCALE_BLOCK)
         out.update(scale=q_absmax, scale2=scale2, offset=offset)
     return out
@@ -219,6 +223,8 @@ def block_absmax(q: QArray):
         return q.scale
     n_blocks = q.scale.shape[-1]
     absmax = _decode_blockwise(q.scale, q.scale2, codes_lib.dynamic_code(), SCALE_BLOCK)[..., :n_blocks]
+    # two roundings, as the reference's; under jit XLA:CPU may contract them into one
+    # fused multiply-add (it drops optimization barriers), an ulp away at most
     return absmax + q.offset[..., None]
 
 

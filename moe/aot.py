@@ -22,6 +22,7 @@ import numpy as np
 from moe import sharding as sharding_lib
 from moe import train as train_lib
 from moe.config import Config, ConfigError
+from moe.model import dispatch as dispatch_lib
 from moe.params import count_params
 
 # chips per slice = cores / CORES_PER_CHIP; HBM bytes per chip
@@ -144,7 +145,8 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
 
     generation, name, chips = parse_topology(topology)
     if cfg.model.moe_dispatch == "auto":  # the choice for TPU, not for this CPU host
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch="ragged"))
+        dispatch = dispatch_lib.resolve("auto", quantized=cfg.quant.base is not None, backend="tpu")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch=dispatch))
     devices = topologies.get_topology_desc(platform="tpu", topology_name=name, **_host_bounds(generation, name)).devices
     mesh = sharding_lib.make_mesh(cfg, devices)
     abstract, shardings = sharding_lib.abstract_state(cfg, mesh)

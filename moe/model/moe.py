@@ -21,7 +21,8 @@ from moe import expert_parallel
 from moe.config import LoRAConfig, ModelConfig
 from moe.model import dispatch as dispatch_lib
 from moe.model.layers import DTYPES, kernel_init, param_with_axes
-from moe.model.lora import adapt, project
+from moe.model.lora import Adapted, adapt, project
+from moe.quant.qarray import QArray
 
 
 def route(logits_te, top_k: int):
@@ -71,7 +72,8 @@ class SparseMoE(nn.Module):
         valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
         stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t)
 
-        fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e)]
+        quantized = isinstance(w1.w if isinstance(w1, Adapted) else w1, QArray)
+        fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e, quantized)]
         args = (x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
                 w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
         mesh = expert_parallel.active_mesh()

@@ -171,9 +171,10 @@ def _pack(q):
 
 
 def _unpack(packed, n: int, signed: bool = False):
-    """The inverse of _pack: [..., n] int32 (sign-extended when `signed`)."""
-    q = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], -1)[..., :n].astype(jnp.int32)
-    return jnp.where(q >= 8, q - 16, q) if signed else q
+    """The inverse of _pack: [..., n] uint8 codes (int8, sign-extended, when `signed`)."""
+    q = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], -1)
+    q = q if q.shape[-1] == n else q[..., :n]
+    return (q.astype(jnp.int8) ^ 8) - 8 if signed else q
 
 
 def _blockwise(flat, code: np.ndarray, block: int):
@@ -200,8 +201,9 @@ def _blockwise(flat, code: np.ndarray, block: int):
 def _decode_blockwise(index, absmax, code: np.ndarray, block: int):
     """code[index] * absmax of each element's block, in float32."""
     n, n_blocks = index.shape[-1], absmax.shape[-1]
-    values = jnp.asarray(code)[index.astype(jnp.int32)]
-    values = jnp.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, n_blocks * block - n)])
+    values = jnp.asarray(code)[index]
+    if n_blocks * block != n:
+        values = jnp.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, n_blocks * block - n)])
     out = values.reshape(*values.shape[:-1], n_blocks, block) * absmax[..., None]
     return out.reshape(*values.shape[:-1], -1)
 
@@ -231,7 +233,7 @@ def block_absmax(q: QArray):
 def _nf4_decode(q: QArray, rows: int, cols: int):
     index = _unpack(q.codes, rows * cols)
     flat = _decode_blockwise(index, block_absmax(q), codes_lib.nf4_code(), q.block_size)
-    return flat[..., :rows * cols].reshape(*q.lead, rows, cols)
+    return (flat if flat.shape[-1] == rows * cols else flat[..., :rows * cols]).reshape(*q.lead, rows, cols)
 
 
 _ENCODE = {"int8": _encode_int8, "int4": _encode_int4, "nf4": _encode_nf4,

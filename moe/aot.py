@@ -107,7 +107,7 @@ class AotReport:
     error: str | None = None
 
     def format(self) -> str:
-        gib = lambda b: "?" if b is None else f"{b / 2**30:.2f} GiB"
+        gib = lambda b: "?" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
         lines = [f"topology {self.topology}: {self.chips} chips, {gib(self.hbm_per_chip)} HBM each",
                  f"mesh {self.mesh}", "per chip:",
                  f"  params           {gib(self.params_bytes)}", f"  optimizer state  {gib(self.opt_state_bytes)}",

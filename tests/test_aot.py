@@ -53,6 +53,23 @@ def test_tiny_moe_compiles_for_a_small_v5p_slice():
 
 
 @needs_libtpu
+def test_a_qlora_plan_compiles_for_one_v5p_chip(tmp_path):
+    # one chip (a host of 1x1x1), the frozen base in nf4-dq, LoRA on attention and every expert
+    result = moe_aot(ROOT / "configs/tiny-moe.yaml", "--topology", "v5p:1x1x1", "mesh.data=1", "model.n_layers=1",
+                     "model.vocab_size=512", "train.batch_size=1", f"train.init_from={tmp_path}", "lora.rank=4",
+                     "lora.targets=[q,mlp]", "quant.base=nf4-dq")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "topology v5p:1x1x1: 1 chips" in out and "FITS" in out
+    value, unit = out.split("  params")[1].split()[:2]
+    params_bytes = float(value) * {"MiB": 2**20, "GiB": 2**30}[unit]
+    full = float(subprocess.run([sys.executable, "-m", "moe", "params", str(ROOT / "configs/tiny-moe.yaml"),
+                                 "model.n_layers=1", "model.vocab_size=512"], capture_output=True, text=True)
+                 .stdout.split("total parameters: ")[1].split()[0].replace(",", "")) * 4
+    assert params_bytes < 0.6 * full  # the layers' weights counted in 4 bits, not float32
+
+
+@needs_libtpu
 def test_a_plan_that_does_not_fit_exits_non_zero():
     result = moe_aot(ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "mesh.data=4",
                      "model.d_model=4096", "model.d_ff=32768", "model.n_heads=32", "model.n_kv_heads=8")

@@ -5,6 +5,8 @@ run against LoRA-on-experts of the same seed. Writes results.json and results.md
 
     python experiments/finetune/evaluate.py experiments/finetune runs/finetune/data \
         runs/sweeps/finetune runs/sweeps/finetune-dpo
+
+--reference=VARIANT (before the run folders) compares against another variant than lora-experts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from moe.metrics import read
 from moe.tune import compare as compare_lib
 from moe.tune.trainable import counts
 
-REFERENCE = "lora-experts"
+REFERENCE = ["lora-experts"]  # main() may replace it
 
 
 def answers_for(run: Path, data: Path, out: Path) -> Path:
@@ -51,8 +53,8 @@ def row(run: Path, answers_path: Path, data: Path) -> dict:
            "by_task": by_task(answers, refs), "val_loss": val[-1]["val_loss"],
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[5:]),
            "trainable": n["trainable"], "adam_state_mb": 2 * 4 * n["trainable"] / 2**20}
-    reference = answers_path.parent / f"{REFERENCE}_seed-{seed}.jsonl"
-    if variant != REFERENCE:
+    reference = answers_path.parent / f"{REFERENCE[0]}_seed-{seed}.jsonl"
+    if variant != REFERENCE[0]:
         vs = compare_lib.compare(answers_path, reference, "exact",
                                  data / "test_refs.jsonl")
         out["vs_lora_experts"] = {k: vs[k] for k in ("wins", "ties", "losses", "win_rate", "win_rate_ties_half",
@@ -62,7 +64,7 @@ def row(run: Path, answers_path: Path, data: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| run | accuracy | first / last / count / reverse | val loss | tokens/s | trainable | Adam state | "
-             "vs lora-experts (W/T/L, win rate with ties half) |", "|---|---|---|---|---|---|---|---|"]
+             f"vs {REFERENCE[0]} (W/T/L, win rate with ties half) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["by_task"]
         vs = r.get("vs_lora_experts")
@@ -100,6 +102,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(out: str, data: str, *runs_dirs: str) -> None:
     data, out = Path(data), Path(out)
+    if runs_dirs and runs_dirs[0].startswith("--reference="):
+        REFERENCE[0], runs_dirs = runs_dirs[0].split("=", 1)[1], runs_dirs[1:]
     runs = [p for d in runs_dirs for p in sorted(Path(d).iterdir())
             if (p / "metrics.jsonl").is_file() and "_seed-" in p.name]
     paths = {run: answers_for(run, data, out) for run in runs}  # all answers first: comparisons need them

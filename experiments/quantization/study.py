@@ -4,7 +4,7 @@ error against float32 and against int8, bytes per parameter, batch-1 decode toke
 how many greedy tokens match float32's before the first difference. Writes results.json
 and results.md in OUT.
 
-    python experiments/quantization/study.py OUT NAME=SOURCE [NAME=SOURCE ...] [--texts N]
+    python experiments/quantization/study.py OUT NAME=SOURCE [NAME=SOURCE ...] [--texts N] [--checkpoints DIR]
 
 SOURCE: a run directory, checkpoint step, converted folder or Hugging Face folder.
 """
@@ -57,10 +57,10 @@ def _agreement(tokens, reference) -> float:
     return float(np.mean(counts))
 
 
-def measure(name: str, source: str, out: Path, n_texts: int) -> list[dict]:
+def measure(name: str, source: str, checkpoints: Path, n_texts: int) -> list[dict]:
     rows, variants = [], [("float32", source, "float32"), ("bfloat16", source, "bfloat16")]
     for fmt in FORMATS:
-        target = out / "checkpoints" / f"{name}-{fmt}"
+        target = checkpoints / f"{name}-{fmt}"
         if not target.is_dir():
             quantize_checkpoint(source, str(target), fmt)
         variants.append((fmt, str(target), "float32"))
@@ -106,13 +106,14 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("models", nargs="+", help="NAME=SOURCE")
     parser.add_argument("--texts", type=int, default=40, help="held-out documents scored (the first N)")
+    parser.add_argument("--checkpoints", default="runs/quant/checkpoints", help="where the quantized copies go")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in args.models:
         name, source = spec.split("=", 1)
-        rows += measure(name, source, out, args.texts)
+        rows += measure(name, source, Path(args.checkpoints), args.texts)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "results.md").write_text(table(rows) + "\n")
     print(table(rows))

@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moe.quant import commands as quant_commands
 
     quant_commands.add_parsers(sub)
+    from moe.convert import upcycle
+
+    upcycle.add_parser(sub)
     return parser
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import moe.model as model_lib
-from moe.quant import QArray, QuantError, quantize
+from moe.quant import QuantError, quantize
 from moe.quant import codes as codes_lib
 from moe.quant.params import dequantize_params, quantize_params
 

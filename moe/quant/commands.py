@@ -10,7 +10,6 @@ under OUT.partial and renamed when complete, so a failure leaves no partial fold
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import shutil
 from pathlib import Path
 
@@ -21,49 +20,22 @@ from moe.quant.qarray import QuantError
 HINT = "give a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
 
 
-def _hf_source(path: Path):
-    """(config, feed(write)) of a Hugging Face folder."""
-    from moe import config as config_lib
-    from moe.convert.hf import SafetensorsSource, hf_to_params, read_hf_config
+def _source(path: Path):
+    """(config, feed) of SOURCE, refusing what holds no full-precision weights."""
+    from moe.convert.stream import open_source
 
-    model, _ = read_hf_config(path)
-    feed = lambda write: hf_to_params(model, SafetensorsSource(path), write, model.param_dtype)
-    return config_lib.Config(model=model), feed
-
-
-def _orbax_source(path: Path):
-    """(config, feed(write)) of a converted folder, run or step: one layer slice at a time."""
-    from moe.checkpoint import ParamReader
-    from moe.infer.source import checkpoint_of
-    from moe.model import param_shapes
-
-    params_dir, _, cfg = checkpoint_of(path)
-    if cfg.quant.base is not None:
+    cfg, feed = open_source(path)
+    if cfg.quant.base is not None and cfg.lora.rank is None:
         raise QuantError(f"{path} is already quantized ({cfg.quant.base}); quantize its full-precision source")
     if cfg.lora.rank is not None:
         raise QuantError(f"{path} is a LoRA run: merge it first (`moe lora merge`), then quantize the merged weights")
-    reader = ParamReader(params_dir)
-
-    def feed(write):
-        for key_path, leaf in _leaves(param_shapes(cfg.model)):
-            path_ = tuple(k.key for k in key_path)
-            depth = 1 if path_[0] == "layers" else 0  # one layer at a time
-            for index in itertools.product(*(range(n) for n in leaf.shape[:depth])):
-                write(path_, index, reader.read(path_, index))
     return cfg, feed
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def quantize_checkpoint(source: str, out: str, fmt: str, include=None, exclude=(), block_size: int = 64) -> dict:
     """Write OUT (params/ + config.yaml) with SOURCE's weights quantized; returns byte counts."""
     from moe import config as config_lib
     from moe.checkpoint import ParamWriter
-    from moe.infer.source import _is_hf
     from moe.quant import params as qparams, store
 
     qparams.check_format(fmt)
@@ -72,7 +44,7 @@ def quantize_checkpoint(source: str, out: str, fmt: str, include=None, exclude=(
         raise QuantError(f"{source}: no such directory; {HINT}")
     if out_dir.exists():
         raise QuantError(f"{out} exists; choose a new output folder")
-    cfg, feed = (_hf_source if _is_hf(src) else _orbax_source)(src)
+    cfg, feed = _source(src)
     include = tuple(include or qparams.DEFAULT_INCLUDE)
     quant = config_lib.QuantConfig(base=fmt, include=include, exclude=tuple(exclude), block_size=block_size)
     qcfg = dataclasses.replace(cfg, quant=quant, train=dataclasses.replace(cfg.train, init_from=None))

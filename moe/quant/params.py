@@ -88,20 +88,6 @@ def dequantize_params(params, dtype=None):
                                   is_leaf=lambda w: isinstance(w, QArray))
 
 
-def is_quantized(params) -> bool:
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda w: isinstance(w, QArray))
-    return any(isinstance(w, QArray) for w in leaves)
-
-
-def format_of(params) -> str | None:
-    """The format of a params tree's quantized weights (None: none quantized)."""
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda w: isinstance(w, QArray))
-    found = {w.fmt for w in leaves if isinstance(w, QArray)}
-    if len(found) > 1:
-        raise QuantError(f"params mix quantization formats {sorted(found)}")
-    return found.pop() if found else None
-
-
 def abstract(params_shapes, fmt: str | None, include=DEFAULT_INCLUDE, exclude=(), block_size: int = BLOCK):
     """The ShapeDtypeStructs of the quantized params, from shapes alone (nothing allocated)."""
     if fmt is None:

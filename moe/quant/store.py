@@ -49,7 +49,3 @@ def from_storage(stored, abstract):
         else:
             out[path] = flat_stored[path]
     return traverse_util.unflatten_dict(out)
-
-
-def storage_shapes(abstract):
-    return to_storage(abstract)

@@ -1,0 +1,53 @@
+"""A checkpoint read tensor slice by tensor slice, whatever its kind: `open_source(path)`
+gives (its Config, feed) where feed(write) calls write(path, index, array) for every slice
+(a layer, or one layer's expert), so a command that rewrites weights (`moe quantize`,
+`moe upcycle`) never holds the whole model."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import jax
+
+from moe import config as config_lib
+
+HINT = "give a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
+
+
+def is_hf(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def _hf(path: Path):
+    from moe.convert.hf import SafetensorsSource, hf_to_params, read_hf_config
+
+    model, _ = read_hf_config(path)
+    return config_lib.Config(model=model), lambda write: hf_to_params(model, SafetensorsSource(path), write,
+                                                                      model.param_dtype)
+
+
+def _orbax(path: Path):
+    from moe.checkpoint import ParamReader
+    from moe.infer.source import checkpoint_of
+    from moe.model import param_shapes
+
+    params_dir, _, cfg = checkpoint_of(path)
+
+    def feed(write):
+        reader = ParamReader(params_dir)
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(cfg.model))[0]:
+            name = tuple(k.key for k in key_path)
+            depth = 1 if name[0] == "layers" else 0  # one layer at a time
+            for index in itertools.product(*(range(n) for n in leaf.shape[:depth])):
+                write(name, index, reader.read(name, index))
+    return cfg, feed
+
+
+def open_source(path: Path):
+    """(Config, feed) of a Hugging Face folder, converted folder, run or checkpoint step.
+    For an Orbax source the config is the run's: callers refuse what they cannot read
+    (quantized params, LoRA adapters) before feeding."""
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory; {HINT}")
+    return (_hf if is_hf(path) else _orbax)(path)

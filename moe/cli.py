@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moe.convert import upcycle
 
     upcycle.add_parser(sub)
+    from moe import analyze
+
+    analyze.add_parser(sub)
     return parser
 
 

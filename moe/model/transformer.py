@@ -67,7 +67,7 @@ def _layer_stack(cfg: ModelConfig, cached: bool = False):
         layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     return nn.scan(
         layer,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, DROPOUT_RNG: True},
         in_axes=(nn.broadcast,) * 4 + ((0,) if cached else ()),
         length=cfg.n_layers,

@@ -1,0 +1,205 @@
+"""`moe analyze SOURCE --data NAME=PATHS ...`: where a trained MoE routes its tokens (the
+Mixtral paper's section 5).
+
+For each named domain (a set of texts) and layer:
+  load          the fraction of token copies (top_k per token) each expert received; sums to 1
+  repeat rates  of consecutive token pairs within a document: the same first-choice expert,
+                and top-k sets that share an expert; beside the rates independent routing
+                with the observed frequencies would give (the paper's Table 5)
+and a rendering of sample texts with each token colored by its first-choice expert.
+Writes analysis.json, analysis.md, load_layer<L>.png, tokens.html and tokens_layer<L>.png.
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_DOMAINS = ("tests=test", "asyncio=asyncio", "email=email", "encodings=encodings", "tkinter=tkinter")
+
+
+class AnalyzeError(ValueError):
+    """Inputs the analysis cannot use; the message says what to change."""
+
+
+def routing(cfg, params, tokens):
+    """Top-k expert indices [layers, batch, seq, top_k] of int tokens [batch, seq]."""
+    from moe.model.transformer import Transformer
+
+    _, state = Transformer(cfg).apply({"params": params}, tokens, mutable=["intermediates"])
+    (idx,) = state["intermediates"]["layers"]["moe"]["expert_idx"]
+    return idx
+
+
+def load_fractions(choices: np.ndarray, n_experts: int) -> np.ndarray:
+    """choices [tokens, top_k] -> the fraction of copies per expert [n_experts] (sums to 1)."""
+    counts = np.bincount(choices.reshape(-1), minlength=n_experts).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def repeat_rates(documents: list[np.ndarray]) -> dict:
+    """documents: per document, choices [tokens, top_k] in order (first choice first).
+
+    first_same: pairs of consecutive tokens with the same first choice / pairs;
+    topk_share: pairs whose top-k sets intersect / pairs; expected_*: the same rates for
+    tokens routed independently, each drawing its first choice (its top-k set) from the
+    frequencies observed over all tokens."""
+    pairs = same = share = 0
+    firsts, sets = collections.Counter(), collections.Counter()
+    for choices in documents:
+        firsts.update(choices[:, 0].tolist())
+        sets.update(frozenset(row) for row in choices.tolist())
+        if len(choices) < 2:
+            continue
+        a, b = choices[:-1], choices[1:]
+        pairs += len(a)
+        same += int(np.sum(a[:, 0] == b[:, 0]))
+        share += int(np.sum((a[:, :, None] == b[:, None, :]).any(axis=(1, 2))))
+    n = sum(firsts.values())
+    p_first = np.array([c / n for c in firsts.values()]) if n else np.zeros(0)
+    q = {s: c / n for s, c in sets.items()} if n else {}
+    expected_share = sum(qa * qb for (a, qa), (b, qb) in itertools.product(q.items(), q.items()) if a & b)
+    return {"pairs": pairs, "first_same": same / pairs if pairs else float("nan"),
+            "topk_share": share / pairs if pairs else float("nan"),
+            "expected_first_same": float(np.sum(p_first ** 2)), "expected_topk_share": float(expected_share)}
+
+
+def _domains(specs: list[str]) -> dict[str, list[Path]]:
+    from moe import data
+
+    root = data.stdlib_files()[0].parent
+    out = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise AnalyzeError(f"--data takes NAME=PATHS (comma-separated files, folders or globs), got {spec!r}")
+        name, paths = spec.split("=", 1)
+        patterns = [p if Path(p).is_absolute() or Path(p).exists() else str(root / p) for p in paths.split(",")]
+        try:
+            files = data.resolve_paths(tuple(patterns))
+        except data.DataError:
+            files = []
+        if not files:
+            raise AnalyzeError(f"domain {name!r} ({paths}) has no files; give files, folders or globs that exist")
+        out[name] = files
+    return out
+
+
+def _encode(sp, files: list[Path], docs: int, seq: int) -> list[list[int]]:
+    """Up to `docs` documents (a file each, evenly spread over the domain), at most seq tokens."""
+    step = max(1, len(files) // docs)
+    out = []
+    for path in files[::step][:docs]:
+        ids = [sp.bos_id(), *sp.encode(path.read_text(errors="replace"))][:seq]
+        if len(ids) > 1:
+            out.append(ids)
+    return out
+
+
+def _route_docs(src, docs: list[list[int]], seq: int, batch: int = 8) -> list[np.ndarray]:
+    """Per document, its choices [layers, tokens, top_k]."""
+    fn = jax.jit(lambda p, t: routing(src.model, p, t))
+    out = []
+    for first in range(0, len(docs), batch):
+        group = docs[first:first + batch]
+        tokens = np.zeros((batch, seq), np.int32)
+        for r, ids in enumerate(group):
+            tokens[r, :len(ids)] = ids
+        idx = np.asarray(fn(src.params, jnp.asarray(tokens)))  # [layers, batch, seq, k]
+        out += [idx[:, r, :len(ids)] for r, ids in enumerate(group)]
+    return out
+
+
+def analyze(source: str, specs: list[str], out: str, layers=None, docs: int = 16, seq: int = 256,
+            dtype: str = "float32") -> dict:
+    from moe import tokenizer as tokenizer_lib
+    from moe.infer import source as source_lib
+    from moe.analyze_plots import heatmaps, render_tokens
+
+    domains = _domains(specs or list(DEFAULT_DOMAINS))  # every domain checked before anything runs
+    src = source_lib.load(source, dtype)
+    m = src.model
+    if not m.is_moe:
+        raise AnalyzeError(f"{source} is a dense model: there is no routing to analyze")
+    layers = list(range(m.n_layers)) if not layers else list(layers)
+    if any(not 0 <= layer < m.n_layers for layer in layers):
+        raise AnalyzeError(f"--layers must be in 0..{m.n_layers - 1}, got {layers}")
+    sp = tokenizer_lib.load(src.tokenizer)
+    seq = min(seq, m.max_seq_len)
+    encoded = {name: _encode(sp, files, docs, seq) for name, files in domains.items()}
+    for name, texts in encoded.items():
+        if not texts:
+            raise AnalyzeError(f"domain {name!r} has no text (its files are empty); give other files")
+    routed = {name: _route_docs(src, texts, seq) for name, texts in encoded.items()}
+    result = {"source": str(source), "n_experts": m.n_experts, "top_k": m.top_k, "layers": {}}
+    for layer in layers:
+        per = {}
+        for name, doc_choices in routed.items():
+            choices = [c[layer] for c in doc_choices]
+            per[name] = {"load": load_fractions(np.concatenate(choices), m.n_experts).tolist(),
+                         "tokens": int(sum(len(c) for c in choices)), **repeat_rates(choices)}
+        result["layers"][str(layer)] = per
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "analysis.md").write_text(summary(result) + "\n")
+    heatmaps(result, out_dir)
+    samples = {name: (encoded[name][0][:96], routed[name][0][:, :96]) for name in routed}
+    render_tokens(samples, sp, layers, m.n_experts, out_dir)
+    return result
+
+
+def summary(result: dict) -> str:
+    k, e = result["top_k"], result["n_experts"]
+    lines = [f"# Routing analysis of {result['source']}", "",
+             f"{e} experts, top-{k}: a uniform load is {1 / e:.3f} of the copies per expert.", "",
+             "| layer | domain | tokens | max / min expert load | first choice repeats (independent) | "
+             "top-k sets share an expert (independent) |", "|---|---|---|---|---|---|"]
+    for layer, per in result["layers"].items():
+        for name, r in per.items():
+            load = r["load"]
+            lines.append(f"| {layer} | {name} | {r['tokens']} | {max(load):.3f} / {min(load):.3f} | "
+                         f"{r['first_same']:.3f} ({r['expected_first_same']:.3f}) | "
+                         f"{r['topk_share']:.3f} ({r['expected_topk_share']:.3f}) |")
+    return "\n".join(lines)
+
+
+def token_html(pieces: list[str], experts: list[int], n_experts: int) -> str:
+    colors = _palette(n_experts)
+    spans = [f'<span style="background:{colors[e]}" title="expert {e}">{html.escape(p)}</span>'
+             for p, e in zip(pieces, experts)]
+    return "<pre style='white-space:pre-wrap'>" + "".join(spans) + "</pre>"
+
+
+def _palette(n: int) -> list[str]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [matplotlib.colors.to_hex(cmap(i % cmap.N), keep_alpha=False) for i in range(n)]
+
+
+def run_analyze(args) -> int:
+    result = analyze(args.source, args.data, args.out, args.layers, args.docs, args.seq, args.dtype)
+    print(summary(result))
+    print(f"wrote {args.out}/analysis.json, analysis.md, load_layer*.png, tokens.html, tokens_layer*.png")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="router analysis: expert load per domain, consecutive-token repeat "
+                                       "rates, token-colored samples")
+    p.add_argument("source", help="an MoE: run directory, checkpoint step, converted or HF folder")
+    p.add_argument("--data", nargs="*", default=[], help="NAME=PATHS domains (comma-separated files, folders, "
+                   "globs; relative names also under the stdlib); default: " + " ".join(DEFAULT_DOMAINS))
+    p.add_argument("--layers", type=int, nargs="*", help="layers to report (default: all)")
+    p.add_argument("--docs", type=int, default=16, help="documents per domain")
+    p.add_argument("--seq", type=int, default=256, help="tokens per document (its beginning)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", required=True, help="the folder for the outputs")
+    p.set_defaults(func=run_analyze)

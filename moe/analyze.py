@@ -13,7 +13,6 @@ Writes analysis.json, analysis.md, load_layer<L>.png, tokens.html and tokens_lay
 from __future__ import annotations
 
 import collections
-import html
 import itertools
 import json
 from pathlib import Path
@@ -168,20 +167,6 @@ def summary(result: dict) -> str:
                          f"{r['first_same']:.3f} ({r['expected_first_same']:.3f}) | "
                          f"{r['topk_share']:.3f} ({r['expected_topk_share']:.3f}) |")
     return "\n".join(lines)
-
-
-def token_html(pieces: list[str], experts: list[int], n_experts: int) -> str:
-    colors = _palette(n_experts)
-    spans = [f'<span style="background:{colors[e]}" title="expert {e}">{html.escape(p)}</span>'
-             for p, e in zip(pieces, experts)]
-    return "<pre style='white-space:pre-wrap'>" + "".join(spans) + "</pre>"
-
-
-def _palette(n: int) -> list[str]:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return [matplotlib.colors.to_hex(cmap(i % cmap.N), keep_alpha=False) for i in range(n)]
 
 
 def run_analyze(args) -> int:

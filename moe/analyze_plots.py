@@ -4,9 +4,24 @@ first-choice expert (its Figure 8), as HTML and PNG."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import numpy as np
+
+
+def token_html(pieces: list[str], experts: list[int], n_experts: int) -> str:
+    colors = palette(n_experts)
+    spans = [f'<span style="background:{colors[e]}" title="expert {e}">{html.escape(p)}</span>'
+             for p, e in zip(pieces, experts)]
+    return "<pre style='white-space:pre-wrap'>" + "".join(spans) + "</pre>"
+
+
+def palette(n: int) -> list[str]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [matplotlib.colors.to_hex(cmap(i % cmap.N), keep_alpha=False) for i in range(n)]
 
 
 def _pyplot():
@@ -55,10 +70,8 @@ def _pieces(sp, ids: list[int]) -> list[str]:
 def render_tokens(samples: dict, sp, layers: list[int], n_experts: int, out_dir: Path) -> None:
     """tokens.html (every layer) and tokens_layer<L>.png of one sample text per domain;
     samples: name -> (token ids, choices [layers, tokens, top_k])."""
-    from moe.analyze import _palette, token_html
-
     sections = ["<html><body><h1>First-choice expert of each token</h1>"]
-    colors = _palette(n_experts)
+    colors = palette(n_experts)
     sections.append("<p>" + " ".join(f'<span style="background:{c}">expert {i}</span>'
                                      for i, c in enumerate(colors)) + "</p>")
     for layer in layers:

@@ -5,7 +5,9 @@ gives (its Config, feed) where feed(write) calls write(path, index, array) for e
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import shutil
 from pathlib import Path
 
 import jax
@@ -42,6 +44,26 @@ def _orbax(path: Path):
             for index in itertools.product(*(range(n) for n in leaf.shape[:depth])):
                 write(name, index, reader.read(name, index))
     return cfg, feed
+
+
+@contextlib.contextmanager
+def written_atomically(out_dir: Path, source: Path):
+    """A new checkpoint folder: yields OUT.partial to write into, then copies the source's
+    tokenizer.model beside it and renames it to OUT; on any failure it is removed, so OUT
+    exists only complete."""
+    if out_dir.exists():
+        raise ValueError(f"{out_dir} exists; choose a new output folder")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if (source / "tokenizer.model").is_file():
+            shutil.copy(source / "tokenizer.model", tmp / "tokenizer.model")
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def open_source(path: Path):

@@ -15,7 +15,6 @@ under OUT.partial and renamed when complete.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,7 @@ def upcycle(source: str, moe_config: str, out: str, overrides=(), router_init: s
             noise: float = 0.0, seed: int = 0) -> config_lib.Config:
     from moe.checkpoint import ParamWriter
     from moe.convert.hf import NP_DTYPES
-    from moe.convert.stream import open_source
+    from moe.convert.stream import open_source, written_atomically
     from moe.model import param_shapes
 
     if router_init not in ROUTER_INITS:
@@ -64,8 +63,6 @@ def upcycle(source: str, moe_config: str, out: str, overrides=(), router_init: s
     if noise < 0:
         raise UpcycleError(f"--noise is a standard deviation, >= 0; got {noise}")
     src, out_dir = Path(source), Path(out)
-    if out_dir.exists():
-        raise UpcycleError(f"{out} exists; choose a new output folder")
     target = config_lib.load(moe_config, list(overrides))
     dense_cfg, feed = open_source(src)
     if dense_cfg.lora.rank is not None or dense_cfg.quant.base is not None:
@@ -75,10 +72,7 @@ def upcycle(source: str, moe_config: str, out: str, overrides=(), router_init: s
     m = target.model
     cfg = dataclasses.replace(target, train=dataclasses.replace(target.train, init_from=None))
     dtype = NP_DTYPES[m.param_dtype]
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with written_atomically(out_dir, src) as tmp:
         writer = ParamWriter(tmp / "params", param_shapes(m))
 
         def write(path, index, array):
@@ -99,12 +93,6 @@ def upcycle(source: str, moe_config: str, out: str, overrides=(), router_init: s
             writer.write(("layers", "moe", "gate"), (layer,), gate.astype(dtype))
         writer.close()
         (tmp / "config.yaml").write_text(config_lib.dump(cfg))
-        if (src / "tokenizer.model").is_file():
-            shutil.copy(src / "tokenizer.model", tmp / "tokenizer.model")
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return cfg
 
 

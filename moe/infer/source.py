@@ -14,9 +14,8 @@ from moe import config as config_lib
 from moe import tokenizer as tokenizer_lib
 from moe.config import Config, ConfigError, ModelConfig
 from moe.convert.hf import NP_DTYPES
+from moe.convert.stream import HINT, is_hf as _is_hf
 from moe.quant.qarray import QArray
-
-HINT = "give a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
 
 
 class SourceError(ValueError):
@@ -108,10 +107,6 @@ def _merged_lora(cfg: Config, adapters: dict, path: Path) -> tuple[Config, dict]
                                 train=dataclasses.replace(cfg.train, init_from=None, objective="lm"),
                                 data=dataclasses.replace(cfg.data, format="auto"))
     return plain, params
-
-
-def _is_hf(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
 
 
 def load(source: str | Path, dtype: str = "float32", tokenizer: str | None = None) -> Source:

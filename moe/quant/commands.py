@@ -4,21 +4,18 @@ SOURCE is a Hugging Face folder, a `moe convert from-hf` output, a run directory
 checkpoint) or a checkpoint step. Each tensor is read one slice (a layer, or a layer's
 expert) at a time, quantized and written, so the full-precision model is never in memory.
 OUT gets params/ (Orbax) and config.yaml (the source's, with quant.base set); it is written
-under OUT.partial and renamed when complete, so a failure leaves no partial folder.
+under OUT.partial and renamed when complete (moe/convert/stream.py), so a failure leaves
+no partial folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from moe.quant.qarray import QuantError
-
-HINT = "give a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
-
 
 def _source(path: Path):
     """(config, feed) of SOURCE, refusing what holds no full-precision weights."""
@@ -36,25 +33,18 @@ def quantize_checkpoint(source: str, out: str, fmt: str, include=None, exclude=(
     """Write OUT (params/ + config.yaml) with SOURCE's weights quantized; returns byte counts."""
     from moe import config as config_lib
     from moe.checkpoint import ParamWriter
+    from moe.convert.stream import written_atomically
     from moe.quant import params as qparams, store
 
     qparams.check_format(fmt)
-    src, out_dir = Path(source), Path(out)
-    if not src.is_dir():
-        raise QuantError(f"{source}: no such directory; {HINT}")
-    if out_dir.exists():
-        raise QuantError(f"{out} exists; choose a new output folder")
+    src = Path(source)
     cfg, feed = _source(src)
     include = tuple(include or qparams.DEFAULT_INCLUDE)
     quant = config_lib.QuantConfig(base=fmt, include=include, exclude=tuple(exclude), block_size=block_size)
     qcfg = dataclasses.replace(cfg, quant=quant, train=dataclasses.replace(cfg.train, init_from=None))
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        abstract = store.shapes(qcfg)
-        writer = ParamWriter(tmp / "params", store.to_storage(abstract))
-        sizes = {"source_bytes": 0, "bytes": 0}
+    sizes = {"source_bytes": 0, "bytes": 0}
+    with written_atomically(Path(out), src) as tmp:
+        writer = ParamWriter(tmp / "params", store.to_storage(store.shapes(qcfg)))
 
         def write(path, index, array):
             sizes["source_bytes"] += array.nbytes
@@ -71,13 +61,6 @@ def quantize_checkpoint(source: str, out: str, fmt: str, include=None, exclude=(
         feed(write)
         writer.close()
         (tmp / "config.yaml").write_text(config_lib.dump(qcfg))
-        for name in ("tokenizer.model",):
-            if (src / name).is_file():
-                shutil.copy(src / name, tmp / name)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sizes
 
 

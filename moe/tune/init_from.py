@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from moe.config import Config, ModelConfig
+from moe.convert.stream import is_hf
 
 # Settings that may differ between the source and the run: how it computes, not what it is.
 COMPUTE_FIELDS = {"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat", "init_std", "max_seq_len"}
@@ -147,8 +148,7 @@ def _reader(cfg: Config, target):
     path = Path(cfg.train.init_from)
     if not path.is_dir():
         raise InitFromError(f"train.init_from {path}: no such directory; give {HINT}")
-    is_hf = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
-    source_model, read = _hf_reader(path, target) if is_hf else _restore_orbax(path, target, cfg.quant)
+    source_model, read = _hf_reader(path, target) if is_hf(path) else _restore_orbax(path, target, cfg.quant)
     _check_architecture(source_model, cfg.model, str(path))
     return read
 

@@ -29,12 +29,13 @@ class AnalyzeError(ValueError):
 
 
 def routing(cfg, params, tokens):
-    """Top-k expert indices [layers, batch, seq, top_k] of int tokens [batch, seq]."""
+    """Of int tokens [batch, seq]: the top-k expert indices [layers, batch, seq, top_k] and the
+    router's probability of the first choice [layers, batch, seq] (1 / n_experts if uniform)."""
     from moe.model.transformer import Transformer
 
     _, state = Transformer(cfg).apply({"params": params}, tokens, mutable=["intermediates"])
-    (idx,) = state["intermediates"]["layers"]["moe"]["expert_idx"]
-    return idx
+    sown = state["intermediates"]["layers"]["moe"]
+    return sown["expert_idx"][0], sown["top1_prob"][0]
 
 
 def load_fractions(choices: np.ndarray, n_experts: int) -> np.ndarray:
@@ -101,8 +102,8 @@ def _encode(sp, files: list[Path], docs: int, seq: int) -> list[list[int]]:
     return out
 
 
-def _route_docs(src, docs: list[list[int]], seq: int, batch: int = 8) -> list[np.ndarray]:
-    """Per document, its choices [layers, tokens, top_k]."""
+def _route_docs(src, docs: list[list[int]], seq: int, batch: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per document, its choices [layers, tokens, top_k] and first-choice probabilities [layers, tokens]."""
     fn = jax.jit(lambda p, t: routing(src.model, p, t))
     out = []
     for first in range(0, len(docs), batch):
@@ -110,8 +111,8 @@ def _route_docs(src, docs: list[list[int]], seq: int, batch: int = 8) -> list[np
         tokens = np.zeros((batch, seq), np.int32)
         for r, ids in enumerate(group):
             tokens[r, :len(ids)] = ids
-        idx = np.asarray(fn(src.params, jnp.asarray(tokens)))  # [layers, batch, seq, k]
-        out += [idx[:, r, :len(ids)] for r, ids in enumerate(group)]
+        idx, top1 = (np.asarray(a) for a in fn(src.params, jnp.asarray(tokens)))  # [layers, batch, seq(, k)]
+        out += [(idx[:, r, :len(ids)], top1[:, r, :len(ids)]) for r, ids in enumerate(group)]
     return out
 
 
@@ -139,17 +140,18 @@ def analyze(source: str, specs: list[str], out: str, layers=None, docs: int = 16
     result = {"source": str(source), "n_experts": m.n_experts, "top_k": m.top_k, "layers": {}}
     for layer in layers:
         per = {}
-        for name, doc_choices in routed.items():
-            choices = [c[layer] for c in doc_choices]
+        for name, docs_routed in routed.items():
+            choices = [c[layer] for c, _ in docs_routed]
+            top1 = np.concatenate([p[layer] for _, p in docs_routed])
             per[name] = {"load": load_fractions(np.concatenate(choices), m.n_experts).tolist(),
-                         "tokens": int(sum(len(c) for c in choices)), **repeat_rates(choices)}
+                         "tokens": int(top1.size), "mean_top1_prob": float(top1.mean()), **repeat_rates(choices)}
         result["layers"][str(layer)] = per
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "analysis.md").write_text(summary(result) + "\n")
     heatmaps(result, out_dir)
-    samples = {name: (encoded[name][0][:96], routed[name][0][:, :96]) for name in routed}
+    samples = {name: (encoded[name][0][:96], routed[name][0][0][:, :96]) for name in routed}
     render_tokens(samples, sp, layers, m.n_experts, out_dir)
     return result
 
@@ -157,13 +159,16 @@ def analyze(source: str, specs: list[str], out: str, layers=None, docs: int = 16
 def summary(result: dict) -> str:
     k, e = result["top_k"], result["n_experts"]
     lines = [f"# Routing analysis of {result['source']}", "",
-             f"{e} experts, top-{k}: a uniform load is {1 / e:.3f} of the copies per expert.", "",
-             "| layer | domain | tokens | max / min expert load | first choice repeats (independent) | "
-             "top-k sets share an expert (independent) |", "|---|---|---|---|---|---|"]
+             f"{e} experts, top-{k}: a uniform load is {1 / e:.3f} of the copies per expert, and a router "
+             f"with no preference gives its first choice probability {1 / e:.3f}.", "",
+             "| layer | domain | tokens | max / min expert load | mean first-choice probability | "
+             "first choice repeats (independent) | top-k sets share an expert (independent) |",
+             "|---|---|---|---|---|---|---|"]
     for layer, per in result["layers"].items():
         for name, r in per.items():
             load = r["load"]
             lines.append(f"| {layer} | {name} | {r['tokens']} | {max(load):.3f} / {min(load):.3f} | "
+                         f"{r['mean_top1_prob']:.3f} | "
                          f"{r['first_same']:.3f} ({r['expected_first_same']:.3f}) | "
                          f"{r['topk_share']:.3f} ({r['expected_topk_share']:.3f}) |")
     return "\n".join(lines)

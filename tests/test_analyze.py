@@ -43,15 +43,22 @@ def test_repeat_rates_of_independent_routing_meet_their_expectation():
     assert rates["topk_share"] == pytest.approx(rates["expected_topk_share"], abs=0.01)
 
 
-def test_routing_reads_each_layers_top_k_from_the_model():
+def test_routing_reads_each_layers_top_k_and_first_choice_probability_from_the_model():
     cfg = tiny_model(n_layers=2)
     params = model_lib.init(cfg, jax.random.key(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
-    idx = np.asarray(analyze.routing(cfg, params, tokens))
-    assert idx.shape == (2, 2, 7, cfg.top_k)
+    idx, top1 = (np.asarray(a) for a in analyze.routing(cfg, params, tokens))
+    assert idx.shape == (2, 2, 7, cfg.top_k) and top1.shape == (2, 2, 7)
     _, stats = model_lib.apply(cfg, params, tokens)
     counts = np.stack([np.bincount(idx[layer].reshape(-1), minlength=cfg.n_experts) for layer in range(2)])
     np.testing.assert_array_equal(counts, np.asarray(stats["expert_counts"]))  # the block's own top-k
+    assert np.all(top1 >= 1 / cfg.n_experts) and np.all(top1 <= 1)
+    # a router with zero weights has no preference: the first choice gets exactly 1 / n_experts
+    # (the renormalized top-k weight would say 1 / top_k)
+    flat = jax.tree.map(lambda a: a, params)
+    flat["layers"]["moe"]["gate"] = jnp.zeros_like(params["layers"]["moe"]["gate"])
+    _, top1_flat = analyze.routing(cfg, flat, tokens)
+    np.testing.assert_allclose(np.asarray(top1_flat), 1 / cfg.n_experts, rtol=1e-6)
 
 
 def _source(tmp_path):
@@ -72,6 +79,7 @@ def test_analyze_writes_loads_that_sum_to_one_and_refuses_an_empty_domain(tmp_pa
     for per in result["layers"].values():
         for name in ("json", "email"):
             assert sum(per[name]["load"]) == pytest.approx(1.0) and per[name]["tokens"] > 0
+            assert 1 / 8 <= per[name]["mean_top1_prob"] <= 1
     for name in ("analysis.md", "load_layer0.png", "load_layer1.png", "tokens.html", "tokens_layer1.png"):
         assert (out / name).is_file()
     assert cli.main(["analyze", str(source), "--data", "empty=no/such/package", "--out", str(tmp_path / "x")]) == 1

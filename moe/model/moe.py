@@ -71,7 +71,8 @@ class SparseMoE(nn.Module):
         probs_te, weight_tk, expert_idx_tk = route(logits_te, cfg.top_k)
         valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
         stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t)
-        self.sow("intermediates", "expert_idx", expert_idx_tk.reshape(batch, seq, -1))  # moe/analyze.py reads it
+        self.sow("intermediates", "expert_idx", expert_idx_tk.reshape(batch, seq, -1))  # moe/analyze.py reads these
+        self.sow("intermediates", "top1_prob", probs_te.max(axis=-1).reshape(batch, seq))
 
         quantized = isinstance(w1.w if isinstance(w1, Adapted) else w1, QArray)
         fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e, quantized)]

@@ -27,6 +27,8 @@ from moe.params import count_params
 
 # chips per slice = cores / CORES_PER_CHIP; HBM bytes per chip
 CHIPS = {"v4": (2, 32 * 2**30), "v5p": (2, 95 * 2**30), "v5e": (1, 16 * 2**30), "v6e": (1, 32 * 2**30)}
+# per chip, Google's published figures: peak bfloat16 FLOP/s, HBM bytes/s (the roofline)
+PEAKS = {"v4": (275e12, 1228e9), "v5p": (459e12, 2765e9), "v5e": (197e12, 819e9), "v6e": (918e12, 1640e9)}
 TOPOLOGY_NAMES = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
 
 
@@ -105,6 +107,24 @@ class AotReport:
     compile_seconds: float
     fits: bool
     error: str | None = None
+    kernels: dict = dataclasses.field(default_factory=dict)  # tpu_kernels(): Mosaic kernel calls by origin
+    compiled_bytes: float | None = None  # XLA's "bytes accessed" (the scanned layer body once, as FLOPs)
+    peaks: tuple[float, float] | None = None  # the chip's (FLOP/s, HBM bytes/s)
+
+    def roofline(self) -> dict | None:
+        """A lower bound on the step time from the compiled cost: the compiled FLOPs and
+        bytes, scaled from the one-layer count XLA reports to the whole step by the model's
+        own whole/one-layer FLOP ratio, against the chip's peak FLOP/s and HBM bandwidth;
+        and the MFU that step time would give (an upper bound)."""
+        if not (self.compiled_flops and self.compiled_bytes and self.peaks):
+            return None
+        scale = self.model_flops / self.model_flops_one_layer
+        compute_s = self.compiled_flops * scale / self.peaks[0]
+        memory_s = self.compiled_bytes * scale / self.peaks[1]
+        step_s = max(compute_s, memory_s)
+        return {"compute_s": compute_s, "memory_s": memory_s, "step_s": step_s,
+                "mfu": self.model_flops / (step_s * self.peaks[0])}
+
 
     def format(self) -> str:
         gib = lambda b: "?" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
@@ -118,9 +138,24 @@ class AotReport:
                          f"counts the scanned layer body once: compiled {self.compiled_flops:.4g} vs model "
                          f"estimate with one layer {self.model_flops_one_layer:.4g} "
                          f"(ratio {self.compiled_flops / self.model_flops_one_layer:.2f})")
+        roof = self.roofline()
+        if roof:
+            lines.append(f"roofline step time {roof['step_s']:.3g} s per step (compute {roof['compute_s']:.3g} s at "
+                         f"{self.peaks[0] / 1e12:.0f} TFLOP/s, HBM {roof['memory_s']:.3g} s at "
+                         f"{self.peaks[1] / 1e9:.0f} GB/s): MFU at most {roof['mfu']:.1%}")
+        if self.kernels:
+            lines.append("Mosaic kernels in the compiled program: " + ", ".join(f"{v} {k}" for k, v in self.kernels.items()))
         lines.append(f"compiled in {self.compile_seconds:.1f} s on this host")
         lines.append("FITS" if self.fits else f"DOES NOT FIT: {self.error or 'over HBM'}")
         return "\n".join(lines)
+
+
+def tpu_kernels(hlo_text: str) -> dict[str, int]:
+    """Calls of Mosaic kernels in a compiled TPU program: jax's Pallas kernels (megablox,
+    splash attention) and the grouped-matmul kernel XLA itself emits for jax.lax.ragged_dot."""
+    calls = [line for line in hlo_text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+    return {"Pallas (jax)": sum("pallas_call" in c for c in calls),
+            "ragged_dot (XLA)": sum("ragged_dot_tiling" in c for c in calls)}
 
 
 def _frozen(cfg: Config, mesh):
@@ -184,5 +219,8 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report.compiled_flops = float(cost.get("flops", 0.0)) if cost else None
+    report.compiled_bytes = float(cost.get("bytes accessed", 0.0)) if cost else None
+    report.peaks = PEAKS[generation]
     report.fits = report.total_bytes <= hbm
+    report.kernels = tpu_kernels(compiled.as_text())
     return report

@@ -41,7 +41,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    moe_dispatch: Literal["auto", "dense", "ragged", "sorted", "grouped", "gather"] = "auto"  # see moe/model/dispatch.py
+    moe_dispatch: Literal["auto", "dense", "ragged", "sorted", "grouped", "gather", "megablox"] = "auto"  # see moe/model/dispatch.py
     capacity_factor: Optional[float] = None  # expert-parallel buffers; None: dropless
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02

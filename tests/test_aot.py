@@ -45,11 +45,23 @@ def test_tiny_moe_compiles_for_a_small_v5p_slice():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "topology v5p-8: 4 chips" in out and "'expert': 2" in out and "FITS" in out
+    # XLA lowers ragged_dot to its own Mosaic grouped-matmul kernel on TPU; no Pallas call
+    assert "Mosaic kernels in the compiled program: 0 Pallas (jax), " in out and " 0 ragged_dot" not in out
     ratio = float(out.split("(ratio ")[1].split(")")[0])
     # XLA's cost analysis counts jax.lax.ragged_dot as dense over all local experts, so the
     # expert FLOPs appear n_experts / top_k = 4 times; the rest must match the model. A
     # dispatch replicated on every data-parallel chip (the bug shard_map prevents) gave 11.5.
     assert 1.0 < ratio < 4.0
+
+
+@needs_libtpu
+def test_the_megablox_dispatch_compiles_its_pallas_kernels_into_the_tpu_plan():
+    # forward w1, w3, w2 and their backward (gmm for the rows, tgmm for the weights), under expert=2
+    result = moe_aot(ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "mesh.data=2", "mesh.expert=2",
+                     "model.vocab_size=512", "model.n_layers=1", "model.moe_dispatch=megablox")
+    assert result.returncode == 0, result.stdout + result.stderr
+    kernels = result.stdout.split("Mosaic kernels in the compiled program: ")[1].splitlines()[0]
+    assert int(kernels.split()[0]) >= 9 and kernels.endswith("0 ragged_dot (XLA)") and "FITS" in result.stdout
 
 
 @needs_libtpu
@@ -101,3 +113,16 @@ def test_only_resource_exhaustion_means_does_not_fit():
                        "temporaries (248.01G) exceeds available HBM (95.74G).")
     assert aot.out_of_memory(oom).startswith("RESOURCE_EXHAUSTED: Ran out of memory")
     assert aot.out_of_memory(RuntimeError("INTERNAL: Mosaic failed")) is None
+
+
+def test_roofline_scales_the_one_layer_cost_and_takes_the_slower_of_compute_and_memory():
+    report = aot.AotReport("v5p-8", 4, {}, 95 * 2**30, 0, 0, 0, 0, compiled_flops=2e12, model_flops=8e12,
+                           model_flops_one_layer=1e12, compile_seconds=0.0, fits=True,
+                           compiled_bytes=1e11, peaks=(400e12, 2e12))
+    roof = report.roofline()  # the whole step: 16e12 FLOPs (40 ms) and 8e11 bytes (400 ms)
+    assert roof["compute_s"] == pytest.approx(0.04) and roof["memory_s"] == pytest.approx(0.4)
+    assert roof["step_s"] == pytest.approx(0.4) and roof["mfu"] == pytest.approx(8e12 / (0.4 * 400e12))
+    assert "MFU at most 5.0%" in report.format()
+    kernels = aot.tpu_kernels('a custom_call_target="tpu_custom_call" op_name="x/pallas_call"\n'
+                              'b custom_call_target="tpu_custom_call" ragged_dot_tiling="128,128,128"\nc dot')
+    assert kernels == {"Pallas (jax)": 1, "ragged_dot (XLA)": 1}

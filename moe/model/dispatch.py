@@ -16,6 +16,9 @@ Every strategy is exact and dropless (no token is ever dropped):
 - "grouped": sort by expert, then moe/model/gmm.py's grouped matmul: a loop over experts
             and their row blocks that reads each expert's weights in place, with its own
             backward pass; the fastest on CPU and GPU.
+- "megablox": ragged's sort, with jax's Pallas megablox grouped matmul kernels
+            (moe/model/megablox.py): the TPU kernel MaxText uses; interpreted (slowly)
+            elsewhere, for tests.
 - "gather": each copy's expert weights gathered and applied to its one row; for a few
             tokens (decoding), where sorting and looping over every expert cost more than
             reading the chosen experts' weights. "auto" picks it when copies <= experts.
@@ -76,12 +79,12 @@ def sort_by_expert(expert_idx_tk, weight_tk, n_experts: int):
     return order, group_sizes
 
 
-def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, grouped_matmul=jax.lax.ragged_dot):
     tokens, top_k = expert_idx_tk.shape
     w1_edf, w3_edf, w2_efd = _whole(w1_edf), _whole(w3_edf), _whole(w2_efd)
     order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
     x_sorted = x_td[order // top_k]  # [tokens * top_k, d_model], grouped by expert
-    mm = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes)
+    mm = lambda x, w: grouped_matmul(x, w, group_sizes)
     y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd)  # [tokens * top_k, d_model]
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     y_tkd = y_flat.reshape(tokens, top_k, -1)
@@ -144,8 +147,14 @@ def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
 
 
+def megablox_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+    from moe.model import megablox
+
+    return ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, megablox.grouped_matmul)
+
+
 DISPATCH = {"dense": dense_dispatch, "ragged": ragged_dispatch, "sorted": sorted_dispatch,
-            "grouped": grouped_dispatch, "gather": gather_dispatch}
+            "grouped": grouped_dispatch, "gather": gather_dispatch, "megablox": megablox_dispatch}
 
 
 def resolve(name: str, copies: int | None = None, n_experts: int | None = None, quantized: bool = False,

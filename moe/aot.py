@@ -151,11 +151,12 @@ class AotReport:
 
 
 def tpu_kernels(hlo_text: str) -> dict[str, int]:
-    """Calls of Mosaic kernels in a compiled TPU program: jax's Pallas kernels (megablox,
-    splash attention) and the grouped-matmul kernel XLA itself emits for jax.lax.ragged_dot."""
+    """Calls of Mosaic kernels in a compiled TPU program: those XLA itself emits for
+    jax.lax.ragged_dot (the grouped matmul and its metadata), and jax's Pallas kernels
+    (megablox, splash attention): every other Mosaic call."""
     calls = [line for line in hlo_text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
-    return {"Pallas (jax)": sum("pallas_call" in c for c in calls),
-            "ragged_dot (XLA)": sum("ragged_dot_tiling" in c for c in calls)}
+    xla = sum("ragged_dot_tiling" in c or "ragged-dot-metadata" in c for c in calls)
+    return {"Pallas (jax)": len(calls) - xla, "ragged_dot (XLA)": xla}
 
 
 def _frozen(cfg: Config, mesh):
@@ -182,6 +183,8 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
     if cfg.model.moe_dispatch == "auto":  # the choice for TPU, not for this CPU host
         dispatch = dispatch_lib.resolve("auto", quantized=cfg.quant.base is not None, backend="tpu")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch=dispatch))
+    if cfg.model.attention == "auto":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="splash"))
     devices = topologies.get_topology_desc(platform="tpu", topology_name=name, **_host_bounds(generation, name)).devices
     mesh = sharding_lib.make_mesh(cfg, devices)
     abstract, shardings = sharding_lib.abstract_state(cfg, mesh)

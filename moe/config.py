@@ -43,6 +43,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     moe_dispatch: Literal["auto", "dense", "ragged", "sorted", "grouped", "gather", "megablox"] = "auto"  # see moe/model/dispatch.py
     capacity_factor: Optional[float] = None  # expert-parallel buffers; None: dropless
+    attention: Literal["auto", "xla", "splash"] = "auto"  # auto: splash (Pallas) on TPU; see moe/model/attention.py
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02
     bos_id: int = 1

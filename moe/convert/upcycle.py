@@ -24,7 +24,7 @@ from moe.config import ModelConfig
 
 ROUTER_INITS = ("zeros", "normal")
 # what may differ between the dense source and the MoE: the experts, and how it computes
-FREE_FIELDS = {"n_experts", "top_k", "dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat",
+FREE_FIELDS = {"n_experts", "top_k", "dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat", "attention",
                "init_std", "max_seq_len"}
 MLP = ("layers", "mlp")
 

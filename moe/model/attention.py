@@ -5,6 +5,10 @@ Masks are built from absolute positions, so the same code serves a training batc
 and key positions 0..seq-1) and a cache whose slots hold any positions (-1: empty). Long
 query sequences are processed in chunks of QUERY_CHUNK rows, so [seq, seq] scores are
 never materialized: memory grows as seq x keys / (seq / QUERY_CHUNK), not seq^2.
+
+model.attention picks the implementation without a cache: "xla" (this file's), "splash"
+(moe/model/splash.py: jax's Pallas flash-attention kernel for TPU, the same masks) or
+"auto": splash on TPU for sequences it takes, else xla. Decoding with a cache is always xla.
 """
 
 from __future__ import annotations
@@ -15,9 +19,17 @@ import flax.linen as nn
 
 from moe.config import LoRAConfig, ModelConfig
 from moe.model.layers import DTYPES, apply_rope, kernel_init, param_with_axes
+from moe.model import splash
 from moe.model.lora import adapt, project
 
 QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
+
+
+def resolve(name: str, backend: str | None = None) -> str:
+    """The attention implementation for `name` ("auto": splash on TPU, else xla)."""
+    if name == "auto":
+        return "splash" if (backend or jax.default_backend()) == "tpu" else "xla"
+    return name
 
 
 def attention_mask(q_pos, k_pos, sliding_window: int | None, q_seg=None, k_seg=None):
@@ -118,7 +130,10 @@ class Attention(nn.Module):
                 values = jnp.concatenate([kv["v"], v.astype(kv["v"].dtype)], axis=1)
             else:
                 keys, values = written["k"], written["v"]
-        out = dot_product_attention(q, keys.astype(dtype), values.astype(dtype), attn["q_pos"], attn["k_pos"],
-                                    cfg.sliding_window, attn.get("q_seg"), attn.get("k_seg"))
+        if kv is None and resolve(cfg.attention) == "splash" and splash.supports(seq):
+            out = splash.splash_attention(q, k, v, cfg.sliding_window, attn.get("q_seg"))  # index-based masks
+        else:
+            out = dot_product_attention(q, keys.astype(dtype), values.astype(dtype), attn["q_pos"], attn["k_pos"],
+                                        cfg.sliding_window, attn.get("q_seg"), attn.get("k_seg"))
         out = project(out.reshape(batch, seq, h, hd), wo, 2)  # [batch, seq, d_model]
         return out if kv is None else (out, written)

@@ -21,7 +21,8 @@ from moe.config import Config, ModelConfig
 from moe.convert.stream import is_hf
 
 # Settings that may differ between the source and the run: how it computes, not what it is.
-COMPUTE_FIELDS = {"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat", "init_std", "max_seq_len"}
+COMPUTE_FIELDS = {"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat", "attention", "init_std",
+                  "max_seq_len"}
 HINT = "a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
 
 

@@ -1,5 +1,6 @@
 """`moe aot` on TPU topologies, compiled on this CPU host with libtpu."""
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -117,7 +118,7 @@ def test_only_resource_exhaustion_means_does_not_fit():
     assert aot.out_of_memory(RuntimeError("INTERNAL: Mosaic failed")) is None
 
 
-def test_roofline_scales_the_one_layer_cost_and_takes_the_slower_of_compute_and_memory():
+def test_roofline_scales_the_one_layer_cost_takes_the_slower_of_compute_and_memory_never_below_model_flops():
     report = aot.AotReport("v5p-8", 4, {}, 95 * 2**30, 0, 0, 0, 0, compiled_flops=2e12, model_flops=8e12,
                            model_flops_one_layer=1e12, compile_seconds=0.0, fits=True,
                            compiled_bytes=1e11, peaks=(400e12, 2e12))
@@ -125,6 +126,9 @@ def test_roofline_scales_the_one_layer_cost_and_takes_the_slower_of_compute_and_
     assert roof["compute_s"] == pytest.approx(0.04) and roof["memory_s"] == pytest.approx(0.4)
     assert roof["step_s"] == pytest.approx(0.4) and roof["mfu"] == pytest.approx(8e12 / (0.4 * 400e12))
     assert "MFU at most 5.0%" in report.format()
+    undercounted = dataclasses.replace(report, compiled_flops=0.5e12, compiled_bytes=1e9)  # below the model's FLOPs
+    assert undercounted.roofline()["compute_s"] == pytest.approx(8e12 / 400e12)
+    assert undercounted.roofline()["mfu"] == pytest.approx(1.0)
     kernels = aot.tpu_kernels('%splash_mha_fwd = custom-call(), custom_call_target="tpu_custom_call"\n'
                               'b custom_call_target="tpu_custom_call" ragged_dot_tiling="128,128,128"\n'
                               'c custom_call_target="tpu_custom_call" metadata={op_name="ragged-dot-metadata"}\nd dot')

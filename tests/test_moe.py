@@ -190,3 +190,14 @@ def test_auto_dispatch_gathers_experts_for_few_tokens_only():
     assert resolve("auto", copies=8, n_experts=8) == "gather"
     assert resolve("auto", copies=9, n_experts=8) == resolve("auto")  # the grouped path of training
     assert resolve("grouped", copies=2, n_experts=8) == "grouped"  # an explicit choice stays
+
+
+def test_auto_dispatch_on_tpu_is_megablox_with_tiles_that_divide_the_matrices():
+    from moe.model.dispatch import resolve
+    from moe.model.megablox import tiling
+
+    assert resolve("auto", backend="tpu") == "megablox"
+    assert resolve("auto", backend="tpu", quantized=True) == "grouped"  # one expert dequantized at a time
+    assert resolve("auto", backend="cpu") == "grouped"
+    assert tiling(100, 1536, 14336) == (128, 768, 1024)  # 1536 = 2 x 768; 14336 = 14 x 1024
+    assert tiling(5, 96, 4096) == (8, 96, 1024)  # not a multiple of the lane: the whole dimension

@@ -1,10 +1,13 @@
 #!/bin/bash
 # TPU plans compiled on this CPU host (libtpu), before and after the Pallas kernels:
 # attention through XLA or splash, expert matmuls through XLA's ragged_dot or megablox.
-#   bash benchmarks/aot/run.sh   # writes benchmarks/aot/<config>-<topology>-<mesh>-<attention>-<dispatch>.txt
+#   bash benchmarks/aot/run.sh [CONFIG]  # writes benchmarks/aot/<config>-<topology>-<mesh>-<attention>-<dispatch>.txt
+# With CONFIG (e.g. mistral-7b), only that config's plans.
 cd "$(dirname "$0")/../.." || exit 1
 export JAX_PLATFORMS=cpu XLA_FLAGS=
+only="${1:-}"
 plan() {  # config topology mesh-name attention dispatch overrides...
+  [[ -n "$only" && "$1" != "$only" ]] && return 0
   local out="benchmarks/aot/$1-$2-$3-$4-$5.txt"
   echo "moe aot configs/$1.yaml --topology $2 ${*:6} model.attention=$4 model.moe_dispatch=$5" > "$out"
   moe aot "configs/$1.yaml" --topology "$2" "${@:6}" "model.attention=$4" "model.moe_dispatch=$5" 2>&1 \

@@ -25,13 +25,19 @@ kernels = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm"
 LANE = 128  # TPU tiles of the k and n dimensions are multiples of the 128-wide lane
 
 
+def _lane_tile(d: int) -> int:
+    """The largest multiple of the lane width up to 1024 that divides d (d itself when d is
+    not a multiple of the lane width)."""
+    if d % LANE:
+        return d
+    return max(t for t in range(LANE, min(1024, d) + 1, LANE) if d % t == 0)
+
+
 def tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
     """(row, k, n) tiles: rows in tiles of up to 512, k and n in tiles of up to 1024 lanes
-    (the whole dimension when it is not a multiple of the lane width)."""
+    that divide them."""
     tm = min(512, max(8, 1 << (max(m, 1) - 1).bit_length()))
-    tk = min(1024, k) if k % LANE == 0 else k
-    tn = min(1024, n) if n % LANE == 0 else n
-    return tm, tk, tn
+    return tm, _lane_tile(k), _lane_tile(n)
 
 
 def _call(kernel, *args, **kwargs):

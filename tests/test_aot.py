@@ -42,7 +42,7 @@ def moe_aot(*args):
 def test_tiny_moe_compiles_for_a_small_v5p_slice():
     # a small vocabulary so that the experts dominate the FLOPs
     result = moe_aot(ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "mesh.data=2", "mesh.expert=2",
-                     "model.vocab_size=512", "model.d_ff=1024", "model.n_layers=1")
+                     "model.vocab_size=512", "model.d_ff=1024", "model.n_layers=1", "model.moe_dispatch=ragged")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "topology v5p-8: 4 chips" in out and "'expert': 2" in out and "FITS" in out
@@ -59,9 +59,10 @@ def test_tiny_moe_compiles_for_a_small_v5p_slice():
 
 @needs_libtpu
 def test_the_megablox_dispatch_compiles_its_pallas_kernels_into_the_tpu_plan():
-    # forward w1, w3, w2 and their backward (gmm for the rows, tgmm for the weights), under expert=2
+    # auto is megablox on TPU: forward w1, w3, w2 and their backward (gmm for the rows, tgmm
+    # for the weights), under expert=2
     result = moe_aot(ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "mesh.data=2", "mesh.expert=2",
-                     "model.vocab_size=512", "model.n_layers=1", "model.moe_dispatch=megablox")
+                     "model.vocab_size=512", "model.n_layers=1")
     assert result.returncode == 0, result.stdout + result.stderr
     kernels = result.stdout.split("Mosaic kernels in the compiled program: ")[1].splitlines()[0]
     assert int(kernels.split()[0]) >= 9 + 3 and kernels.endswith("0 ragged_dot (XLA)") and "FITS" in result.stdout

@@ -110,6 +110,18 @@ class AotReport:
     kernels: dict = dataclasses.field(default_factory=dict)  # tpu_kernels(): Mosaic kernel calls by origin
     compiled_bytes: float | None = None  # XLA's "bytes accessed" (the scanned layer body once, as FLOPs)
     peaks: tuple[float, float] | None = None  # the chip's (FLOP/s, HBM bytes/s)
+    collective_bytes: int | None = None  # collective_bytes(): what the program's collectives produce
+
+    def to_dict(self) -> dict:
+        """The report for scripts (`moe aot --json`, `moe plan`): per-chip bytes by kind,
+        fits, compiled FLOPs and bytes, the roofline and the kernels."""
+        return {"topology": self.topology, "chips": self.chips, "mesh": self.mesh, "hbm_bytes": self.hbm_per_chip,
+                "params_bytes": self.params_bytes, "opt_state_bytes": self.opt_state_bytes,
+                "temp_bytes": self.temp_bytes, "total_bytes": self.total_bytes, "fits": self.fits,
+                "error": self.error, "flops": self.compiled_flops, "bytes_accessed": self.compiled_bytes,
+                "model_flops": self.model_flops, "model_flops_one_layer": self.model_flops_one_layer,
+                "collective_bytes": self.collective_bytes, "roofline": self.roofline(), "kernels": self.kernels,
+                "compile_seconds": self.compile_seconds}
 
     def roofline(self) -> dict | None:
         """A lower bound on the step time from the compiled cost: the compiled FLOPs and
@@ -148,6 +160,8 @@ class AotReport:
             lines.append(f"roofline step time {roof['step_s']:.3g} s per step (compute {roof['compute_s']:.3g} s at "
                          f"{self.peaks[0] / 1e12:.0f} TFLOP/s, HBM {roof['memory_s']:.3g} s at "
                          f"{self.peaks[1] / 1e9:.0f} GB/s): MFU at most {roof['mfu']:.1%}")
+        if self.collective_bytes is not None:
+            lines.append(f"collectives produce {gib(self.collective_bytes)} per chip (each instruction once)")
         if self.kernels:
             lines.append("Mosaic kernels in the compiled program: " + ", ".join(f"{v} {k}" for k, v in self.kernels.items()))
         lines.append(f"compiled in {self.compile_seconds:.1f} s on this host")
@@ -162,6 +176,24 @@ def tpu_kernels(hlo_text: str) -> dict[str, int]:
     calls = [line for line in hlo_text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
     xla = sum("ragged_dot_tiling" in c or "ragged-dot-metadata" in c for c in calls)
     return {"Pallas (jax)": len(calls) - xla, "ragged_dot (XLA)": xla}
+
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+               "f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|ragged-all-to-all|"
+                         r"collective-permute)(-start)?\(")
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """Bytes per chip that the collectives of a compiled program produce, each instruction
+    counted once (a loop body once, as XLA's cost analysis does); an async start counts
+    its largest buffer (its tuple also holds the operand)."""
+    total = 0
+    for match in _COLLECTIVE.finditer(hlo_text):
+        sizes = [DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                 for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))]
+        total += (max(sizes) if match.group(3) else sum(sizes)) if sizes else 0
+    return total
 
 
 def _frozen(cfg: Config, mesh):
@@ -230,5 +262,7 @@ def compile_for_topology(cfg: Config, topology: str) -> AotReport:
     report.compiled_bytes = float(cost.get("bytes accessed", 0.0)) if cost else None
     report.peaks = PEAKS[generation]
     report.fits = report.total_bytes <= hbm
-    report.kernels = tpu_kernels(compiled.as_text())
+    text = compiled.as_text()
+    report.kernels = tpu_kernels(text)
+    report.collective_bytes = collective_bytes(text)
     return report

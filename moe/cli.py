@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from moe import config as config_lib
 
@@ -97,7 +99,23 @@ def cmd_aot(args) -> int:
         print(f"moe aot: error: {e}", file=sys.stderr)
         return 1
     print(report.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0 if report.fits else 3
+
+
+def cmd_plan(args) -> int:
+    import os
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the planner and its compiles each load libtpu
+    from moe import plan as plan_lib
+
+    result = plan_lib.plan(args.config, args.overrides, args.topology, args.batch, args.seq, args.jobs,
+                           Path(args.cache_dir) if args.cache_dir else None)
+    print(plan_lib.format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["best_command"] else 3
 
 
 def cmd_bench(args) -> int:
@@ -160,7 +178,17 @@ def _add_train_and_tools(sub) -> None:
     p = sub.add_parser("aot", help="compile the train step for a TPU topology here; per-chip memory and FLOPs")
     _add_config_args(p)
     p.add_argument("--topology", required=True, help="e.g. v5p-128, v5e-16 or v5p:2x2x2 (needs the tpu extra)")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.set_defaults(func=cmd_aot)
+    p = sub.add_parser("plan", help="compile every mesh that divides a config and a TPU topology; a ranked table")
+    _add_config_args(p)
+    p.add_argument("--topology", required=True, help="e.g. v5p-128 (needs the tpu extra)")
+    p.add_argument("--batch", type=int, default=None, help="train.batch_size (sequences per step)")
+    p.add_argument("--seq", type=int, default=None, help="train.seq_len")
+    p.add_argument("--jobs", type=int, default=2, help="compiles in parallel (each takes a core and its memory)")
+    p.add_argument("--json", default=None, help="also write the ranked plans to this JSON file")
+    p.add_argument("--cache-dir", default=None, help="compiled reports (default ~/.cache/moe/plans or $MOE_PLAN_CACHE)")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("train", help="train (or resume) a run")
     _add_config_args(p)
     p.add_argument("--run-dir", required=True, help="run directory; an existing one is resumed")

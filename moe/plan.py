@@ -1,0 +1,171 @@
+"""`moe plan`: every mesh that divides a config and a TPU topology, compiled ahead of time
+in parallel processes (`moe aot --json`) and ranked.
+
+    moe plan configs/mixtral-8x7b.yaml --topology v5p-128 --batch 128 --seq 4096 --jobs 2
+
+A mesh is a candidate when its axes multiply to the topology's chips and the model divides
+over them (sharding.check_divisibility: batch over data x fsdp x expert, experts over
+expert, heads / kv heads / d_ff / vocab over tensor, d_model over fsdp). Candidates are
+pruned before compiling when tensor parallelism would leave a host (more than its 4
+chips) or when parameters and optimizer state alone exceed the chip's HBM (computed from
+the shardings, without compiling). Compiled reports are cached by the resolved config,
+topology and jax / libtpu versions, so a second plan of the same question compiles
+nothing. Ranked: plans that fit first, then by roofline step time, then by bytes per chip.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import importlib.metadata
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+from moe import aot
+from moe import config as config_lib
+from moe import sharding as sharding_lib
+from moe.config import Config, ConfigError
+
+AXES = ("data", "fsdp", "expert", "tensor")
+CHIPS_PER_HOST = 4  # v4, v5p, v5e and v6e hosts hold 4 chips (8 for some v5e / v6e hosts)
+
+
+def with_mesh(cfg: Config, mesh: dict) -> Config:
+    return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh))
+
+
+def mesh_overrides(mesh: dict) -> list[str]:
+    return [f"mesh.{axis}={mesh[axis]}" for axis in AXES]
+
+
+def factorizations(chips: int) -> list[dict]:
+    """Every (data, fsdp, expert, tensor) whose product is `chips`."""
+    divisors = [d for d in range(1, chips + 1) if chips % d == 0]
+    meshes = []
+    for data, fsdp, expert in itertools.product(divisors, repeat=3):
+        tensor, left = divmod(chips, data * fsdp * expert)
+        if not left:
+            meshes.append(dict(zip(AXES, (data, fsdp, expert, tensor))))
+    return meshes
+
+
+def candidates(cfg: Config, topology: str) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(meshes to compile, [(mesh, why it was left out)]) for cfg on the topology."""
+    generation, name, chips = aot.parse_topology(topology)
+    keep, pruned = [], []
+    for mesh in factorizations(chips):
+        try:
+            sharding_lib.check_divisibility(cfg, mesh)
+        except ConfigError:
+            continue  # does not divide: not a plan at all
+        if mesh["tensor"] > CHIPS_PER_HOST:
+            pruned.append((mesh, f"tensor parallelism over {mesh['tensor']} chips leaves a host"))
+            continue
+        state_bytes = state_bytes_per_chip(with_mesh(cfg, mesh), generation, name)
+        if state_bytes > aot.CHIPS[generation][1]:
+            pruned.append((mesh, f"params + optimizer state alone need {state_bytes / 2**30:.1f} GiB per chip"))
+            continue
+        keep.append(mesh)
+    return keep, pruned
+
+
+def state_bytes_per_chip(cfg: Config, generation: str, name: str) -> int:
+    """Parameter and optimizer-state bytes per chip from the shardings alone."""
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                           **aot._host_bounds(generation, name)).devices
+    mesh = sharding_lib.make_mesh(cfg, devices)
+    abstract, shardings = sharding_lib.abstract_state(cfg, mesh)
+    return (aot._per_chip_bytes(abstract.params, shardings.params)
+            + aot._per_chip_bytes(abstract.opt_state, shardings.opt_state))
+
+
+def cache_key(cfg: Config, topology: str) -> str:
+    versions = [importlib.metadata.version(p) for p in ("jax", "jaxlib", "libtpu")]
+    text = json.dumps([dataclasses.asdict(cfg), topology, versions], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def compile_one(config_path: str, overrides: list[str], topology: str, cache_dir: Path, key: str) -> dict:
+    """The `moe aot --json` report of one plan, from the cache or a fresh process."""
+    cached = cache_dir / f"{key}.json"
+    if cached.is_file():
+        return {**json.loads(cached.read_text()), "cached": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+        run = subprocess.run([sys.executable, "-m", "moe", "aot", config_path, "--topology", topology,
+                              "--json", str(out), *overrides], capture_output=True, text=True, env=env)
+        if run.returncode not in (0, 3) or not out.is_file():
+            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"fits": False, "error": f"compile failed: {last[:300]}", "failed": True}
+        report = json.loads(out.read_text())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(report, indent=2) + "\n")
+    return {**report, "cached": False}
+
+
+def rank_key(plan: dict):
+    roof = plan["report"].get("roofline") or {}
+    return (not plan["report"].get("fits", False), roof.get("step_s", float("inf")),
+            plan["report"].get("total_bytes") or float("inf"))
+
+
+def plan(config_path: str, overrides: list[str], topology: str, batch: int | None = None, seq: int | None = None,
+         jobs: int = 2, cache_dir: Path | None = None) -> dict:
+    """Every candidate mesh compiled (or read from the cache) and ranked."""
+    extra = [*overrides, *([f"train.batch_size={batch}"] if batch else []), *([f"train.seq_len={seq}"] if seq else [])]
+    cfg = config_lib.load(config_path, extra)
+    _, _, chips = aot.parse_topology(topology)
+    meshes, pruned = candidates(cfg, topology)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if not meshes and not pruned:
+        raise ConfigError(f"no mesh of {chips} chips divides this model with a micro-batch of {micro} sequences; "
+                          f"pass --batch with a multiple of {chips} (or of {chips // CHIPS_PER_HOST} with tensor "
+                          "parallelism)")
+    if not meshes:
+        raise ConfigError(f"every mesh of {chips} chips was left out ({pruned[0][1]}, ...); "
+                          "use a larger topology or a larger --batch")
+    cache_dir = cache_dir or Path(os.environ.get("MOE_PLAN_CACHE", Path.home() / ".cache/moe/plans"))
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = [(mesh, pool.submit(compile_one, config_path, extra + mesh_overrides(mesh), topology, cache_dir,
+                                      cache_key(with_mesh(cfg, mesh), topology))) for mesh in meshes]
+        plans = sorted(({"mesh": mesh, "report": future.result()} for mesh, future in futures), key=rank_key)
+    best = next((p for p in plans if p["report"].get("fits")), None)
+    command = None if best is None else " ".join(
+        ["moe train", config_path, *extra, *mesh_overrides(best["mesh"]), "--run-dir runs/NAME"])
+    return {"config": config_path, "topology": topology, "chips": chips, "batch": cfg.train.batch_size,
+            "seq": cfg.train.seq_len, "plans": plans, "pruned": [{"mesh": m, "why": w} for m, w in pruned],
+            "best_command": command}
+
+
+def format_table(result: dict) -> str:
+    def gib(b):
+        return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+    lines = [f"{result['config']} on {result['topology']} ({result['chips']} chips), batch {result['batch']} x "
+             f"{result['seq']}: {len(result['plans'])} meshes compiled, {len(result['pruned'])} left out",
+             "| rank | data, fsdp, expert, tensor | fits | params | opt state | temporaries | total "
+             "| compiled / model FLOPs (one layer) | collectives | roofline step s | MFU bound |",
+             "|---" * 11 + "|"]
+    for rank, p in enumerate(result["plans"], 1):
+        r, roof = p["report"], p["report"].get("roofline") or {}
+        ratio = f"{r['flops'] / r['model_flops_one_layer']:.2f}" if r.get("flops") else "-"
+        fits = "yes" if r.get("fits") else f"no ({r.get('error') or 'over HBM'})"
+        step = f"{roof['step_s']:.4g}" if roof else "-"
+        mfu = f"{roof['mfu']:.1%}" if roof else "-"
+        lines.append(f"| {rank} | {', '.join(str(p['mesh'][a]) for a in AXES)} | {fits} | {gib(r.get('params_bytes'))} "
+                     f"| {gib(r.get('opt_state_bytes'))} | {gib(r.get('temp_bytes'))} | {gib(r.get('total_bytes'))} "
+                     f"| {ratio} | {gib(r.get('collective_bytes'))} | {step} | {mfu} |")
+    for item in result["pruned"]:
+        lines.append(f"left out: {', '.join(str(item['mesh'][a]) for a in AXES)}: {item['why']}")
+    lines.append(f"best: {result['best_command']}" if result["best_command"] else "no mesh fits")
+    return "\n".join(lines)

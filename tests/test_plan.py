@@ -1,0 +1,68 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe import plan
+from helpers import ROOT
+from test_aot import needs_libtpu
+
+
+def moe_plan(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "moe", "plan", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def test_factorizations_are_every_ordered_split_of_the_chips():
+    meshes = plan.factorizations(8)
+    assert len(meshes) == 20  # 2^3 over four axes: C(3 + 3, 3)
+    assert all(m["data"] * m["fsdp"] * m["expert"] * m["tensor"] == 8 for m in meshes)
+    assert len({tuple(m.values()) for m in meshes}) == 20
+
+
+TINY = [ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "--seq", "64", "model.vocab_size=512",
+        "model.n_layers=1"]
+
+
+@needs_libtpu
+def test_plan_compiles_every_dividing_mesh_ranks_them_and_caches(tmp_path):
+    args = [*TINY, "--batch", "8", "--jobs", "2", "--cache-dir", tmp_path / "cache"]
+    first = moe_plan(*args, "--json", tmp_path / "plans.json")
+    assert first.returncode == 0, first.stdout + first.stderr
+    result = json.loads((tmp_path / "plans.json").read_text())
+    # tiny-moe: 4 heads, 2 kv heads, 8 experts; 8 sequences over data x fsdp x expert
+    expected = {(d, f, e, t) for d in (1, 2, 4) for f in (1, 2, 4) for e in (1, 2, 4) for t in (1, 2)
+                if d * f * e * t == 4}
+    assert {tuple(p["mesh"][a] for a in plan.AXES) for p in result["plans"]} == expected and len(expected) == 9
+    reports = [p["report"] for p in result["plans"]]
+    for r in reports:  # `moe aot --json` fields, from a real compile
+        assert r["fits"] and r["total_bytes"] <= r["hbm_bytes"] and r["flops"] > 0 and r["temp_bytes"] > 0
+        assert r["params_bytes"] > 0 and r["opt_state_bytes"] > 0 and not r["cached"]
+    steps = [r["roofline"]["step_s"] for r in reports]
+    assert steps == sorted(steps)  # ranked by the roofline step time read from the compiles
+    rows = [line for line in first.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    for row, p in zip(rows, result["plans"], strict=True):  # the table shows the numbers it read
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == ", ".join(str(p["mesh"][a]) for a in plan.AXES)
+        assert cells[9] == f"{p['report']['roofline']['step_s']:.4g}"
+    best = result["plans"][0]["mesh"]
+    assert result["best_command"].endswith(" ".join(plan.mesh_overrides(best)) + " --run-dir runs/NAME")
+    again = moe_plan(*args, "--json", tmp_path / "again.json")
+    cached = json.loads((tmp_path / "again.json").read_text())
+    assert again.returncode == 0 and all(p["report"]["cached"] for p in cached["plans"])
+    assert [p["mesh"] for p in cached["plans"]] == [p["mesh"] for p in result["plans"]]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "1"], "no mesh of 4 chips divides this model with a micro-batch of 1 sequences; pass --batch"),
+    (["--topology", "v9-8"], "unknown topology 'v9-8'"),
+])
+def test_bad_plans_are_one_line_errors(args, message, tmp_path):
+    result = moe_plan(*TINY, *args, "--cache-dir", tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("moe plan")]) == 1
+    assert not any(tmp_path.iterdir())

@@ -61,6 +61,25 @@ def test_the_readme_aot_lines_divide_their_topology():
         sharding.check_divisibility(cfg, sharding.mesh_shape(cfg.mesh, chips))  # raises with the fix
 
 
+def test_the_readme_plan_lines_have_meshes_to_compile():
+    from moe import plan
+
+    assert moe_lines("plan")
+    for argv in moe_lines("plan"):
+        args, extra = cli.build_parser().parse_known_args(argv)
+        sizes = [f"train.batch_size={args.batch}"] * bool(args.batch) + [f"train.seq_len={args.seq}"] * bool(args.seq)
+        cfg = config_lib.load(args.config, [*args.overrides, *extra, *sizes])
+        _, _, chips = aot.parse_topology(args.topology)
+        dividing = []
+        for mesh in plan.factorizations(chips):
+            try:
+                sharding.check_divisibility(cfg, mesh)
+                dividing.append(mesh)
+            except config_lib.ConfigError:
+                pass
+        assert dividing, f"no mesh of {chips} chips divides `moe {' '.join(argv)}`"
+
+
 def test_the_readme_launcher_lines_dry_run():
     lines = [c for c in readme_commands() if c[0].startswith("launch/")]
     for words in lines:

@@ -107,11 +107,31 @@ def loss_mask(batch):
     return mask.astype(jnp.float32)
 
 
-def forward(cfg: Config, params, batch, frozen=None, rng=None):
-    """(logits, router stats) of the model (trainable params over the frozen ones)."""
+def forward(cfg: Config, params, batch, frozen=None, rng=None, head: bool = True):
+    """(logits, router stats) of the model (trainable params over the frozen ones); with
+    head=False the final-norm hidden states instead of logits."""
     full = trainable_lib.combine(cfg, params, frozen)
     return model_lib.apply(cfg.model, full, batch["inputs"], batch["positions"], batch["segment_ids"],
-                           trainable_lib.lora_of(cfg), rng)
+                           trainable_lib.lora_of(cfg), rng, head=head)
+
+
+def chunked_nll_sum(cfg: Config, full_params, hidden, targets, mask):
+    """sum(-log p(target) * mask) with the lm_head and log-softmax applied to blocks of
+    train.loss_chunk positions in a scan whose body is rematerialized in the backward, so
+    [batch, seq, vocab] float32 logits (and their gradient) never exist whole: one
+    [batch, loss_chunk, vocab] block at a time."""
+    batch, seq, _ = hidden.shape
+    chunk = cfg.train.loss_chunk
+    blocks = lambda a: jnp.moveaxis(a.reshape(batch, seq // chunk, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+
+    @jax.checkpoint
+    def block(total, xs):
+        hidden_bcd, targets_bc, mask_bc = xs
+        logits = model_lib.lm_head(cfg.model, full_params, hidden_bcd)  # [batch, chunk, vocab]
+        return total + jnp.sum(token_nll(logits, targets_bc) * mask_bc), None
+
+    total, _ = jax.lax.scan(block, jnp.zeros((), jnp.float32), (blocks(hidden), blocks(targets), blocks(mask)))
+    return total
 
 
 def router_terms(cfg: Config, stats) -> dict:
@@ -128,9 +148,13 @@ def loss_terms(cfg: Config, params, batch, frozen=None, rng=None) -> dict:
         from moe.tune import dpo
 
         return dpo.terms(cfg, params, frozen, batch, rng)
-    logits, stats = forward(cfg, params, batch, frozen, rng)
     mask = loss_mask(batch)
-    ce_sum = jnp.sum(token_nll(logits, batch["targets"]) * mask)
+    if cfg.train.loss_chunk is None:
+        logits, stats = forward(cfg, params, batch, frozen, rng)
+        ce_sum = jnp.sum(token_nll(logits, batch["targets"]) * mask)
+    else:
+        hidden, stats = forward(cfg, params, batch, frozen, rng, head=False)
+        ce_sum = chunked_nll_sum(cfg, trainable_lib.combine(cfg, params, frozen), hidden, batch["targets"], mask)
     return {"loss_sum": ce_sum, "ce_sum": ce_sum, "n_tokens": jnp.sum(mask), **router_terms(cfg, stats)}
 
 

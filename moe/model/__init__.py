@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moe.config import LoRAConfig, ModelConfig
-from moe.model.transformer import Transformer
+from moe.model.transformer import LMHead, Transformer
 
 
 def init_boxed(cfg: ModelConfig, rng, lora: LoRAConfig | None = None):
@@ -40,11 +40,17 @@ def logical_axes(cfg: ModelConfig, lora: LoRAConfig | None = None):
 
 
 def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None, lora: LoRAConfig | None = None,
-          dropout_rng=None):
+          dropout_rng=None, head: bool = True):
     """(float32 logits [batch, seq, vocab], router stats stacked per layer). With `lora`,
-    params hold the adapters too; dropout_rng turns on lora.dropout (training)."""
+    params hold the adapters too; dropout_rng turns on lora.dropout (training). head=False:
+    the final-norm hidden states [batch, seq, d_model] instead of logits (see lm_head)."""
     rngs = {} if dropout_rng is None else {"lora_dropout": dropout_rng}
-    return Transformer(cfg, lora).apply({"params": params}, tokens, positions, segment_ids, rngs=rngs)
+    return Transformer(cfg, lora, head).apply({"params": params}, tokens, positions, segment_ids, rngs=rngs)
+
+
+def lm_head(cfg: ModelConfig, params, hidden):
+    """float32 logits [..., vocab] of final-norm hidden states [..., d_model]."""
+    return LMHead(cfg).apply({"params": params["lm_head"]}, hidden)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -112,6 +112,7 @@ class Transformer(nn.Module):
 
     cfg: ModelConfig
     lora: LoRAConfig | None = None  # adapters (moe/model/lora.py); None: the plain model
+    head: bool = True  # False: return the final-norm hidden states [batch, seq, d_model] instead of logits
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
@@ -130,7 +131,7 @@ class Transformer(nn.Module):
         valid = jnp.ones((batch, seq), bool) if segment_ids is None else segment_ids != 0
         x, stats = _layer_stack(cfg)(cfg, lora=self.lora, name="layers")(x, cos, sin, attn, valid)
         x = RMSNorm(cfg, name="final_norm")(x)
-        return LMHead(cfg, name="lm_head")(x), stats
+        return (LMHead(cfg, name="lm_head")(x) if self.head else x), stats
 
     def _cached(self, x, positions, cache):
         cfg = self.cfg

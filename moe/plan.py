@@ -159,12 +159,15 @@ def format_table(result: dict) -> str:
     for rank, p in enumerate(result["plans"], 1):
         r, roof = p["report"], p["report"].get("roofline") or {}
         ratio = f"{r['flops'] / r['model_flops_one_layer']:.2f}" if r.get("flops") else "-"
-        fits = "yes" if r.get("fits") else f"no ({r.get('error') or 'over HBM'})"
+        fits = "yes" if r.get("fits") else "no"
         step = f"{roof['step_s']:.4g}" if roof else "-"
         mfu = f"{roof['mfu']:.1%}" if roof else "-"
         lines.append(f"| {rank} | {', '.join(str(p['mesh'][a]) for a in AXES)} | {fits} | {gib(r.get('params_bytes'))} "
                      f"| {gib(r.get('opt_state_bytes'))} | {gib(r.get('temp_bytes'))} | {gib(r.get('total_bytes'))} "
                      f"| {ratio} | {gib(r.get('collective_bytes'))} | {step} | {mfu} |")
+    for rank, p in enumerate(result["plans"], 1):
+        if not p["report"].get("fits"):
+            lines.append(f"rank {rank} does not fit: {p['report'].get('error') or 'over HBM'}")
     for item in result["pruned"]:
         lines.append(f"left out: {', '.join(str(item['mesh'][a]) for a in AXES)}: {item['why']}")
     lines.append(f"best: {result['best_command']}" if result["best_command"] else "no mesh fits")

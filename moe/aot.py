@@ -213,17 +213,36 @@ def _frozen(cfg: Config, mesh):
     return sharding_lib.with_shardings(frozen, shardings), shardings
 
 
-def compile_for_topology(cfg: Config, topology: str) -> AotReport:
+def slice_devices(generation: str, name: str, slices: int = 1) -> list:
+    """The devices of `slices` slices of a topology (multislice: each device's slice_index
+    tells the mesh which axes cross DCN)."""
     from jax.experimental import topologies
 
+    extra = {"num_slices": slices} if slices > 1 else {}
+    return topologies.get_topology_desc(platform="tpu", topology_name=name, **_host_bounds(generation, name),
+                                        **extra).devices
+
+
+def check_slices(cfg: Config, slices: int) -> None:
+    dcn = math.prod(getattr(cfg.mesh, f"dcn_{axis}") for axis in sharding_lib.AXES)
+    if slices < 1 or dcn != slices:
+        raise ConfigError(f"{slices} slice(s) but the mesh's DCN sizes (mesh.dcn_data, dcn_fsdp, dcn_expert, "
+                          f"dcn_tensor) multiply to {dcn}; set e.g. mesh.dcn_data={slices}")
+
+
+def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> AotReport:
+    """The report of cfg's train step compiled for `slices` slices of the topology."""
     generation, name, chips = parse_topology(topology)
+    check_slices(cfg, slices)
+    chips *= slices
+    if slices > 1:
+        topology = f"{topology} x {slices} slices"
     if cfg.model.moe_dispatch == "auto":  # the choice for TPU, not for this CPU host
         dispatch = dispatch_lib.resolve("auto", quantized=cfg.quant.base is not None, backend="tpu")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch=dispatch))
     if cfg.model.attention == "auto":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="splash"))
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=name, **_host_bounds(generation, name)).devices
-    mesh = sharding_lib.make_mesh(cfg, devices)
+    mesh = sharding_lib.make_mesh(cfg, slice_devices(generation, name, slices))
     abstract, shardings = sharding_lib.abstract_state(cfg, mesh)
     batch_shape = (cfg.train.batch_size, cfg.train.seq_len)
     batch = {k: jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=sharding_lib.batch_sharding(mesh))

@@ -94,7 +94,7 @@ def cmd_aot(args) -> int:
 
     cfg = config_lib.load(args.config, args.overrides)
     try:
-        report = aot.compile_for_topology(cfg, args.topology)
+        report = aot.compile_for_topology(cfg, args.topology, args.slices)
     except aot.CompileError as e:
         print(f"moe aot: error: {e}", file=sys.stderr)
         return 1
@@ -178,6 +178,8 @@ def _add_train_and_tools(sub) -> None:
     p = sub.add_parser("aot", help="compile the train step for a TPU topology here; per-chip memory and FLOPs")
     _add_config_args(p)
     p.add_argument("--topology", required=True, help="e.g. v5p-128, v5e-16 or v5p:2x2x2 (needs the tpu extra)")
+    p.add_argument("--slices", type=int, default=1,
+                   help="multislice: this many slices over DCN (set the mesh.dcn_* sizes to match)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.set_defaults(func=cmd_aot)
     p = sub.add_parser("plan", help="compile every mesh that divides a config and a TPU topology; a ranked table")

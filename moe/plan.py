@@ -33,7 +33,7 @@ from moe import config as config_lib
 from moe import sharding as sharding_lib
 from moe.config import Config, ConfigError
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = sharding_lib.AXES  # data, fsdp, expert, tensor
 CHIPS_PER_HOST = 4  # v4, v5p, v5e and v6e hosts hold 4 chips (8 for some v5e / v6e hosts)
 
 
@@ -78,11 +78,7 @@ def candidates(cfg: Config, topology: str) -> tuple[list[dict], list[tuple[dict,
 
 def state_bytes_per_chip(cfg: Config, generation: str, name: str) -> int:
     """Parameter and optimizer-state bytes per chip from the shardings alone."""
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=name,
-                                           **aot._host_bounds(generation, name)).devices
-    mesh = sharding_lib.make_mesh(cfg, devices)
+    mesh = sharding_lib.make_mesh(cfg, aot.slice_devices(generation, name))
     abstract, shardings = sharding_lib.abstract_state(cfg, mesh)
     return (aot._per_chip_bytes(abstract.params, shardings.params)
             + aot._per_chip_bytes(abstract.opt_state, shardings.opt_state))

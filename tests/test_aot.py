@@ -134,3 +134,23 @@ def test_roofline_scales_the_one_layer_cost_takes_the_slower_of_compute_and_memo
                               'b custom_call_target="tpu_custom_call" ragged_dot_tiling="128,128,128"\n'
                               'c custom_call_target="tpu_custom_call" metadata={op_name="ragged-dot-metadata"}\nd dot')
     assert kernels == {"Pallas (jax)": 1, "ragged_dot (XLA)": 2}
+
+
+@needs_libtpu
+def test_two_slices_compile_with_data_across_dcn_and_a_mismatch_is_refused():
+    base = [ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "--slices", "2", "model.vocab_size=512",
+            "model.n_layers=1"]
+    result = moe_aot(*base, "mesh.data=2", "mesh.dcn_data=2", "mesh.fsdp=2", "mesh.expert=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "topology v5p-8 x 2 slices: 8 chips" in result.stdout and "FITS" in result.stdout
+    # the data axis is the one that crosses slices: each data index is one whole slice
+    layout = subprocess.run([sys.executable, "-c", (
+        "from moe import aot, config, sharding\n"
+        "cfg = config.load('configs/tiny-moe.yaml', ['mesh.data=2', 'mesh.dcn_data=2', 'mesh.fsdp=4'])\n"
+        "mesh = sharding.make_mesh(cfg, aot.slice_devices('v5p', 'v5p:2x2x1', 2))\n"
+        "print(sorted({(i, d.slice_index) for i in range(2) for d in mesh.devices[i].flat}))")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
+    assert layout.stdout.strip().splitlines()[-1] == "[(0, 0), (1, 1)]", layout.stdout + layout.stderr
+    refused = moe_aot(*base)
+    assert refused.returncode == 2 and "set e.g. mesh.dcn_data=2" in refused.stderr

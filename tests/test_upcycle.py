@@ -17,6 +17,7 @@ from moe import config as config_lib
 from moe import sharding as sharding_lib
 from moe import train as train_lib
 from moe.checkpoint import restore_params, save_params
+from moe.model.dispatch import DISPATCH
 
 from helpers import tiny_model
 from hf_models import SEQ, make_hf
@@ -52,7 +53,7 @@ def upcycled(tmp_path_factory):
     return tmp_path, dense_dir, dense, moe, restore_params(tmp_path / "out" / "params"), reference
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "ragged", "sorted", "grouped", "gather"])
+@pytest.mark.parametrize("dispatch", sorted(DISPATCH))  # every path, new ones included
 def test_upcycled_moe_computes_the_dense_model(upcycled, dispatch):
     _, _, _, moe, params, reference = upcycled
     out = model_lib.logits(dataclasses.replace(moe.model, moe_dispatch=dispatch), params, TOKENS)

@@ -142,7 +142,6 @@ class AotReport:
         return {"compute_s": compute_s, "memory_s": memory_s, "step_s": step_s,
                 "mfu": self.model_flops / (step_s * self.peaks[0])}
 
-
     def format(self) -> str:
         gib = lambda b: "?" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
         lines = [f"topology {self.topology}: {self.chips} chips, {gib(self.hbm_per_chip)} HBM each",

@@ -9,8 +9,8 @@ expert, heads / kv heads / d_ff / vocab over tensor, d_model over fsdp). Candida
 pruned before compiling when tensor parallelism would leave a host (more than its 4
 chips) or when parameters and optimizer state alone exceed the chip's HBM (computed from
 the shardings, without compiling). Compiled reports are cached by the resolved config,
-topology and jax / libtpu versions, so a second plan of the same question compiles
-nothing. Ranked: plans that fit first, then by roofline step time, then by bytes per chip.
+topology, jax / libtpu versions and this package's source, so a second plan of the same
+question with the same code compiles nothing. Ranked: plans that fit first, then by roofline step time, then by bytes per chip.
 """
 
 from __future__ import annotations
@@ -84,9 +84,17 @@ def state_bytes_per_chip(cfg: Config, generation: str, name: str) -> int:
             + aot._per_chip_bytes(abstract.opt_state, shardings.opt_state))
 
 
+def code_digest() -> str:
+    """A digest of this package's source, so a cached report never outlives the code."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(cfg: Config, topology: str) -> str:
     versions = [importlib.metadata.version(p) for p in ("jax", "jaxlib", "libtpu")]
-    text = json.dumps([dataclasses.asdict(cfg), topology, versions], sort_keys=True, default=str)
+    text = json.dumps([dataclasses.asdict(cfg), topology, versions, code_digest()], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -113,6 +113,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(upcycled, tmp_path, ca
     cases = [(_moe_config(tmp_path, dense, d_model=64)[0], "model.d_model is 32 in the source but 64"),
              (_moe_config(tmp_path, dense, d_ff=64)[0], "model.d_ff is 48 in the source but 64"),
              (_write_config(tmp_path / "heads.yaml", heads), "model.n_heads is 4 in the source but 8"),
+             (_moe_config(tmp_path, dense, vocab_size=128)[0], "model.vocab_size is 97 in the source but 128"),
              (_moe_config(tmp_path, dense, n_experts=0)[0], "the target config is dense")]
     for moe_yaml, message in cases:
         assert cli.main(["upcycle", str(dense_dir), str(moe_yaml), str(tmp_path / "x")]) == 1

@@ -22,6 +22,7 @@ import numpy as np
 from moe import sharding as sharding_lib
 from moe import train as train_lib
 from moe.config import Config, ConfigError
+from moe.model import attention as attention_lib
 from moe.model import dispatch as dispatch_lib
 from moe.params import count_params
 
@@ -236,11 +237,10 @@ def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> AotRepo
     chips *= slices
     if slices > 1:
         topology = f"{topology} x {slices} slices"
-    if cfg.model.moe_dispatch == "auto":  # the choice for TPU, not for this CPU host
-        dispatch = dispatch_lib.resolve("auto", quantized=cfg.quant.base is not None, backend="tpu")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch=dispatch))
-    if cfg.model.attention == "auto":
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="splash"))
+    # "auto" choices for TPU, not for this CPU host
+    dispatch = dispatch_lib.resolve(cfg.model.moe_dispatch, quantized=cfg.quant.base is not None, backend="tpu")
+    attention = attention_lib.resolve(cfg.model.attention, backend="tpu")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_dispatch=dispatch, attention=attention))
     mesh = sharding_lib.make_mesh(cfg, slice_devices(generation, name, slices))
     abstract, shardings = sharding_lib.abstract_state(cfg, mesh)
     batch_shape = (cfg.train.batch_size, cfg.train.seq_len)

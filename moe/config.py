@@ -58,6 +58,18 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
 
+# ModelConfig fields that say how a model computes, not what it is: weights move freely
+# between configs that differ only in these (train.init_from, moe upcycle)
+COMPUTE_FIELDS = frozenset({"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat", "attention",
+                            "init_std", "max_seq_len"})
+
+
+def architecture_diffs(a: ModelConfig, b: ModelConfig, free=COMPUTE_FIELDS) -> list[tuple[str, object, object]]:
+    """(field, a's value, b's value) for every field outside `free` where the two differ."""
+    return [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(ModelConfig)
+            if f.name not in free and getattr(a, f.name) != getattr(b, f.name)]
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Text in, packed token sequences out (moe/data.py)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import itertools
@@ -59,6 +60,7 @@ def factorizations(chips: int) -> list[dict]:
 def candidates(cfg: Config, topology: str) -> tuple[list[dict], list[tuple[dict, str]]]:
     """(meshes to compile, [(mesh, why it was left out)]) for cfg on the topology."""
     generation, name, chips = aot.parse_topology(topology)
+    devices = aot.slice_devices(generation, name)
     keep, pruned = [], []
     for mesh in factorizations(chips):
         try:
@@ -68,7 +70,7 @@ def candidates(cfg: Config, topology: str) -> tuple[list[dict], list[tuple[dict,
         if mesh["tensor"] > CHIPS_PER_HOST:
             pruned.append((mesh, f"tensor parallelism over {mesh['tensor']} chips leaves a host"))
             continue
-        state_bytes = state_bytes_per_chip(with_mesh(cfg, mesh), generation, name)
+        state_bytes = state_bytes_per_chip(with_mesh(cfg, mesh), devices)
         if state_bytes > aot.CHIPS[generation][1]:
             pruned.append((mesh, f"params + optimizer state alone need {state_bytes / 2**30:.1f} GiB per chip"))
             continue
@@ -76,14 +78,15 @@ def candidates(cfg: Config, topology: str) -> tuple[list[dict], list[tuple[dict,
     return keep, pruned
 
 
-def state_bytes_per_chip(cfg: Config, generation: str, name: str) -> int:
+def state_bytes_per_chip(cfg: Config, devices: list) -> int:
     """Parameter and optimizer-state bytes per chip from the shardings alone."""
-    mesh = sharding_lib.make_mesh(cfg, aot.slice_devices(generation, name))
+    mesh = sharding_lib.make_mesh(cfg, devices)
     abstract, shardings = sharding_lib.abstract_state(cfg, mesh)
     return (aot._per_chip_bytes(abstract.params, shardings.params)
             + aot._per_chip_bytes(abstract.opt_state, shardings.opt_state))
 
 
+@functools.cache
 def code_digest() -> str:
     """A digest of this package's source, so a cached report never outlives the code."""
     digest = hashlib.sha256()

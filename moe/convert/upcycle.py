@@ -24,8 +24,7 @@ from moe.config import ModelConfig
 
 ROUTER_INITS = ("zeros", "normal")
 # what may differ between the dense source and the MoE: the experts, and how it computes
-FREE_FIELDS = {"n_experts", "top_k", "dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat", "attention",
-               "init_std", "max_seq_len"}
+FREE_FIELDS = config_lib.COMPUTE_FIELDS | {"n_experts", "top_k"}
 MLP = ("layers", "mlp")
 
 
@@ -38,8 +37,7 @@ def check(dense: ModelConfig, moe: ModelConfig, where: str) -> None:
         raise UpcycleError(f"{where} is already an MoE ({dense.n_experts} experts); upcycle a dense model")
     if not moe.is_moe:
         raise UpcycleError("the target config is dense (model.n_experts = 0); give an MoE config")
-    diffs = [(f.name, getattr(dense, f.name), getattr(moe, f.name)) for f in dataclasses.fields(ModelConfig)
-             if f.name not in FREE_FIELDS and getattr(dense, f.name) != getattr(moe, f.name)]
+    diffs = config_lib.architecture_diffs(dense, moe, free=FREE_FIELDS)
     if diffs:
         listed = ", ".join(f"model.{n} is {d} in the source but {m} in the MoE config" for n, d, m in diffs)
         raise UpcycleError(f"{where} does not match the MoE config: {listed}; the MoE must keep the dense "

@@ -17,12 +17,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from moe.config import Config, ModelConfig
+from moe.config import Config, ModelConfig, architecture_diffs
 from moe.convert.stream import is_hf
 
-# Settings that may differ between the source and the run: how it computes, not what it is.
-COMPUTE_FIELDS = {"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat", "attention", "init_std",
-                  "max_seq_len"}
 HINT = "a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
 
 
@@ -31,8 +28,7 @@ class InitFromError(ValueError):
 
 
 def _check_architecture(source: ModelConfig, ours: ModelConfig, where: str) -> None:
-    diffs = [(f.name, getattr(source, f.name), getattr(ours, f.name)) for f in dataclasses.fields(ModelConfig)
-             if f.name not in COMPUTE_FIELDS and getattr(source, f.name) != getattr(ours, f.name)]
+    diffs = architecture_diffs(source, ours)
     if diffs:
         listed = ", ".join(f"model.{name} is {theirs} there but {mine} here" for name, theirs, mine in diffs)
         fix = " ".join(f"model.{name}={theirs}" for name, theirs, _ in diffs)

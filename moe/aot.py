@@ -112,6 +112,7 @@ class AotReport:
     compiled_bytes: float | None = None  # XLA's "bytes accessed" (the scanned layer body once, as FLOPs)
     peaks: tuple[float, float] | None = None  # the chip's (FLOP/s, HBM bytes/s)
     collective_bytes: int | None = None  # collective_bytes(): what the program's collectives produce
+    collectives: dict = dataclasses.field(default_factory=dict)  # collective_counts(): instructions by kind
 
     def to_dict(self) -> dict:
         """The report for scripts (`moe aot --json`, `moe plan`): per-chip bytes by kind,
@@ -121,7 +122,7 @@ class AotReport:
                 "temp_bytes": self.temp_bytes, "total_bytes": self.total_bytes, "fits": self.fits,
                 "error": self.error, "flops": self.compiled_flops, "bytes_accessed": self.compiled_bytes,
                 "model_flops": self.model_flops, "model_flops_one_layer": self.model_flops_one_layer,
-                "collective_bytes": self.collective_bytes, "roofline": self.roofline(), "kernels": self.kernels,
+                "collective_bytes": self.collective_bytes, "collectives": self.collectives, "roofline": self.roofline(), "kernels": self.kernels,
                 "compile_seconds": self.compile_seconds}
 
     def roofline(self) -> dict | None:
@@ -161,7 +162,9 @@ class AotReport:
                          f"{self.peaks[0] / 1e12:.0f} TFLOP/s, HBM {roof['memory_s']:.3g} s at "
                          f"{self.peaks[1] / 1e9:.0f} GB/s): MFU at most {roof['mfu']:.1%}")
         if self.collective_bytes is not None:
-            lines.append(f"collectives produce {gib(self.collective_bytes)} per chip (each instruction once)")
+            kinds = ", ".join(f"{n} {kind}" for kind, n in self.collectives.items())
+            lines.append(f"collectives produce {gib(self.collective_bytes)} per chip (each instruction once)"
+                         + (f": {kinds}" if kinds else ""))
         if self.kernels:
             lines.append("Mosaic kernels in the compiled program: " + ", ".join(f"{v} {k}" for k, v in self.kernels.items()))
         lines.append(f"compiled in {self.compile_seconds:.1f} s on this host")
@@ -194,6 +197,14 @@ def collective_bytes(hlo_text: str) -> int:
                  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))]
         total += (max(sizes) if match.group(3) else sum(sizes)) if sizes else 0
     return total
+
+
+def collective_counts(hlo_text: str) -> dict[str, int]:
+    """Collective instructions of a compiled program by kind (e.g. {"ragged-all-to-all": 4})."""
+    counts: dict[str, int] = {}
+    for match in _COLLECTIVE.finditer(hlo_text):
+        counts[match.group(2)] = counts.get(match.group(2), 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _frozen(cfg: Config, mesh):
@@ -283,4 +294,5 @@ def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> AotRepo
     text = compiled.as_text()
     report.kernels = tpu_kernels(text)
     report.collective_bytes = collective_bytes(text)
+    report.collectives = collective_counts(text)
     return report

@@ -43,6 +43,8 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     moe_dispatch: Literal["auto", "dense", "ragged", "sorted", "grouped", "gather", "megablox"] = "auto"  # see moe/model/dispatch.py
     capacity_factor: Optional[float] = None  # expert-parallel buffers; None: dropless
+    ep_exchange: Literal["ragged", "padded"] = "ragged"  # how copies reach their experts' devices (moe/expert_parallel.py)
+    ep_buffer_factor: Optional[float] = None  # ragged receive buffers: this x a device's copies; None: worst case
     attention: Literal["auto", "xla", "splash"] = "auto"  # auto: splash (Pallas) on TPU; see moe/model/attention.py
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02
@@ -60,8 +62,8 @@ class ModelConfig:
 
 # ModelConfig fields that say how a model computes, not what it is: weights move freely
 # between configs that differ only in these (train.init_from, moe upcycle)
-COMPUTE_FIELDS = frozenset({"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "remat", "attention",
-                            "init_std", "max_seq_len"})
+COMPUTE_FIELDS = frozenset({"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "ep_exchange",
+                            "ep_buffer_factor", "remat", "attention", "init_std", "max_seq_len"})
 
 
 def architecture_diffs(a: ModelConfig, b: ModelConfig, free=COMPUTE_FIELDS) -> list[tuple[str, object, object]]:
@@ -236,6 +238,10 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.rms_norm_eps must be in (0, 1), got {m.rms_norm_eps}")
     if m.capacity_factor is not None and m.capacity_factor <= 0:
         raise ConfigError(f"model.capacity_factor must be > 0 or null (dropless), got {m.capacity_factor}")
+    if m.ep_buffer_factor is not None and (m.ep_buffer_factor <= 0 or m.ep_exchange != "ragged"):
+        raise ConfigError(f"model.ep_buffer_factor ({m.ep_buffer_factor}) sizes the receive buffers of "
+                          "model.ep_exchange=ragged and must be > 0; set it to null (worst case, never "
+                          "overflows) or use ep_exchange=ragged")
     if m.init_std <= 0:
         raise ConfigError(f"model.init_std must be > 0, got {m.init_std}")
 

@@ -203,6 +203,10 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                                                  flops_per_token, peak)
                 record["batch_crc32"] = zlib.crc32(np.ascontiguousarray(batch["inputs"]).tobytes())
                 metrics_log.write(record)
+                if record.get("ep_overflow", 0) > 0:
+                    log.warning("step %d: %d token copies did not fit the expert-parallel receive buffers and "
+                                "added 0 (raise model.ep_buffer_factor, or null for the worst case)",
+                                step, record["ep_overflow"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:

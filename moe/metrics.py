@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per training step (step, loss, ce_loss, aux_loss,
 z_loss, grad_norm, lr, tokens_per_s, mfu, expert_load per layer, expert_imbalance per
-layer = max/mean load) and one per evaluation ({"step", "val_loss", "val_ppl"}).
+layer = max/mean load, ep_overflow = token copies the expert-parallel receive buffers
+dropped) and one per evaluation ({"step", "val_loss", "val_ppl"}).
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def step_record(step: int, metrics: dict, tokens: float, seconds: float, flops_p
               "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
               "skipped_steps": metrics["nonfinite_total"]}
     record.update({k: metrics[k] for k in DPO_METRICS if k in metrics})
+    if "ep_overflow" in metrics:  # token copies expert parallelism's receive buffers dropped (summed over layers)
+        record["ep_overflow"] = metrics["ep_overflow"]
     if "expert_load" in metrics:
         load = np.asarray(metrics["expert_load"])  # [layers, experts], each row sums to 1
         record["expert_load"] = load

@@ -138,7 +138,7 @@ def router_terms(cfg: Config, stats) -> dict:
     if not cfg.model.is_moe:
         return {}
     return dict(expert_counts=stats["expert_counts"], prob_sum=stats["prob_sum"], z_sum=stats["z_sum"],
-                router_rows=stats["n_tokens"])
+                router_rows=stats["n_tokens"], ep_overflow=jnp.sum(stats["ep_overflow"]))
 
 
 def loss_terms(cfg: Config, params, batch, frozen=None, rng=None) -> dict:
@@ -192,7 +192,7 @@ def combine(cfg: Config, terms: dict, total_tokens, router_totals: dict | None =
         aux = load_balancing_loss(totals["expert_counts"], terms["prob_sum"], rows)
         z = z_loss(terms["z_sum"], rows)
         loss = loss + cfg.train.aux_loss_coef * aux + cfg.train.z_loss_coef * z
-        metrics.update(aux_loss=aux, z_loss=z, expert_load=_expert_load(cfg, totals))
+        metrics.update(aux_loss=aux, z_loss=z, expert_load=_expert_load(cfg, totals), ep_overflow=terms["ep_overflow"])
     else:
         metrics.update(aux_loss=jnp.zeros(()), z_loss=jnp.zeros(()))
     return loss, metrics

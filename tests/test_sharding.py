@@ -19,6 +19,7 @@ MESHES = {
     "data=8": dict(data=8),
     "fsdp=8": dict(data=1, fsdp=8),
     "expert=8": dict(data=1, expert=8),
+    "data=4,expert=2": dict(data=4, expert=2),
     "data=2,expert=4": dict(data=2, expert=4),
     "fsdp=2,expert=2,tensor=2": dict(data=1, fsdp=2, expert=2, tensor=2),
 }
@@ -97,6 +98,23 @@ def test_sharded_loss_and_grads_equal_single_device(name, path, grad_accum, refe
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5, jax.tree_util.keystr(path)
 
 
+def test_receive_buffer_overflow_is_counted_and_reported_in_the_step_metrics(reference):
+    from moe import metrics as metrics_lib
+
+    params, (ref_loss, _, _) = reference
+    # one expert per device; receive buffers of 0.25 x a device's 32 copies = 8 rows, so
+    # every copy past an expert's 8th in the whole batch is dropped and counted
+    cfg = run_config(MESHES["expert=8"], ep_buffer_factor=0.25)
+    (loss, _, metrics), _ = sharded_grads(cfg, params, batch_for(cfg))
+    copies = np.asarray(metrics["expert_load"]) * 8 * 16 * 2  # [layers, experts] of this run's own routing
+    want = np.maximum(np.rint(copies) - 8, 0).sum()
+    assert want > 0 and float(metrics["ep_overflow"]) == want
+    assert abs(float(loss) - float(ref_loss)) > 1e-3  # the dropped copies changed the output
+    record = metrics_lib.step_record(1, dict(metrics, loss=loss, grad_norm=0.0, lr=0.0, nonfinite_total=0),
+                                     128.0, 1.0, 1.0, 1.0)
+    assert record["ep_overflow"] == want  # written to metrics.jsonl (and logged as a warning by the loop)
+
+
 def test_per_device_parameter_bytes_follow_the_mesh(reference):
     params, _ = reference
     total = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
@@ -130,43 +148,6 @@ def test_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path, refere
                        jax.tree_util.tree_leaves(S.param_shardings(cfg_b, mesh_b))):
         assert a.sharding == s
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_capacity_factor_drops_the_copies_past_capacity_in_order_and_they_add_exactly_zero():
-    from moe import expert_parallel
-    from moe.model.dispatch import DISPATCH
-
-    # 8 devices on `expert`, one expert each; each device routes its 6 tokens' 12 copies.
-    # capacity_factor 2 gives ceil(2 * 12 / 8) = 3 slots per destination device.
-    n_dev, tokens_per_dev, top_k, d, f = 8, 6, 2, 16, 24
-    keys = jax.random.split(jax.random.key(3), 5)
-    x = jax.random.normal(keys[0], (n_dev * tokens_per_dev, d))
-    w1, w3 = (0.3 * jax.random.normal(k, (n_dev, d, f)) for k in keys[1:3])
-    w2 = 0.3 * jax.random.normal(keys[3], (n_dev, f, d))
-    idx = np.array(jax.random.randint(keys[4], (n_dev * tokens_per_dev, top_k), 0, 3))  # crowd experts 0-2
-    idx[:, 1] = np.where(idx[:, 1] == idx[:, 0], 7, idx[:, 1])
-    weight = np.full(idx.shape, 0.5, np.float32)
-    # expected: per device, copies in order t * top_k + k; the 4th and later to one expert drop
-    kept = np.zeros(idx.shape, bool)
-    for dev in range(n_dev):
-        seen = np.zeros(n_dev, int)
-        for t in range(dev * tokens_per_dev, (dev + 1) * tokens_per_dev):
-            for k in range(top_k):
-                kept[t, k] = seen[idx[t, k]] < 3
-                seen[idx[t, k]] += 1
-    assert 0 < (~kept).sum() < kept.sum()
-    mesh = S.make_mesh(run_config(MESHES["expert=8"]))
-    args = (x, jnp.asarray(idx, jnp.int32), jnp.asarray(weight), w1, w3, w2)
-    ep = jax.jit(lambda *a: expert_parallel.dispatch(mesh, *a, local_dispatch=DISPATCH["grouped"],
-                                                     capacity_factor=2.0))
-    got = np.asarray(ep(*args))
-    want = np.asarray(DISPATCH["dense"](x, args[1], jnp.asarray(np.where(kept, weight, 0.0)), w1, w3, w2))
-    assert np.abs(got - want).max() <= 1e-5
-    all_dropped = ~kept.any(axis=1)
-    assert all_dropped.any() and np.all(got[all_dropped] == 0.0)  # exactly zero, not small
-    dropless = np.asarray(jax.jit(lambda *a: expert_parallel.dispatch(
-        mesh, *a, local_dispatch=DISPATCH["grouped"], capacity_factor=None))(*args))
-    assert np.abs(dropless - np.asarray(DISPATCH["dense"](*args))).max() <= 1e-5
 
 
 @pytest.mark.parametrize("mesh,message", [

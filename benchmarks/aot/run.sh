@@ -19,7 +19,21 @@ for kernels in "xla ragged" "splash ragged" "splash megablox"; do
   # shellcheck disable=SC2086
   plan mixtral-8x7b v5p-128 fsdp64 $kernels mesh.fsdp=64 mesh.data=1 $big
   # shellcheck disable=SC2086
-  plan mixtral-8x7b v5p-128 fsdp8-expert8 $kernels mesh.fsdp=8 mesh.expert=8 mesh.data=1 $big
+  plan mixtral-8x7b v5p-128 fsdp8-expert8-padded $kernels mesh.fsdp=8 mesh.expert=8 mesh.data=1 $big \
+    model.ep_exchange=padded
+done
+# expert parallelism: fixed all_to_all buffers (padded) vs ragged_all_to_all, with receive
+# buffers for the worst case and bounded by model.ep_buffer_factor (overflow counted)
+ep="mesh.fsdp=8 mesh.expert=8 mesh.data=1 $big"
+# shellcheck disable=SC2086
+plan mixtral-8x7b v5p-128 fsdp8-expert8-padded-capacity2 splash megablox $ep model.ep_exchange=padded \
+  model.capacity_factor=2
+# shellcheck disable=SC2086
+plan mixtral-8x7b v5p-128 fsdp8-expert8-ragged splash megablox $ep model.ep_exchange=ragged
+for factor in 2 1.25; do
+  # shellcheck disable=SC2086
+  plan mixtral-8x7b v5p-128 "fsdp8-expert8-ragged-buffer$factor" splash megablox $ep model.ep_exchange=ragged \
+    "model.ep_buffer_factor=$factor"
 done
 for attention in xla splash; do
   plan mistral-7b v5p-32 fsdp16 "$attention" auto mesh.fsdp=16 mesh.data=1 train.batch_size=32 train.seq_len=4096

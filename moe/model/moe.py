@@ -9,6 +9,8 @@ tokens, layers and devices (sums reduce; means do not):
   prob_sum      [E]  router probabilities summed over tokens (-> P_e)
   z_sum         []   sum of logsumexp(router logits)^2   (-> router z-loss)
   n_tokens      []   tokens counted (padding excluded)
+  ep_overflow   []   token copies the expert-parallel receive buffers could not hold
+                     (model.ep_buffer_factor; moe/expert_parallel.py), each adding 0
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def router_stats(logits_te, probs_te, expert_idx_tk, valid_t):
         "prob_sum": jnp.einsum("te,t->e", probs_te, valid),
         "z_sum": jnp.sum(z * z * valid),
         "n_tokens": jnp.sum(valid),
+        "ep_overflow": jnp.zeros((), jnp.float32),  # copies expert parallelism could not deliver
     }
 
 
@@ -80,7 +83,9 @@ class SparseMoE(nn.Module):
                 w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
         mesh = expert_parallel.active_mesh()
         if expert_parallel.wants_shard_map(mesh, x_td.shape[0]):
-            y_td = expert_parallel.dispatch(mesh, *args, local_dispatch=fn, capacity_factor=cfg.capacity_factor)
+            y_td, stats["ep_overflow"] = expert_parallel.dispatch(
+                mesh, *args, local_dispatch=fn, capacity_factor=cfg.capacity_factor,
+                buffer_factor=cfg.ep_buffer_factor, exchange=cfg.ep_exchange)
         else:
             y_td = fn(*args)
         return y_td.reshape(batch, seq, d), stats

@@ -52,8 +52,9 @@ def cmd_convert(args) -> int:
 def cmd_train(args) -> int:
     import logging
 
-    from moe import loop
+    from moe import loop, storage
 
+    storage.location(args.run_dir)  # a malformed gs:// URL: one line, before anything else
     cfg = config_lib.load(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from etils import epath
 
 
 class ConfigError(ValueError):
@@ -403,10 +404,10 @@ def _parse_yaml(path: Path):
 
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a config file and everything it builds on (`base:`), merged into one dict."""
-    path = Path(path)
+    path = epath.Path(path)  # a run's config.yaml may be on gs:// (moe/storage.py)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in _seen:
+    if _identity(path) in _seen:
         raise ConfigError(f"config 'base' chain loops back to {path}")
     data = _parse_yaml(path)
     if not isinstance(data, dict):
@@ -416,7 +417,11 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a path to another config file")
-    return _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+    return _merge(read_yaml(path.parent / base, _seen + (_identity(path),)), data)
+
+
+def _identity(path) -> str:
+    return str(path) if "://" in str(path) else str(path.resolve())
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

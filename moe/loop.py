@@ -1,7 +1,7 @@
 """`moe train`: one linear loop. Setup, data, state (fresh or resumed), compile, steps, finish.
 
-A run directory holds config.yaml (the resolved config), train.log, metrics.jsonl,
-tensorboard/ and checkpoints/<step>/. Calling `moe train` again with the same directory
+A run directory (local, or gs://BUCKET/PATH: moe/storage.py) holds config.yaml (the
+resolved config), train.log, metrics.jsonl, tensorboard/ and checkpoints/<step>/. Calling `moe train` again with the same directory
 resumes from the newest readable checkpoint, with the data iterator where it was.
 SIGTERM or SIGINT (TPU preemption, Ctrl-C) saves a checkpoint and returns normally.
 
@@ -12,12 +12,12 @@ known step, so that resume tests are exact and never depend on timing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
 import zlib
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -28,6 +28,7 @@ from moe import config as config_lib
 from moe import data as data_lib
 from moe import metrics as metrics_lib
 from moe import sharding as sharding_lib
+from moe import storage
 from moe import train as train_lib
 from moe.checkpoint import RunCheckpoints
 from moe.config import Config
@@ -63,20 +64,25 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _setup_run_dir(cfg: Config, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _setup_run_dir(cfg: Config, run_dir, staging: storage.Staging | None) -> logging.Handler | None:
+    """Refuse a run directory of another model; then (process 0 only, `staging` given) write
+    config.yaml and start train.log. Returns the log handler to close at the end."""
     saved = run_dir / "config.yaml"
     if saved.exists():
         previous = yaml.safe_load(saved.read_text()) or {}
         if previous.get("model") != config_lib.to_dict(cfg)["model"]:
             raise TrainingError(f"{run_dir} holds a run of a different model (see {saved}); "
                                 "resume with the same model config or use a new --run-dir")
+    log.setLevel(logging.INFO)
+    if staging is None:  # another process writes the shared files
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(config_lib.dump(cfg))
-    handler = logging.FileHandler(run_dir / "train.log")
+    handler = logging.FileHandler(staging.local / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
     log.info("resolved config:\n%s", config_lib.dump(cfg))
+    return handler
 
 
 def _base_params(cfg: Config, mesh):
@@ -147,15 +153,37 @@ def _evaluate(eval_fn, params, frozen, batches) -> dict:
     return {"val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 80.0)))}
 
 
-def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
+def run(cfg: Config, run_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Train to cfg.train.steps (or until stopped); returns the last step's record."""
     # --- setup: processes, mesh, run directory, data
     sharding_lib.initialize_distributed(cfg)
     mesh = sharding_lib.make_mesh(cfg)  # refuses layouts that do not divide, before compiling
     train_docs, val_docs = data_lib.check(cfg)  # bad data or a bad init_from: refused before
     init_from_lib.check(cfg)                    # anything is written
-    run_dir = Path(run_dir)
-    _setup_run_dir(cfg, run_dir)
+    run_dir = storage.location(run_dir)
+    with _shared_files(cfg, run_dir) as staging:
+        return _train(cfg, mesh, train_docs, val_docs, run_dir, staging, progress)
+
+
+@contextlib.contextmanager
+def _shared_files(cfg: Config, run_dir):
+    """Process 0's staging of train.log and metrics (None in other processes), synced up and
+    closed however the run ends."""
+    staging = storage.Staging(run_dir, fetch=("metrics.jsonl", "train.log")) if jax.process_index() == 0 else None
+    handler = None
+    try:
+        handler = _setup_run_dir(cfg, run_dir, staging)
+        yield staging
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        if staging is not None:
+            staging.close()
+
+
+def _train(cfg: Config, mesh, train_docs, val_docs, run_dir, staging, progress: bool) -> dict:
+    writer = staging is not None
     log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
     log.info("data: %d training and %d validation documents", len(train_docs), len(val_docs))
     if data_lib.is_chat(cfg.data):
@@ -181,12 +209,14 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     log.info("MFU against %.3g FLOP/s (%s); %.4g FLOPs per token", peak, peak_source, flops_per_token)
 
     # --- steps
-    metrics_log = metrics_lib.MetricsLog(run_dir, start, enabled=jax.process_index() == 0)
+    metrics_log = metrics_lib.MetricsLog(staging.local if writer else None, start, enabled=writer)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     record, last_saved = {}, start
     kill_at = int(os.environ.get("MOE_FAULT_SIGKILL_AT_STEP", "0"))
 
     def save(step):
+        if writer:
+            staging.sync()  # the records up to this step are stored before its checkpoint exists
         meta = {"step": step, "config": config_lib.to_dict(cfg)}
         checkpoints.save(step, state.params, state.opt_state, batches.get_state(), meta)
         return step
@@ -214,6 +244,10 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                     metrics_log.write({"step": step, **val})
                     log.info("step %d: loss %.4f, val_loss %.4f, val_ppl %.2f", step, record["loss"],
                              val["val_loss"], val["val_ppl"])
+                    if writer:
+                        staging.sync()
+                elif writer:
+                    staging.sync(force=False)
                 if metrics["nonfinite_consecutive"] >= cfg.train.max_nonfinite_steps:
                     last_saved = save(step)
                     raise TrainingError(

@@ -57,7 +57,7 @@ def _plain(value):
 class MetricsLog:
     """Appends to DIR/metrics.jsonl and TensorBoard; on resume, drops records past `step`."""
 
-    def __init__(self, run_dir: Path, resume_step: int, enabled: bool = True):
+    def __init__(self, run_dir: Path | None, resume_step: int, enabled: bool = True):
         self.enabled = enabled  # only the first process writes, in multi-host runs
         if not enabled:
             return
@@ -94,18 +94,22 @@ class MetricsLog:
         self.tb.close()
 
 
-def read(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) from DIR/metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read(run_dir) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records) from DIR/metrics.jsonl (DIR local or gs://)."""
+    from moe import storage
+
+    path = storage.location(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is {run_dir} a run directory of `moe train`?")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
-def read_if_any(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+def read_if_any(run_dir) -> tuple[list[dict], list[dict]]:
     """Like read, but ([], []) for a run that has not written metrics yet."""
-    return read(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else ([], [])
+    from moe import storage
+
+    return read(run_dir) if (storage.location(run_dir) / "metrics.jsonl").is_file() else ([], [])
 
 
 DPO_METRICS = ("dpo_loss", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected")

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moe import metrics as metrics_lib  # noqa: E402
+from moe import storage  # noqa: E402
 
 
 def plot_loss(train: list[dict], val: list[dict], out: Path) -> Path:
@@ -60,6 +61,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     train, val = metrics_lib.read(run_dir)
     if not train:
         raise ValueError(f"{run_dir}/metrics.jsonl holds no training steps yet")
-    out_dir = Path(run_dir) / "plots"
-    out_dir.mkdir(exist_ok=True)
-    return [plot_loss(train, val, out_dir / "loss.png"), *plot_expert_load(train, out_dir)]
+    out_dir = storage.location(run_dir) / "plots"
+    with storage.Staging(out_dir) as local:  # matplotlib writes local files; copied up for gs://
+        local.local.mkdir(parents=True, exist_ok=True)
+        written = [plot_loss(train, val, local.local / "loss.png"), *plot_expert_load(train, local.local)]
+    return [out_dir / p.name for p in written]

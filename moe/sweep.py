@@ -35,6 +35,7 @@ import yaml
 
 from moe import config as config_lib
 from moe import metrics as metrics_lib
+from moe import storage
 from moe.config import Config, ConfigError
 
 SPEC_KEYS = ("name", "title", "description", "base", "overrides", "variants", "grid", "seeds", "runs_dir", "launch")
@@ -48,7 +49,7 @@ class Run:
     variant: str  # the run's name without its seed, for aggregating seeds
     overrides: tuple[str, ...]  # everything on top of the base config, in order
     changes: tuple[str, ...]  # what sets it apart from the other runs: variant, grid point, seed
-    run_dir: Path
+    run_dir: Path  # an epath.Path: local or gs://
     config: Config
 
     def finished(self) -> bool:
@@ -120,7 +121,7 @@ def _read_spec(path: Path) -> dict:
     return spec
 
 
-def _expand(spec: dict, path: Path, base: Path, common: tuple, runs_dir: Path) -> list[Run]:
+def _expand(spec: dict, path: Path, base: Path, common: tuple, runs_dir) -> list[Run]:
     variants = spec.get("variants") or {"base": {}}
     if not isinstance(variants, dict):
         raise ConfigError(f"{path}: variants must map a run name to its overrides")
@@ -153,8 +154,9 @@ def load(path: str | Path, runs_dir: str | Path | None = None) -> Sweep:
     path = Path(path)
     spec = _read_spec(path)
     base = path.parent / spec["base"]
-    if runs_dir is None:
-        runs_dir = path.parent / spec["runs_dir"] if spec.get("runs_dir") else Path("runs/sweeps") / spec["name"]
+    if runs_dir is None and spec.get("runs_dir"):
+        runs_dir = spec["runs_dir"] if storage.is_remote(spec["runs_dir"]) else path.parent / spec["runs_dir"]
+    runs_dir = storage.location(runs_dir if runs_dir is not None else Path("runs/sweeps") / spec["name"])
     launch = spec.get("launch") or {}
     bad = sorted(set(launch) - {"tpu_vm", "xpk"})
     if bad or not all(isinstance(v, list) for v in launch.values()):
@@ -162,7 +164,7 @@ def load(path: str | Path, runs_dir: str | Path | None = None) -> Sweep:
     common = tuple(_as_overrides(spec.get("overrides"), f"{path}: overrides"))
     return Sweep(name=spec["name"], title=spec.get("title", spec["name"]),
                  description=str(spec.get("description", "")).strip(), spec_path=path, base=base,
-                 common=common, runs=tuple(_expand(spec, path, base, common, Path(runs_dir))),
+                 common=common, runs=tuple(_expand(spec, path, base, common, runs_dir)),
                  launch={k: tuple(str(a) for a in v) for k, v in launch.items()})
 
 

@@ -47,3 +47,22 @@ def no_process_outlives_the_suite():
         except OSError:
             pass
     assert not left, f"processes started by the tests outlived them (killed now): {left}"
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A fake gs://moe-test bucket (tests/fake_gcs.py) for this test process and every process
+    it starts: yields the Counter of uploads by object name."""
+    import fake_gcs
+
+    with fake_gcs.running() as (env, uploads):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield uploads
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

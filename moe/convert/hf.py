@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import ml_dtypes
 import numpy as np
+from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -230,7 +231,8 @@ def save_hf(cfg: ModelConfig, params, out_dir: str | Path, dtype: str | None = N
 
 def find_checkpoint(ckpt_dir: str | Path) -> tuple[Path, Path]:
     """(params dir, config.yaml) for a converted checkpoint or a training step directory."""
-    ckpt = Path(ckpt_dir).absolute()
+    ckpt = epath.Path(ckpt_dir)  # local or gs://
+    ckpt = ckpt if "://" in str(ckpt) else ckpt.absolute()
     params = ckpt / "params" if (ckpt / "params" / "_METADATA").exists() else ckpt
     if not (params / "_METADATA").exists():
         raise ConversionError(f"{ckpt} holds no Orbax params checkpoint (looked for params/_METADATA)")

@@ -1,0 +1,98 @@
+"""Run directories anywhere etils.epath reaches: local paths and object stores (gs://, s3://).
+
+Every command that reads or writes a run directory takes its location through `location`,
+which refuses malformed URLs with one line. Checkpoints go straight through Orbax, which
+writes to gs:// itself. Files that grow a line at a time (train.log, metrics.jsonl,
+TensorBoard events) cannot be appended to in an object store, so for a remote run directory
+they live in a local staging folder (`Staging`) and are copied up whole at sync points: every
+evaluation, before every checkpoint (so a resume, which drops the records past its step,
+never lacks one), every `interval` seconds and at the end. In a multi-host run only process 0
+writes these shared files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from etils import epath
+
+from moe.config import ConfigError
+
+REMOTE_SCHEMES = ("gs", "s3")  # what epath reaches through fsspec (gcsfs, s3fs)
+
+
+def location(where: str | os.PathLike) -> epath.Path:
+    """A run directory, checkpoint or output location as an epath.Path; a malformed URL
+    (gs:/bucket, gs://, gs:///path, an unknown scheme) is a one-line ConfigError."""
+    text = os.fspath(where)
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/(/?)(.*)$", text)
+    if match:
+        scheme, slashes, rest = match.groups()
+        bucket = rest.split("/", 1)[0]
+        if scheme not in REMOTE_SCHEMES or not slashes or not bucket:
+            raise ConfigError(f"malformed location {text!r}: use a local path or gs://BUCKET/PATH "
+                              f"(e.g. gs://my-bucket/runs/x; s3:// likewise)")
+    return epath.Path(text)
+
+
+def is_remote(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def as_local(path) -> Path | None:
+    """A pathlib.Path for a local location (for libraries that need one), else None."""
+    return None if is_remote(path) else Path(os.fspath(path))
+
+
+class Staging:
+    """A local folder that stands for `remote`: the folder itself when it is local; else a
+    temporary one, first filled with `fetch` (names under remote that exist), whose changed
+    files `sync` copies up."""
+
+    def __init__(self, remote: epath.Path, fetch: tuple[str, ...] = (), interval: float = 60.0):
+        self.remote, self.interval = remote, interval
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._last = time.monotonic()
+        if not is_remote(remote):
+            self.local = Path(os.fspath(remote))
+            return
+        self.local = Path(tempfile.mkdtemp(prefix="moe-staging-"))
+        for name in fetch:
+            if (remote / name).exists():
+                target = self.local / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes((remote / name).read_bytes())
+                self._sent[name] = self._stamp(target)
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int]:
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+
+    def sync(self, force: bool = True) -> None:
+        """Copy every new or changed file up (at most every `interval` s unless forced)."""
+        if not is_remote(self.remote) or (not force and time.monotonic() - self._last < self.interval):
+            return
+        for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            name, stamp = path.relative_to(self.local).as_posix(), self._stamp(path)
+            if self._sent.get(name) != stamp:
+                (self.remote / name).parent.mkdir(parents=True, exist_ok=True)
+                (self.remote / name).write_bytes(path.read_bytes())
+                self._sent[name] = stamp
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        if is_remote(self.remote):
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

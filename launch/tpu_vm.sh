@@ -4,22 +4,23 @@
 # with their output streamed here, and delete the slice afterwards when asked.
 #
 #   launch/tpu_vm.sh [--dry-run] --name NAME --zone ZONE [--project ID] [--accelerator v5p-32]
-#                    [--version RUNTIME] [--queued] [--spot] [--bucket gs://BUCKET]
+#                    [--version RUNTIME] [--queued] [--spot] [--bucket gs://BUCKET [--mount]]
 #                    [--run-dir DIR] [--delete-after] CONFIG [OVERRIDES...]
 #   launch/tpu_vm.sh [--dry-run] --delete --name NAME --zone ZONE [--project ID] [--queued]
 #
 # Every worker runs the same command; MOE_DISTRIBUTED=auto makes `moe train` join the slice's
 # processes through jax.distributed (worker ids and addresses come from the TPU metadata).
-# Multi-host checkpoints need one directory every worker sees: --bucket mounts a GCS bucket
-# with gcsfuse at ~/moe/runs on all workers (the default run dir is runs/NAME under it).
+# Multi-host runs need one run directory every worker sees: with --bucket it is
+# gs://BUCKET/runs/NAME, written directly (Orbax and moe/storage.py speak gs://; no mount);
+# --mount instead mounts the bucket with gcsfuse at ~/moe/runs and uses runs/NAME under it.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 NAME="" ZONE="" PROJECT="" ACCELERATOR="v5p-8" VERSION="v2-alpha-tpuv5" QUEUED=0 SPOT=0
-BUCKET="" RUN_DIR="" DELETE_AFTER=0 DELETE_ONLY=0
+BUCKET="" MOUNT=0 RUN_DIR="" DELETE_AFTER=0 DELETE_ONLY=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY_RUN=1; shift ;;
@@ -31,6 +32,7 @@ while [[ $# -gt 0 ]]; do
     --queued) QUEUED=1; shift ;;
     --spot) SPOT=1; shift ;;
     --bucket) need_value "$@"; BUCKET="$2"; shift 2 ;;
+    --mount) MOUNT=1; shift ;;
     --run-dir) need_value "$@"; RUN_DIR="$2"; shift 2 ;;
     --delete-after) DELETE_AFTER=1; shift ;;
     --delete) DELETE_ONLY=1; shift ;;
@@ -64,7 +66,16 @@ fi
 [[ $# -ge 1 ]] || usage 2
 CONFIG="$(project_path "$1")"; shift
 check_overrides "$@"
-RUN_DIR="${RUN_DIR:-runs/$NAME}"
+if [[ -n "$BUCKET" ]]; then
+  [[ "$BUCKET" =~ ^gs://[a-z0-9][-_.a-z0-9]*/?$ ]] || die "--bucket must look like gs://BUCKET, got '$BUCKET'"
+  BUCKET="${BUCKET%/}"
+fi
+[[ "$MOUNT" == 0 || -n "$BUCKET" ]] || die "--mount needs --bucket gs://BUCKET"
+if [[ -n "$BUCKET" && "$MOUNT" == 0 ]]; then
+  RUN_DIR="${RUN_DIR:-$BUCKET/runs/$NAME}"
+else
+  RUN_DIR="${RUN_DIR:-runs/$NAME}"
+fi
 
 # --- create or reuse the slice
 if [[ "$DRY_RUN" == 1 ]]; then
@@ -100,8 +111,7 @@ run tar -C "$PROJECT_ROOT" --exclude=./.venv --exclude=./runs --exclude=./.git -
 run "${TPU[@]}" scp "$ARCHIVE" "$NAME:moe-src.tgz" "${WHERE[@]}" --worker=all
 SETUP="mkdir -p ~/moe && tar -xzf ~/moe-src.tgz -C ~/moe && cd ~/moe && python3 -m venv .venv"
 SETUP+=" && .venv/bin/pip install -q -e '.[tpu]'"
-if [[ -n "$BUCKET" ]]; then
-  [[ "$BUCKET" == gs://* ]] || die "--bucket must look like gs://BUCKET, got '$BUCKET'"
+if [[ "$MOUNT" == 1 ]]; then
   SETUP+=" && mkdir -p ~/moe/runs && (mountpoint -q ~/moe/runs || gcsfuse --implicit-dirs $(quote "${BUCKET#gs://}") ~/moe/runs)"
 fi
 run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command "$SETUP"

@@ -4,20 +4,21 @@
 #
 #   launch/xpk.sh [--dry-run] --cluster CLUSTER --workload NAME --tpu-type v5p-128
 #                 [--num-slices N] [--project ID] [--zone ZONE] [--base-docker-image IMAGE]
-#                 [--run-dir DIR] [--follow] CONFIG [OVERRIDES...]
+#                 [--bucket gs://BUCKET | --run-dir DIR] [--follow] CONFIG [OVERRIDES...]
 #   launch/xpk.sh [--dry-run] --delete --cluster CLUSTER --workload NAME [--project ID] [--zone ZONE]
 #
 # Multi-host settings reach `moe train` through the environment: MOE_DISTRIBUTED=auto, and the
-# TPU_WORKER_* / MEGASCALE_* variables GKE and xpk set on every pod. Multi-host checkpoints
-# need a --run-dir that every host sees (a mounted shared volume); pods' own disks are lost.
+# TPU_WORKER_* / MEGASCALE_* variables GKE and xpk set on every pod. Pods' own disks are lost,
+# so the run directory must be one every host sees: --bucket gs://BUCKET writes to
+# gs://BUCKET/runs/WORKLOAD directly (or pass --run-dir gs://... or a mounted shared volume).
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 CLUSTER="" WORKLOAD="" TPU_TYPE="" NUM_SLICES=1 PROJECT="" ZONE="" IMAGE="python:3.11"
-RUN_DIR="" FOLLOW=0 DELETE_ONLY=0
+BUCKET="" RUN_DIR="" FOLLOW=0 DELETE_ONLY=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY_RUN=1; shift ;;
@@ -28,6 +29,7 @@ while [[ $# -gt 0 ]]; do
     --project) need_value "$@"; PROJECT="$2"; shift 2 ;;
     --zone) need_value "$@"; ZONE="$2"; shift 2 ;;
     --base-docker-image) need_value "$@"; IMAGE="$2"; shift 2 ;;
+    --bucket) need_value "$@"; BUCKET="$2"; shift 2 ;;
     --run-dir) need_value "$@"; RUN_DIR="$2"; shift 2 ;;
     --follow) FOLLOW=1; shift ;;
     --delete) DELETE_ONLY=1; shift ;;
@@ -54,6 +56,10 @@ fi
 [[ $# -ge 1 ]] || usage 2
 CONFIG="$(project_path "$1")"; shift
 check_overrides "$@"
+if [[ -n "$BUCKET" ]]; then
+  [[ "$BUCKET" =~ ^gs://[a-z0-9][-_.a-z0-9]*/?$ ]] || die "--bucket must look like gs://BUCKET, got '$BUCKET'"
+  RUN_DIR="${RUN_DIR:-${BUCKET%/}/runs/$WORKLOAD}"
+fi
 RUN_DIR="${RUN_DIR:-runs/$WORKLOAD}"
 
 # xpk copies --script-dir into the image and runs the command from there on every host

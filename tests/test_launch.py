@@ -57,12 +57,22 @@ def test_tpu_vm_dry_run_creates_installs_and_trains_on_all_workers():
     scp = next(c for c in cmds if "scp" in c)
     ssh = [c for c in cmds if "ssh" in c]
     assert "--worker=all" in scp and all("--worker=all" in c for c in ssh) and len(ssh) == 2
-    assert "gcsfuse --implicit-dirs runs-bucket" in ssh[0][ssh[0].index("--command") + 1]
+    assert "gcsfuse" not in ssh[0][ssh[0].index("--command") + 1]  # gs:// directly, nothing mounted
     train = remote(ssh[1])
     assert "MOE_DISTRIBUTED=auto" in train
     start = train.index("train")
-    assert train[start + 1:] == ["configs/tiny-moe.yaml", "--run-dir", "runs/exp-1", "--no-progress", *OVERRIDES]
+    assert train[start + 1:] == ["configs/tiny-moe.yaml", "--run-dir", "gs://runs-bucket/runs/exp-1", "--no-progress",
+                                 *OVERRIDES]
     assert cmds[-1][:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"]
+
+
+def test_tpu_vm_mount_keeps_the_gcsfuse_option():
+    cmds = commands(launch("tpu_vm.sh", "--dry-run", "--name", "exp-1", "--zone", "z", "--bucket", "gs://runs-bucket",
+                           "--mount", "configs/tiny-moe.yaml").stdout)
+    ssh = [c for c in cmds if "ssh" in c]
+    assert "gcsfuse --implicit-dirs runs-bucket" in ssh[0][ssh[0].index("--command") + 1]
+    train = remote(ssh[1])
+    assert train[train.index("--run-dir") + 1] == "runs/exp-1"
 
 
 def test_tpu_vm_without_queue_creates_a_vm_and_delete_only_deletes():
@@ -74,7 +84,8 @@ def test_tpu_vm_without_queue_creates_a_vm_and_delete_only_deletes():
 
 def test_xpk_dry_run_creates_a_workload_carrying_config_and_overrides():
     out = launch("xpk.sh", "--dry-run", "--cluster", "c1", "--workload", "w-1", "--tpu-type", "v5p-128",
-                 "--num-slices", "2", "--follow", "configs/mixtral-8x7b.yaml", *OVERRIDES).stdout
+                 "--num-slices", "2", "--bucket", "gs://runs-bucket", "--follow", "configs/mixtral-8x7b.yaml",
+                 *OVERRIDES).stdout
     create, logs = commands(out)
     assert create[:3] == ["xpk", "workload", "create"]
     for flag, value in [("--workload", "w-1"), ("--cluster", "c1"), ("--tpu-type", "v5p-128"),
@@ -82,8 +93,8 @@ def test_xpk_dry_run_creates_a_workload_carrying_config_and_overrides():
         assert create[create.index(flag) + 1] == value
     words = remote(create)
     assert "MOE_DISTRIBUTED=auto" in words
-    assert words[words.index("train") + 1:] == ["configs/mixtral-8x7b.yaml", "--run-dir", "runs/w-1",
-                                                "--no-progress", *OVERRIDES]
+    assert words[words.index("train") + 1:] == ["configs/mixtral-8x7b.yaml", "--run-dir",
+                                                "gs://runs-bucket/runs/w-1", "--no-progress", *OVERRIDES]
     assert logs[:3] == ["kubectl", "logs", "--follow"] and "jobset.sigs.k8s.io/jobset-name=w-1" in logs
     delete = commands(launch("xpk.sh", "--dry-run", "--delete", "--cluster", "c1", "--workload", "w-1").stdout)
     assert delete == [["xpk", "workload", "delete", "--workload", "w-1", "--cluster", "c1"]]
@@ -108,6 +119,9 @@ def test_local_dry_run_starts_one_process_per_rank_with_the_distributed_environm
     ("tpu_vm.sh", ["--name", "a", "--zone", "z", "/etc/hostname"], "must be inside the project"),
     ("tpu_vm.sh", ["--name", "a", "--zone", "z", "configs/tiny-moe.yaml", "--spot"], "is not an override"),
     ("tpu_vm.sh", ["--name", "a", "--zone", "z", "--bucket", "runs", "configs/tiny-moe.yaml"], "gs://"),
+    ("tpu_vm.sh", ["--name", "a", "--zone", "z", "--mount", "configs/tiny-moe.yaml"], "--mount needs --bucket"),
+    ("xpk.sh", ["--cluster", "c", "--workload", "w", "--tpu-type", "v5p-8", "--bucket", "gs:/b",
+                "configs/tiny-moe.yaml"], "gs://BUCKET"),
     ("xpk.sh", ["--cluster", "c", "--workload", "w", "configs/tiny-moe.yaml"], "--tpu-type is required"),
     ("xpk.sh", ["--cluster", "c", "--workload", "w", "--tpu-type", "v5p-8", "--num-slices", "0",
                 "configs/tiny-moe.yaml"], "positive integer"),

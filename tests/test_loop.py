@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from moe import storage
 from moe.checkpoint import restore_params
 from helpers import ROOT, kill_group, processes_with_env, spawn
 
@@ -43,13 +44,13 @@ def read_checkpoint(run_dir, step, item):
     return jax.tree_util.tree_leaves(restore_params(Path(run_dir) / "checkpoints" / str(step) / item))
 
 
-def records(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+def records(run_dir):  # local or gs://
+    lines = (storage.location(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if "loss" in json.loads(line)]
 
 
 def checkpoint_steps(run_dir):
-    folder = Path(run_dir) / "checkpoints"
+    folder = storage.location(run_dir) / "checkpoints"
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
@@ -178,7 +179,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_log_the_same_losses_as_one(tmp_path, children):
+def test_two_processes_log_the_same_losses_as_one_and_only_process_0_writes_the_shared_files(tmp_path, children,
+                                                                                             gcs):
     common = ["train.steps=3", "checkpoint.every_steps=3", "data.workers=0", "train.batch_size=8",
               "mesh.data=2", "mesh.expert=4"]
     single = subprocess.run(
@@ -193,13 +195,17 @@ def test_two_processes_log_the_same_losses_as_one(tmp_path, children):
                    MOE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MOE_NUM_PROCESSES="2", MOE_PROCESS_ID=str(pid))
         children.append(subprocess.Popen(
             [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir",
-             str(tmp_path / "two"), "--no-progress", *SMALL, *common],
+             "gs://moe-test/runs/two", "--no-progress", *SMALL, *common],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
     outputs = [c.communicate(timeout=600)[0] for c in children]
     assert all(c.returncode == 0 for c in children), outputs
     assert "over 8 devices in 2 processes" in outputs[0]
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    one, two = records(tmp_path / "one"), records("gs://moe-test/runs/two")  # the 2-process run on gs://
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["batch_crc32"] == b["batch_crc32"]
-    assert checkpoint_steps(tmp_path / "two") == [3]
+    assert checkpoint_steps("gs://moe-test/runs/two") == [3]
+    # the shared files are process 0's alone: config.yaml uploaded once, one log's lines
+    assert gcs["runs/two/config.yaml"] == 1
+    log = (storage.location("gs://moe-test/runs/two") / "train.log").read_text()
+    assert log.count("resolved config") == 1 and log.count("over 8 devices in 2 processes") == 1

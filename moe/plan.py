@@ -10,7 +10,8 @@ pruned before compiling when tensor parallelism would leave a host (more than it
 chips) or when parameters and optimizer state alone exceed the chip's HBM (computed from
 the shardings, without compiling). Compiled reports are cached by the resolved config,
 topology, jax / libtpu versions and this package's source, so a second plan of the same
-question with the same code compiles nothing. Ranked: plans that fit first, then by roofline step time, then by bytes per chip.
+question with the same code compiles nothing. With --slices N (multislice), every mesh of
+N x the topology's chips is tried with each split of N over DCN between data and fsdp. Ranked: plans that fit first, then by roofline step time, then by bytes per chip.
 """
 
 from __future__ import annotations
@@ -43,7 +44,25 @@ def with_mesh(cfg: Config, mesh: dict) -> Config:
 
 
 def mesh_overrides(mesh: dict) -> list[str]:
-    return [f"mesh.{axis}={mesh[axis]}" for axis in AXES]
+    return [f"mesh.{axis}={mesh[axis]}" for axis in AXES] + [f"mesh.{k}={v}" for k, v in mesh.items()
+                                                              if k.startswith("dcn_")]
+
+
+def dcn_splits(mesh: dict, slices: int) -> list[dict]:
+    """How `slices` slices can split a mesh over DCN: (dcn_data, dcn_fsdp) with product
+    `slices`, each dividing its axis. Only data and fsdp cross slices (their collectives, a
+    gradient all-reduce or a weight all-gather per layer, tolerate DCN's bandwidth; expert
+    all-to-alls and tensor all-reduces would not)."""
+    if slices == 1:
+        return [{}]
+    return [{"dcn_data": d, "dcn_fsdp": slices // d} for d in range(1, slices + 1)
+            if slices % d == 0 and mesh["data"] % d == 0 and mesh["fsdp"] % (slices // d) == 0]
+
+
+def describe(mesh: dict) -> str:
+    text = ", ".join(str(mesh[a]) for a in AXES)
+    dcn = [f"{k[4:]} {v}" for k, v in mesh.items() if k.startswith("dcn_") and v > 1]
+    return text + (f" (DCN: {', '.join(dcn)})" if dcn else "")
 
 
 def factorizations(chips: int) -> list[dict]:
@@ -57,12 +76,13 @@ def factorizations(chips: int) -> list[dict]:
     return meshes
 
 
-def candidates(cfg: Config, topology: str) -> tuple[list[dict], list[tuple[dict, str]]]:
-    """(meshes to compile, [(mesh, why it was left out)]) for cfg on the topology."""
+def candidates(cfg: Config, topology: str, slices: int = 1) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(meshes to compile, [(mesh, why it was left out)]) for cfg on `slices` slices of the topology."""
     generation, name, chips = aot.parse_topology(topology)
-    devices = aot.slice_devices(generation, name)
+    devices = aot.slice_devices(generation, name, slices)
     keep, pruned = [], []
-    for mesh in factorizations(chips):
+    meshes = [{**mesh, **dcn} for mesh in factorizations(chips * slices) for dcn in dcn_splits(mesh, slices)]
+    for mesh in meshes:
         try:
             sharding_lib.check_divisibility(cfg, mesh)
         except ConfigError:
@@ -101,7 +121,7 @@ def cache_key(cfg: Config, topology: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def compile_one(config_path: str, overrides: list[str], topology: str, cache_dir: Path, key: str) -> dict:
+def compile_one(config_path: str, overrides: list[str], topology: str, slices: int, cache_dir: Path, key: str) -> dict:
     """The `moe aot --json` report of one plan, from the cache or a fresh process."""
     cached = cache_dir / f"{key}.json"
     if cached.is_file():
@@ -110,7 +130,8 @@ def compile_one(config_path: str, overrides: list[str], topology: str, cache_dir
         out = Path(tmp) / "report.json"
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
         run = subprocess.run([sys.executable, "-m", "moe", "aot", config_path, "--topology", topology,
-                              "--json", str(out), *overrides], capture_output=True, text=True, env=env)
+                              "--slices", str(slices), "--json", str(out), *overrides],
+                             capture_output=True, text=True, env=env)
         if run.returncode not in (0, 3) or not out.is_file():
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
             return {"fits": False, "error": f"compile failed: {last[:300]}", "failed": True}
@@ -127,12 +148,14 @@ def rank_key(plan: dict):
 
 
 def plan(config_path: str, overrides: list[str], topology: str, batch: int | None = None, seq: int | None = None,
-         jobs: int = 2, cache_dir: Path | None = None) -> dict:
+         jobs: int = 2, cache_dir: Path | None = None, slices: int = 1) -> dict:
     """Every candidate mesh compiled (or read from the cache) and ranked."""
     extra = [*overrides, *([f"train.batch_size={batch}"] if batch else []), *([f"train.seq_len={seq}"] if seq else [])]
     cfg = config_lib.load(config_path, extra)
-    _, _, chips = aot.parse_topology(topology)
-    meshes, pruned = candidates(cfg, topology)
+    if slices < 1:
+        raise ConfigError(f"--slices must be >= 1, got {slices}")
+    chips = aot.parse_topology(topology)[2] * slices
+    meshes, pruned = candidates(cfg, topology, slices)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if not meshes and not pruned:
         raise ConfigError(f"no mesh of {chips} chips divides this model with a micro-batch of {micro} sequences; "
@@ -143,13 +166,14 @@ def plan(config_path: str, overrides: list[str], topology: str, batch: int | Non
                           "use a larger topology or a larger --batch")
     cache_dir = cache_dir or Path(os.environ.get("MOE_PLAN_CACHE", Path.home() / ".cache/moe/plans"))
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-        futures = [(mesh, pool.submit(compile_one, config_path, extra + mesh_overrides(mesh), topology, cache_dir,
-                                      cache_key(with_mesh(cfg, mesh), topology))) for mesh in meshes]
+        futures = [(mesh, pool.submit(compile_one, config_path, extra + mesh_overrides(mesh), topology, slices,
+                                      cache_dir, cache_key(with_mesh(cfg, mesh), f"{topology} x {slices}")))
+                   for mesh in meshes]
         plans = sorted(({"mesh": mesh, "report": future.result()} for mesh, future in futures), key=rank_key)
     best = next((p for p in plans if p["report"].get("fits")), None)
     command = None if best is None else " ".join(
         ["moe train", config_path, *extra, *mesh_overrides(best["mesh"]), "--run-dir runs/NAME"])
-    return {"config": config_path, "topology": topology, "chips": chips, "batch": cfg.train.batch_size,
+    return {"config": config_path, "topology": topology, "slices": slices, "chips": chips, "batch": cfg.train.batch_size,
             "seq": cfg.train.seq_len, "plans": plans, "pruned": [{"mesh": m, "why": w} for m, w in pruned],
             "best_command": command}
 
@@ -158,7 +182,8 @@ def format_table(result: dict) -> str:
     def gib(b):
         return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
-    lines = [f"{result['config']} on {result['topology']} ({result['chips']} chips), batch {result['batch']} x "
+    where = result["topology"] + (f" x {result['slices']} slices" if result.get("slices", 1) > 1 else "")
+    lines = [f"{result['config']} on {where} ({result['chips']} chips), batch {result['batch']} x "
              f"{result['seq']}: {len(result['plans'])} meshes compiled, {len(result['pruned'])} left out",
              "| rank | data, fsdp, expert, tensor | fits | params | opt state | temporaries | total "
              "| compiled / model FLOPs (one layer) | collectives | roofline step s | MFU bound |",
@@ -169,13 +194,13 @@ def format_table(result: dict) -> str:
         fits = "yes" if r.get("fits") else "no"
         step = f"{roof['step_s']:.4g}" if roof else "-"
         mfu = f"{roof['mfu']:.1%}" if roof else "-"
-        lines.append(f"| {rank} | {', '.join(str(p['mesh'][a]) for a in AXES)} | {fits} | {gib(r.get('params_bytes'))} "
+        lines.append(f"| {rank} | {describe(p['mesh'])} | {fits} | {gib(r.get('params_bytes'))} "
                      f"| {gib(r.get('opt_state_bytes'))} | {gib(r.get('temp_bytes'))} | {gib(r.get('total_bytes'))} "
                      f"| {ratio} | {gib(r.get('collective_bytes'))} | {step} | {mfu} |")
     for rank, p in enumerate(result["plans"], 1):
         if not p["report"].get("fits"):
             lines.append(f"rank {rank} does not fit: {p['report'].get('error') or 'over HBM'}")
     for item in result["pruned"]:
-        lines.append(f"left out: {', '.join(str(item['mesh'][a]) for a in AXES)}: {item['why']}")
+        lines.append(f"left out: {describe(item['mesh'])}: {item['why']}")
     lines.append(f"best: {result['best_command']}" if result["best_command"] else "no mesh fits")
     return "\n".join(lines)

@@ -66,3 +66,21 @@ def test_bad_plans_are_one_line_errors(args, message, tmp_path):
     assert result.returncode == 2 and message in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("moe plan")]) == 1
     assert not any(tmp_path.iterdir())
+
+
+@needs_libtpu
+def test_multislice_candidates_split_only_data_and_fsdp_over_dcn():
+    from moe import config
+
+    cfg = config.load(ROOT / "configs/tiny-moe.yaml", ["train.batch_size=8", "model.vocab_size=512"])
+    meshes, _ = plan.candidates(cfg, "v5p-8", slices=2)
+    assert meshes and all(m["data"] * m["fsdp"] * m["expert"] * m["tensor"] == 8 for m in meshes)
+    for m in meshes:
+        assert m["dcn_data"] * m["dcn_fsdp"] == 2 and m["data"] % m["dcn_data"] == 0 and m["fsdp"] % m["dcn_fsdp"] == 0
+    found = {(m["data"], m["fsdp"], m["expert"], m["tensor"], m["dcn_data"]) for m in meshes}
+    assert {(2, 1, 4, 1, 2), (1, 2, 4, 1, 1), (2, 2, 2, 1, 2), (2, 2, 2, 1, 1)} <= found
+    assert not any(m["data"] == m["fsdp"] == 1 for m in meshes)  # expert / tensor alone never cross slices
+    assert plan.mesh_overrides(meshes[0])[-2:] == [f"mesh.dcn_data={meshes[0]['dcn_data']}",
+                                                   f"mesh.dcn_fsdp={meshes[0]['dcn_fsdp']}"]
+    assert plan.describe({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1}) == \
+        "2, 2, 2, 1 (DCN: data 2)"

@@ -112,7 +112,8 @@ def cmd_plan(args) -> int:
     from moe import plan as plan_lib
 
     result = plan_lib.plan(args.config, args.overrides, args.topology, args.batch, args.seq, args.jobs,
-                           Path(args.cache_dir) if args.cache_dir else None, args.slices)
+                           Path(args.cache_dir) if args.cache_dir else None, args.slices,
+                           plan_lib.parse_fixed(args.fix))
     print(plan_lib.format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -188,6 +189,8 @@ def _add_train_and_tools(sub) -> None:
     p.add_argument("--topology", required=True, help="e.g. v5p-128 (needs the tpu extra)")
     p.add_argument("--slices", type=int, default=1,
                    help="multislice: this many slices of the topology over DCN (data / fsdp cross them)")
+    p.add_argument("--fix", action="append", default=[], metavar="AXIS=N",
+                   help="hold a mesh axis at a size (repeatable), e.g. --fix tensor=1 --fix data=1")
     p.add_argument("--batch", type=int, default=None, help="train.batch_size (sequences per step)")
     p.add_argument("--seq", type=int, default=None, help="train.seq_len")
     p.add_argument("--jobs", type=int, default=2, help="compiles in parallel (each takes a core and its memory)")

@@ -11,7 +11,9 @@ chips) or when parameters and optimizer state alone exceed the chip's HBM (compu
 the shardings, without compiling). Compiled reports are cached by the resolved config,
 topology, jax / libtpu versions and this package's source, so a second plan of the same
 question with the same code compiles nothing. With --slices N (multislice), every mesh of
-N x the topology's chips is tried with each split of N over DCN between data and fsdp. Ranked: plans that fit first, then by roofline step time, then by bytes per chip.
+N x the topology's chips is tried with each split of N over DCN between data and fsdp.
+--fix AXIS=N (e.g. --fix tensor=1) holds an axis, to ask a narrower question of a large
+topology (each 8x7B compile takes minutes on a CPU host). Ranked: plans that fit first, then by roofline step time, then by bytes per chip.
 """
 
 from __future__ import annotations
@@ -76,12 +78,26 @@ def factorizations(chips: int) -> list[dict]:
     return meshes
 
 
-def candidates(cfg: Config, topology: str, slices: int = 1) -> tuple[list[dict], list[tuple[dict, str]]]:
-    """(meshes to compile, [(mesh, why it was left out)]) for cfg on `slices` slices of the topology."""
+def parse_fixed(items: list[str]) -> dict[str, int]:
+    """--fix AXIS=N items (e.g. tensor=1) as {axis: size}; anything else is a ConfigError."""
+    fixed = {}
+    for item in items:
+        axis, _, size = item.partition("=")
+        if axis not in AXES or not size.isdigit() or int(size) < 1:
+            raise ConfigError(f"--fix {item!r}: use AXIS=N with AXIS one of {', '.join(AXES)} and N >= 1")
+        fixed[axis] = int(size)
+    return fixed
+
+
+def candidates(cfg: Config, topology: str, slices: int = 1,
+               fixed: dict | None = None) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(meshes to compile, [(mesh, why it was left out)]) for cfg on `slices` slices of the
+    topology, with the axes in `fixed` held at their sizes."""
     generation, name, chips = aot.parse_topology(topology)
     devices = aot.slice_devices(generation, name, slices)
     keep, pruned = [], []
-    meshes = [{**mesh, **dcn} for mesh in factorizations(chips * slices) for dcn in dcn_splits(mesh, slices)]
+    meshes = [{**mesh, **dcn} for mesh in factorizations(chips * slices) for dcn in dcn_splits(mesh, slices)
+              if all(mesh[a] == n for a, n in (fixed or {}).items())]
     for mesh in meshes:
         try:
             sharding_lib.check_divisibility(cfg, mesh)
@@ -148,15 +164,17 @@ def rank_key(plan: dict):
 
 
 def plan(config_path: str, overrides: list[str], topology: str, batch: int | None = None, seq: int | None = None,
-         jobs: int = 2, cache_dir: Path | None = None, slices: int = 1) -> dict:
+         jobs: int = 2, cache_dir: Path | None = None, slices: int = 1, fixed: dict | None = None) -> dict:
     """Every candidate mesh compiled (or read from the cache) and ranked."""
     extra = [*overrides, *([f"train.batch_size={batch}"] if batch else []), *([f"train.seq_len={seq}"] if seq else [])]
     cfg = config_lib.load(config_path, extra)
     if slices < 1:
         raise ConfigError(f"--slices must be >= 1, got {slices}")
     chips = aot.parse_topology(topology)[2] * slices
-    meshes, pruned = candidates(cfg, topology, slices)
+    meshes, pruned = candidates(cfg, topology, slices, fixed)
     micro = cfg.train.batch_size // cfg.train.grad_accum
+    if not meshes and not pruned and fixed:
+        raise ConfigError(f"no mesh of {chips} chips with {fixed} divides this model; relax --fix")
     if not meshes and not pruned:
         raise ConfigError(f"no mesh of {chips} chips divides this model with a micro-batch of {micro} sequences; "
                           f"pass --batch with a multiple of {chips} (or of {chips // CHIPS_PER_HOST} with tensor "
@@ -173,7 +191,7 @@ def plan(config_path: str, overrides: list[str], topology: str, batch: int | Non
     best = next((p for p in plans if p["report"].get("fits")), None)
     command = None if best is None else " ".join(
         ["moe train", config_path, *extra, *mesh_overrides(best["mesh"]), "--run-dir runs/NAME"])
-    return {"config": config_path, "topology": topology, "slices": slices, "chips": chips, "batch": cfg.train.batch_size,
+    return {"config": config_path, "topology": topology, "slices": slices, "fixed": fixed or {}, "chips": chips, "batch": cfg.train.batch_size,
             "seq": cfg.train.seq_len, "plans": plans, "pruned": [{"mesh": m, "why": w} for m, w in pruned],
             "best_command": command}
 
@@ -183,6 +201,7 @@ def format_table(result: dict) -> str:
         return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
     where = result["topology"] + (f" x {result['slices']} slices" if result.get("slices", 1) > 1 else "")
+    where += "".join(f", {a}={n} fixed" for a, n in result.get("fixed", {}).items())
     lines = [f"{result['config']} on {where} ({result['chips']} chips), batch {result['batch']} x "
              f"{result['seq']}: {len(result['plans'])} meshes compiled, {len(result['pruned'])} left out",
              "| rank | data, fsdp, expert, tensor | fits | params | opt state | temporaries | total "

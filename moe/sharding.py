@@ -97,7 +97,10 @@ def device_grid(cfg: Config, devices: list) -> np.ndarray:
     if any(sizes[a] % dcn[a] for a in AXES):
         raise ConfigError(f"mesh sizes {sizes} must be divisible by the DCN sizes {dcn}")
     ici = tuple(sizes[a] // dcn[a] for a in AXES)
-    return mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in AXES), devices)
+    # within a slice any factorization of the chips (as the single-slice reshape allows),
+    # even one that splits a physical torus axis
+    return mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in AXES), devices,
+                                                allow_split_physical_axes=True)
 
 
 def rules(cfg: Config):

@@ -60,6 +60,8 @@ def test_plan_compiles_every_dividing_mesh_ranks_them_and_caches(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--batch", "1"], "no mesh of 4 chips divides this model with a micro-batch of 1 sequences; pass --batch"),
     (["--topology", "v9-8"], "unknown topology 'v9-8'"),
+    (["--fix", "tensor=3"], "no mesh of 4 chips with {'tensor': 3} divides this model; relax --fix"),
+    (["--fix", "pipeline=2"], "--fix 'pipeline=2': use AXIS=N"),
 ])
 def test_bad_plans_are_one_line_errors(args, message, tmp_path):
     result = moe_plan(*TINY, *args, "--cache-dir", tmp_path)
@@ -80,6 +82,8 @@ def test_multislice_candidates_split_only_data_and_fsdp_over_dcn():
     found = {(m["data"], m["fsdp"], m["expert"], m["tensor"], m["dcn_data"]) for m in meshes}
     assert {(2, 1, 4, 1, 2), (1, 2, 4, 1, 1), (2, 2, 2, 1, 2), (2, 2, 2, 1, 1)} <= found
     assert not any(m["data"] == m["fsdp"] == 1 for m in meshes)  # expert / tensor alone never cross slices
+    held, _ = plan.candidates(cfg, "v5p-8", slices=2, fixed={"tensor": 1, "data": 2})
+    assert held and all(m["tensor"] == 1 and m["data"] == 2 for m in held) and len(held) < len(meshes)
     assert plan.mesh_overrides(meshes[0])[-2:] == [f"mesh.dcn_data={meshes[0]['dcn_data']}",
                                                    f"mesh.dcn_fsdp={meshes[0]['dcn_fsdp']}"]
     assert plan.describe({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1}) == \

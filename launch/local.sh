@@ -45,18 +45,21 @@ if [[ "$PROCESSES" == 1 ]]; then
   exit 0
 fi
 
-run mkdir -p "$RUN_DIR"
+# each process's output: in the run directory, or beside it in runs/logs/ for a gs:// one
+LOG_DIR="$RUN_DIR"
+[[ "$RUN_DIR" == *://* ]] && LOG_DIR="runs/logs/$(basename "$RUN_DIR")"
+run mkdir -p "$LOG_DIR"
 PIDS=()
 for ((i = 0; i < PROCESSES; i++)); do
   DIST=(MOE_COORDINATOR_ADDRESS="127.0.0.1:$PORT" MOE_NUM_PROCESSES="$PROCESSES" MOE_PROCESS_ID="$i")
   if [[ "$DRY_RUN" == 1 ]]; then
-    echo "+ $(quote env "${ENV[@]}" "${DIST[@]}" "${MOE[@]}" --no-progress) > $(quote "$RUN_DIR/process-$i.log") 2>&1 &"
+    echo "+ $(quote env "${ENV[@]}" "${DIST[@]}" "${MOE[@]}" --no-progress) > $(quote "$LOG_DIR/process-$i.log") 2>&1 &"
     continue
   fi
   if [[ "$i" == 0 ]]; then
-    env "${ENV[@]}" "${DIST[@]}" "${MOE[@]}" --no-progress > >(tee "$RUN_DIR/process-$i.log") 2>&1 &
+    env "${ENV[@]}" "${DIST[@]}" "${MOE[@]}" --no-progress > >(tee "$LOG_DIR/process-$i.log") 2>&1 &
   else
-    env "${ENV[@]}" "${DIST[@]}" "${MOE[@]}" --no-progress > "$RUN_DIR/process-$i.log" 2>&1 &
+    env "${ENV[@]}" "${DIST[@]}" "${MOE[@]}" --no-progress > "$LOG_DIR/process-$i.log" 2>&1 &
   fi
   PIDS+=($!)
 done

@@ -113,6 +113,11 @@ def test_local_dry_run_starts_one_process_per_rank_with_the_distributed_environm
         assert all(o in words for o in OVERRIDES)
 
 
+def test_local_dry_run_with_a_gcs_run_dir_keeps_the_process_logs_local():
+    out = launch("local.sh", "--dry-run", "--processes", "2", "--run-dir", "gs://b/runs/x", "configs/tiny-moe.yaml").stdout
+    assert "> runs/logs/x/process-1.log 2>&1 &" in out and "--run-dir gs://b/runs/x" in out
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("tpu_vm.sh", ["--name", "a", "configs/tiny-moe.yaml"], "--zone is required"),
     ("tpu_vm.sh", ["--name", "A_b", "--zone", "z", "configs/tiny-moe.yaml"], "lowercase"),

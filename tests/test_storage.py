@@ -69,6 +69,13 @@ def test_train_killed_and_resumed_on_gcs_equals_a_local_run_then_plots_and_conve
     assert local_hf.returncode == 0
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf-local" / name).read_bytes()
+    # a gs:// run as a source: generation, and the starting weights of another run
+    said = [moe("generate", run_dir, "--prompt", "The sky", "--max-new-tokens", "4") for run_dir in (remote, local)]
+    assert said[0].returncode == 0 and said[0].stdout == said[1].stdout, said[0].stderr[-2000:]
+    tuned = moe("train", *args[:1], "--run-dir", tmp_path / "tuned", *args[1:], "train.steps=1",
+                f"train.init_from={remote}")
+    assert tuned.returncode == 0 and "with the weights of gs://moe-test/runs/resumed" in \
+        (tmp_path / "tuned" / "train.log").read_text(), tuned.stderr[-2000:]
 
 
 def test_a_sweep_on_gcs_gives_the_local_sweeps_metrics_and_reports(tmp_path, gcs, monkeypatch):

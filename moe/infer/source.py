@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from moe import config as config_lib
+from moe import storage
 from moe import tokenizer as tokenizer_lib
 from moe.config import Config, ConfigError, ModelConfig
 from moe.convert.hf import NP_DTYPES
@@ -92,7 +93,7 @@ def _merged_lora(cfg: Config, adapters: dict, path: Path) -> tuple[Config, dict]
     from moe.tune.merge import merge
     from moe.tune.trainable import combine
 
-    base_path = Path(cfg.train.init_from)
+    base_path = storage.location(cfg.train.init_from)
     if not base_path.is_dir():
         raise SourceError(f"{path} is a LoRA run whose base (train.init_from = {base_path}) is not there; "
                           "run from the folder it was trained from, or merge it with `moe lora merge`")
@@ -112,7 +113,7 @@ def _merged_lora(cfg: Config, adapters: dict, path: Path) -> tuple[Config, dict]
 def load(source: str | Path, dtype: str = "float32", tokenizer: str | None = None) -> Source:
     """The model at `source` with params cast to `dtype`, computing in `dtype` (quantized
     weights stay quantized and dequantize to `dtype`)."""
-    path = Path(source)
+    path = storage.location(source)  # local or gs:// (a Hugging Face folder must be local)
     if not path.exists():
         raise SourceError(f"{source}: no such file or directory; {HINT}")
     if not path.is_dir():

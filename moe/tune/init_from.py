@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from moe import storage
 from moe.config import Config, ModelConfig, architecture_diffs
 from moe.convert.stream import is_hf
 
@@ -142,7 +143,7 @@ def _hf_array(source, model: ModelConfig, entries: list, leaf):
 
 
 def _reader(cfg: Config, target):
-    path = Path(cfg.train.init_from)
+    path = storage.location(cfg.train.init_from)  # local or gs:// (a Hugging Face folder must be local)
     if not path.is_dir():
         raise InitFromError(f"train.init_from {path}: no such directory; give {HINT}")
     source_model, read = _hf_reader(path, target) if is_hf(path) else _restore_orbax(path, target, cfg.quant)

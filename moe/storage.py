@@ -23,7 +23,7 @@ from etils import epath
 
 from moe.config import ConfigError
 
-REMOTE_SCHEMES = ("gs", "s3")  # what epath reaches through fsspec (gcsfs, s3fs)
+REMOTE_SCHEMES = ("gs", "s3")  # what epath reaches through fsspec (gcsfs, installed; s3fs for s3://)
 
 
 def location(where: str | os.PathLike) -> epath.Path:
@@ -42,11 +42,6 @@ def location(where: str | os.PathLike) -> epath.Path:
 
 def is_remote(path) -> bool:
     return "://" in os.fspath(path)
-
-
-def as_local(path) -> Path | None:
-    """A pathlib.Path for a local location (for libraries that need one), else None."""
-    return None if is_remote(path) else Path(os.fspath(path))
 
 
 class Staging:

@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from moe import storage
+
 # Orbax logs a warning for every array opened without a shared TensorStore context.
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -31,23 +33,17 @@ def array_name(path: tuple[str, ...]) -> str:
     return ".".join(path)
 
 
-def _resolved(directory) -> epath.Path:
-    """An absolute epath.Path; gs:// and other URLs as given."""
-    path = epath.Path(directory)
-    return path if "://" in str(path) else path.absolute()
-
-
 def save_params(directory: str | Path, params) -> None:
     """Save a whole param tree (arrays in memory) as an Orbax checkpoint."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(_resolved(directory), params)
+    checkpointer.save(storage.absolute(directory), params)
     checkpointer.wait_until_finished()
 
 
 def restore_params(directory: str | Path, target=None):
     """Restore a params checkpoint; `target` (ShapeDtypeStructs, maybe sharded) sets the
     dtype and placement of each array. Without it, arrays come back as numpy."""
-    path = _resolved(directory)
+    path = storage.absolute(directory)
     if not (path / "_METADATA").exists():
         raise FileNotFoundError(f"{path} is not an Orbax params checkpoint (no _METADATA in it)")
     checkpointer = ocp.PyTreeCheckpointer()
@@ -65,7 +61,7 @@ class ParamWriter:
     """
 
     def __init__(self, directory: str | Path, shapes):
-        self.directory = _resolved(directory)
+        self.directory = storage.absolute(directory)
         placeholder = jax.tree_util.tree_map(lambda s: np.zeros((1,) * len(s.shape), s.dtype), shapes)
         ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(self.directory, placeholder)
         self._stores, self._written = {}, {}
@@ -109,7 +105,7 @@ class ParamReader:
     """Read slices of a params checkpoint (OCDBT or not) without loading whole arrays."""
 
     def __init__(self, directory: str | Path):
-        self.directory = _resolved(directory)
+        self.directory = storage.absolute(directory)
         if not (self.directory / "_METADATA").exists():
             raise FileNotFoundError(f"{self.directory} is not an Orbax params checkpoint (no _METADATA in it)")
         self.use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
@@ -148,7 +144,7 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | Path, keep: int, async_save: bool):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(_resolved(directory), options=options,
+        self.manager = ocp.CheckpointManager(storage.absolute(directory), options=options,
                                              item_names=self.ITEMS)
 
     def steps(self) -> list[int]:

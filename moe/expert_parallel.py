@@ -85,7 +85,7 @@ def _combine(y_flat, weight_tk):
     return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, -1), weight_tk.astype(y_flat.dtype))
 
 
-def _padded(x_td, expert_idx_tk, weight_tk, w1, w3, w2, *, dispatch, n_shards, capacity, tensor_split, **_):
+def _padded(x_td, expert_idx_tk, weight_tk, w1, w3, w2, *, dispatch, n_shards, capacity, tensor_split):
     """Fixed [n_shards, capacity] buffers exchanged whole with all_to_all."""
     top_k = expert_idx_tk.shape[1]
     flat_e = expert_idx_tk.reshape(-1)  # [T*k]
@@ -154,10 +154,12 @@ def _local(x_td, expert_idx_tk, weight_tk, w1, w3, w2, *, dispatch, n_shards, ca
         y = dispatch(x_td, expert_idx_tk, weight_tk, w1, w3, w2)
         return (jax.lax.psum(y, TENSOR_AXIS) if tensor_split else y), jnp.zeros((1,), jnp.float32)
     copies = expert_idx_tk.size
-    fn = _ragged if exchange == "ragged" else _padded
-    y, overflow = fn(x_td, expert_idx_tk, weight_tk, w1, w3, w2, dispatch=dispatch, n_shards=n_shards,
-                     capacity=_capacity(copies, n_shards, capacity_factor), tensor_split=tensor_split,
-                     buffer_rows=buffer_rows(copies, n_shards, capacity_factor, buffer_factor))
+    fn = functools.partial(_padded, dispatch=dispatch, n_shards=n_shards, tensor_split=tensor_split,
+                           capacity=_capacity(copies, n_shards, capacity_factor))
+    if exchange == "ragged":
+        fn = functools.partial(_ragged, **fn.keywords,
+                               buffer_rows=buffer_rows(copies, n_shards, capacity_factor, buffer_factor))
+    y, overflow = fn(x_td, expert_idx_tk, weight_tk, w1, w3, w2)
     return y, overflow[None]
 
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe import storage
+
 # Dense peak FLOP/s per chip (bfloat16), by jax device_kind prefix.
 KNOWN_PEAKS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -96,8 +98,6 @@ class MetricsLog:
 
 def read(run_dir) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) from DIR/metrics.jsonl (DIR local or gs://)."""
-    from moe import storage
-
     path = storage.location(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is {run_dir} a run directory of `moe train`?")
@@ -107,9 +107,10 @@ def read(run_dir) -> tuple[list[dict], list[dict]]:
 
 def read_if_any(run_dir) -> tuple[list[dict], list[dict]]:
     """Like read, but ([], []) for a run that has not written metrics yet."""
-    from moe import storage
-
-    return read(run_dir) if (storage.location(run_dir) / "metrics.jsonl").is_file() else ([], [])
+    try:
+        return read(run_dir)
+    except FileNotFoundError:
+        return [], []
 
 
 DPO_METRICS = ("dpo_loss", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected")

@@ -62,7 +62,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if not train:
         raise ValueError(f"{run_dir}/metrics.jsonl holds no training steps yet")
     out_dir = storage.location(run_dir) / "plots"
-    with storage.Staging(out_dir) as local:  # matplotlib writes local files; copied up for gs://
-        local.local.mkdir(parents=True, exist_ok=True)
-        written = [plot_loss(train, val, local.local / "loss.png"), *plot_expert_load(train, local.local)]
+    with storage.Staging(out_dir) as staging:  # matplotlib writes local files; copied up for gs://
+        folder = staging.local
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [plot_loss(train, val, folder / "loss.png"), *plot_expert_load(train, folder)]
     return [out_dir / p.name for p in written]

@@ -44,6 +44,12 @@ def is_remote(path) -> bool:
     return "://" in os.fspath(path)
 
 
+def absolute(where) -> epath.Path:
+    """An epath.Path made absolute when local; a gs:// URL as given."""
+    path = epath.Path(where)
+    return path if is_remote(path) else path.absolute()
+
+
 class Staging:
     """A local folder that stands for `remote`: the folder itself when it is local; else a
     temporary one, first filled with `fetch` (names under remote that exist), whose changed

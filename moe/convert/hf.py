@@ -17,11 +17,11 @@ from typing import Callable
 import jax
 import ml_dtypes
 import numpy as np
-from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from moe import config as config_lib
+from moe import storage
 from moe.checkpoint import ParamReader, ParamWriter
 from moe.config import ModelConfig
 from moe.convert.table import ConversionError, Entry, entries, hf_config_from_model, model_config_from_hf
@@ -231,8 +231,7 @@ def save_hf(cfg: ModelConfig, params, out_dir: str | Path, dtype: str | None = N
 
 def find_checkpoint(ckpt_dir: str | Path) -> tuple[Path, Path]:
     """(params dir, config.yaml) for a converted checkpoint or a training step directory."""
-    ckpt = epath.Path(ckpt_dir)  # local or gs://
-    ckpt = ckpt if "://" in str(ckpt) else ckpt.absolute()
+    ckpt = storage.absolute(ckpt_dir)  # local or gs://
     params = ckpt / "params" if (ckpt / "params" / "_METADATA").exists() else ckpt
     if not (params / "_METADATA").exists():
         raise ConversionError(f"{ckpt} holds no Orbax params checkpoint (looked for params/_METADATA)")

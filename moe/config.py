@@ -97,7 +97,8 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
-    loss_chunk: Optional[int] = None  # positions per lm_head + loss block (logits never whole); None: one block
+    fused_loss: bool = True  # lm_head + cross-entropy with the gradient in one blocked pass (moe/loss.py); False: plain autodiff
+    loss_chunk: Optional[int] = None  # positions per block of the fused loss; None: the largest divisor of seq_len <= 128
     lr: float = 3e-4  # peak learning rate
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
@@ -258,9 +259,10 @@ def validate_train(cfg: Config) -> None:
                           f"({t.grad_accum}): each micro-batch holds batch_size / grad_accum sequences")
     if t.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
-    if t.loss_chunk is not None and (t.loss_chunk < 1 or t.seq_len % t.loss_chunk or t.objective != "lm"):
+    if t.loss_chunk is not None and (t.loss_chunk < 1 or t.seq_len % t.loss_chunk or t.objective != "lm"
+                                     or not t.fused_loss):
         raise ConfigError(f"train.loss_chunk ({t.loss_chunk}) must divide train.seq_len ({t.seq_len}) and applies "
-                          "to the language-model objective; set a divisor of seq_len or null")
+                          "to the fused loss of the language-model objective; set a divisor of seq_len or null")
     if t.warmup_steps < 0 or t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.lr must be > 0, train.warmup_steps >= 0 and train.min_lr_ratio in [0, 1]")
     for name in ["weight_decay", "clip_norm", "aux_loss_coef", "z_loss_coef"]:

@@ -23,6 +23,7 @@ import optax
 
 import moe.model as model_lib
 from moe.config import Config
+from moe.loss import default_chunk, fused_nll_sum, token_nll
 from moe.model.moe import load_balancing_loss, z_loss
 from moe.tune import trainable as trainable_lib
 
@@ -95,12 +96,6 @@ init_state = jax.jit(fresh_state, static_argnums=0)
 # ----------------------------------------------------------------------------- loss
 
 
-def token_nll(logits, targets):
-    """-log p(target) per position: float32 logits [batch, seq, vocab], targets [batch, seq]."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-
 def loss_mask(batch):
     """[batch, seq] float32: the positions whose targets count (chat data: assistant tokens)."""
     mask = batch["loss_mask"] if "loss_mask" in batch else batch["segment_ids"] != 0
@@ -113,25 +108,6 @@ def forward(cfg: Config, params, batch, frozen=None, rng=None, head: bool = True
     full = trainable_lib.combine(cfg, params, frozen)
     return model_lib.apply(cfg.model, full, batch["inputs"], batch["positions"], batch["segment_ids"],
                            trainable_lib.lora_of(cfg), rng, head=head)
-
-
-def chunked_nll_sum(cfg: Config, full_params, hidden, targets, mask):
-    """sum(-log p(target) * mask) with the lm_head and log-softmax applied to blocks of
-    train.loss_chunk positions in a scan whose body is rematerialized in the backward, so
-    [batch, seq, vocab] float32 logits (and their gradient) never exist whole: one
-    [batch, loss_chunk, vocab] block at a time."""
-    batch, seq, _ = hidden.shape
-    chunk = cfg.train.loss_chunk
-    blocks = lambda a: jnp.moveaxis(a.reshape(batch, seq // chunk, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
-
-    @jax.checkpoint
-    def block(total, xs):
-        hidden_bcd, targets_bc, mask_bc = xs
-        logits = model_lib.lm_head(cfg.model, full_params, hidden_bcd)  # [batch, chunk, vocab]
-        return total + jnp.sum(token_nll(logits, targets_bc) * mask_bc), None
-
-    total, _ = jax.lax.scan(block, jnp.zeros((), jnp.float32), (blocks(hidden), blocks(targets), blocks(mask)))
-    return total
 
 
 def router_terms(cfg: Config, stats) -> dict:
@@ -149,12 +125,14 @@ def loss_terms(cfg: Config, params, batch, frozen=None, rng=None) -> dict:
 
         return dpo.terms(cfg, params, frozen, batch, rng)
     mask = loss_mask(batch)
-    if cfg.train.loss_chunk is None:
+    if cfg.train.fused_loss:
+        hidden, stats = forward(cfg, params, batch, frozen, rng, head=False)
+        kernel = model_lib.lm_head_kernel(cfg.model, trainable_lib.combine(cfg, params, frozen))
+        chunk = cfg.train.loss_chunk or default_chunk(hidden.shape[1])
+        ce_sum = fused_nll_sum(hidden, kernel, batch["targets"], mask, chunk)
+    else:
         logits, stats = forward(cfg, params, batch, frozen, rng)
         ce_sum = jnp.sum(token_nll(logits, batch["targets"]) * mask)
-    else:
-        hidden, stats = forward(cfg, params, batch, frozen, rng, head=False)
-        ce_sum = chunked_nll_sum(cfg, trainable_lib.combine(cfg, params, frozen), hidden, batch["targets"], mask)
     return {"loss_sum": ce_sum, "ce_sum": ce_sum, "n_tokens": jnp.sum(mask), **router_terms(cfg, stats)}
 
 

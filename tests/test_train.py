@@ -139,22 +139,29 @@ def test_weight_decay_skips_norms():
     assert mask["layers"]["moe"]["w1"] is True and mask["embed"]["embedding"] is True
 
 
-def test_chunked_loss_equals_the_whole_loss_in_value_and_every_gradient():
-    # seq 16 in blocks of 4, with two packed documents and padding (fixed_batch)
-    cfg = run_config()
-    chunked = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss_chunk=4))
-    params = T.init_state(cfg, jax.random.key(7)).params
-    batch = fixed_batch(cfg)
-    loss1, g1, m1 = jax.jit(lambda p, b: T.grads_and_metrics(cfg, p, b))(params, batch)
-    loss4, g4, m4 = jax.jit(lambda p, b: T.grads_and_metrics(chunked, p, b))(params, batch)
+@pytest.mark.parametrize("loss_chunk", [4, None])
+def test_fused_loss_equals_the_plain_loss_in_value_and_every_gradient(loss_chunk):
+    # seq 16 in blocks of 4 (None: one block of 16), two packed documents and padding (fixed_batch)
+    plain = run_config(fused_loss=False)
+    fused = run_config(loss_chunk=loss_chunk)
+    params = T.init_state(plain, jax.random.key(7)).params
+    batch = fixed_batch(plain)
+    loss1, g1, m1 = jax.jit(lambda p, b: T.grads_and_metrics(plain, p, b))(params, batch)
+    loss4, g4, m4 = jax.jit(lambda p, b: T.grads_and_metrics(fused, p, b))(params, batch)
     assert abs(float(loss1 - loss4)) <= 1e-5 and abs(float(m1["ce_loss"] - m4["ce_loss"])) <= 1e-5
     for path, a in jax.tree_util.tree_leaves_with_path(g1):
         b = g4
         for key in path:
             b = b[key.key]
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_loss_chunk_must_divide_seq_len_and_needs_the_fused_loss():
+    cfg = run_config()
     with pytest.raises(C.ConfigError, match="train.loss_chunk \\(5\\) must divide train.seq_len \\(16\\)"):
         C.validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss_chunk=5)))
+    with pytest.raises(C.ConfigError, match="applies to the fused loss"):
+        C.validate(run_config(loss_chunk=4, fused_loss=False))
 
 
 def test_loss_ignores_padding_and_matches_manual_cross_entropy():

@@ -20,7 +20,7 @@ import numpy as np
 import moe.model as M
 from moe.config import ModelConfig
 from moe.infer.decode import bucket
-from moe.train import token_nll
+from moe.loss import token_nll
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moe.config import LoRAConfig, ModelConfig
+from moe.model.layers import DTYPES
 from moe.model.transformer import LMHead, Transformer
+from moe.quant.qarray import as_array
 
 
 def init_boxed(cfg: ModelConfig, rng, lora: LoRAConfig | None = None):
@@ -51,6 +53,12 @@ def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None, lo
 def lm_head(cfg: ModelConfig, params, hidden):
     """float32 logits [..., vocab] of final-norm hidden states [..., d_model]."""
     return LMHead(cfg).apply({"params": params["lm_head"]}, hidden)
+
+
+def lm_head_kernel(cfg: ModelConfig, params):
+    """The lm_head kernel [d_model, vocab] as LMHead multiplies by it: in the compute dtype,
+    a quantized one decoded (the fused training loss, moe/loss.py, takes it so)."""
+    return as_array(params["lm_head"]["kernel"].astype(DTYPES[cfg.dtype]))
 
 
 @functools.partial(jax.jit, static_argnums=0)

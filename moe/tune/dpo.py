@@ -27,7 +27,8 @@ def flat_pairs(batch: dict) -> dict:
 
 def sequence_logp(logits, batch: dict):
     """[rows]: the sum of log p(target) over each row's loss mask."""
-    from moe.train import loss_mask, token_nll
+    from moe.loss import token_nll
+    from moe.train import loss_mask
 
     return -jnp.sum(token_nll(logits, batch["targets"]) * loss_mask(batch), axis=-1)
 

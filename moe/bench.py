@@ -121,18 +121,36 @@ def hf_train_step(cfg: config_lib.Config, steps: int) -> float | None:
     return b * s * steps / (time.perf_counter() - start)
 
 
-def torch_matmul_flops(n: int = 2048, repeats: int = 5) -> float | None:
-    """FLOP/s of torch's float32 square matmul here: the peak Hugging Face's step runs against."""
+# the matmul peak is the best of these [m, k, n] shapes, measured in the same run: squares, and
+# the bench-moe step's own (tokens x d_model x d_ff, back, the weight gradient, the lm_head)
+PEAK_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (2048, 512, 1792), (2048, 1792, 512), (512, 2048, 1792),
+               (2048, 512, 32000))
+
+
+def _shape_name(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def matmul_flops_by_shape(dtype) -> dict[str, float]:
+    """FLOP/s of XLA's matmul for each of PEAK_SHAPES here, now."""
+    return {_shape_name(shape): measured_matmul_flops(dtype, shape) for shape in PEAK_SHAPES}
+
+
+def torch_matmul_flops_by_shape(repeats: int = 5) -> dict[str, float] | None:
+    """The same for torch's float32 matmul: the peak Hugging Face's step runs against."""
     try:
         import torch
     except ImportError:
         return None
-    a = torch.ones((n, n))
-    a @ a
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+    out = {}
+    for m, k, n in PEAK_SHAPES:
+        a, b = torch.ones((m, k)), torch.ones((k, n))
+        a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        out[_shape_name((m, k, n))] = 2 * m * k * n * repeats / (time.perf_counter() - start)
+    return out
 
 
 def run(quick: bool, dtype: str = "float32") -> dict:
@@ -140,8 +158,9 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     bfloat16), and MFU is taken against the matmul peak of that dtype measured here."""
     repeats, steps = (3, 2) if quick else (10, 5)
     result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": dtype}
-    result["matmul_peak_flops"] = measured_matmul_flops(jnp.float32, n=2048)
-    result["matmul_peak_flops_bf16"] = measured_matmul_flops(jnp.bfloat16, n=2048)
+    for suffix, matmul_dtype in (("", jnp.float32), ("_bf16", jnp.bfloat16)):
+        result["matmul_flops_by_shape" + suffix] = by_shape = matmul_flops_by_shape(matmul_dtype)
+        result["matmul_peak_flops" + suffix] = max(by_shape.values())
     peak = result["matmul_peak_flops_bf16" if dtype == "bfloat16" else "matmul_peak_flops"]
     overrides = [f"model.dtype={dtype}"]
     bench = config_lib.load(ROOT / "configs/bench-moe.yaml", overrides)
@@ -162,9 +181,14 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     hf = hf_train_step(bench, steps) if jax.default_backend() == "cpu" and dtype == "float32" else None
     result["hf_tokens_per_s"] = hf
     result["ratio_vs_hf"] = None if hf is None else result["train_tokens_per_s"] / hf
-    torch_peak = torch_matmul_flops() if hf is not None else None
-    result["torch_matmul_peak_flops"] = torch_peak
+    torch_by_shape = torch_matmul_flops_by_shape() if hf is not None else None
+    result["torch_matmul_flops_by_shape"] = torch_by_shape
+    torch_peak = result["torch_matmul_peak_flops"] = None if hf is None else max(torch_by_shape.values())
+    for name in ("bench-moe", "tiny-moe"):  # our MFU against torch's peak too
+        r = result[name]
+        r["mfu_vs_torch_peak"] = None if hf is None else r["tokens_per_s"] * r["flops_per_token"] / torch_peak
     result["hf_mfu_vs_torch_peak"] = None if hf is None else hf * result["bench-moe"]["flops_per_token"] / torch_peak
+    result["hf_mfu"] = None if hf is None else hf * result["bench-moe"]["flops_per_token"] / peak
     if hf is not None:  # decoding, beside HF's generate on the same weights
         from moe.infer.bench import decode_bench
 
@@ -178,21 +202,26 @@ def format_table(r: dict) -> str:
     layer = r["moe_layer_s"]
     dense = layer["dense_swiglu_equal_active"]
     lines = [f"backend {r['backend']} ({r['device']}), compute dtype {r.get('dtype', 'float32')}",
-             f"matmul peak: float32 {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
-             f"bfloat16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s",
-             "MoE layer forward+backward (bench-moe, one batch of tokens):"]
+             f"matmul peak (best of the shapes below): float32 {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
+             f"bfloat16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s"]
+    for key, label in (("matmul_flops_by_shape", "xla float32"), ("matmul_flops_by_shape_bf16", "xla bfloat16"),
+                       ("torch_matmul_flops_by_shape", "torch float32")):
+        if r.get(key):
+            lines.append(f"  {label:<14}" + "  ".join(f"{s} {v / 1e9:.0f}" for s, v in r[key].items()))
+    lines.append("MoE layer forward+backward (bench-moe, one batch of tokens):")
     for name, seconds in layer.items():
         mark = "  <- default here" if name == r["default_dispatch"] else ""
         lines.append(f"  {name:<28}{seconds * 1e3:9.1f} ms   {seconds / dense:5.2f}x dense{mark}")
     for name in ("bench-moe", "tiny-moe"):
         t = r[name]
-        lines.append(f"train step {name:<10} {t['tokens_per_s']:9.0f} tokens/s  MFU {t['mfu']:.1%}")
+        vs_torch = f", {t['mfu_vs_torch_peak']:.1%} of torch's" if t.get("mfu_vs_torch_peak") else ""
+        lines.append(f"train step {name:<10} {t['tokens_per_s']:9.0f} tokens/s  MFU {t['mfu']:.1%} of XLA's peak{vs_torch}")
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
     if r["hf_tokens_per_s"] is not None:
         lines.append(f"Hugging Face MixtralForCausalLM (bench-moe): {r['hf_tokens_per_s']:.0f} tokens/s; "
                      f"ours / HF = {r['ratio_vs_hf']:.2f}")
         lines.append(f"  torch float32 matmul peak {r['torch_matmul_peak_flops'] / 1e9:.1f} GFLOP/s; HF's step at "
-                     f"{r['hf_mfu_vs_torch_peak']:.1%} of it (same FLOPs per token as ours)")
+                     f"{r['hf_mfu_vs_torch_peak']:.1%} of it, {r['hf_mfu']:.1%} of XLA's (same FLOPs per token as ours)")
     if r.get("decode"):
         from moe.infer.bench import format_lines
 

@@ -27,16 +27,18 @@ KNOWN_PEAKS = {
 }
 
 
-def measured_matmul_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a plain square matmul on the default device, measured now."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+def measured_matmul_flops(dtype=jnp.float32, shape: tuple[int, int, int] = (1024, 1024, 1024),
+                          repeats: int = 5) -> float:
+    """FLOP/s of a plain [m, k] @ [k, n] matmul (shape = (m, k, n)) on the default device, measured now."""
+    m, k, n = shape
+    a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
     start = time.perf_counter()
     for _ in range(repeats):
-        out = f(a)
+        out = f(a, b)
     out.block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+    return 2 * m * k * n * repeats / (time.perf_counter() - start)
 
 
 def peak_flops(dtype: str) -> tuple[float, str]:

@@ -52,7 +52,9 @@ def test_bench_quick_through_the_cli(tmp_path):
                             env={**os.environ, "XLA_FLAGS": ""})
     assert result.returncode == 0, result.stdout + result.stderr
     numbers = json.loads((tmp_path / "b.json").read_text())
-    assert numbers["matmul_peak_flops"] > 0 and 0 < numbers["mfu"] < 1
+    assert numbers["matmul_peak_flops"] == max(numbers["matmul_flops_by_shape"].values()) > 0 and 0 < numbers["mfu"] < 1
+    assert len(numbers["matmul_flops_by_shape"]) == len(numbers["torch_matmul_flops_by_shape"]) == 6
+    assert 0 < numbers["bench-moe"]["mfu_vs_torch_peak"] < 1 and 0 < numbers["hf_mfu"] < 1
     assert numbers["bench-moe"]["tokens_per_s"] > 0 and numbers["hf_tokens_per_s"] > 0
     assert "<- default here" in result.stdout
     for batch in ("batch1", "batch8"):  # decoding: ours and HF's generate give the same tokens

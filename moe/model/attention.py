@@ -49,12 +49,38 @@ def attention_mask(q_pos, k_pos, sliding_window: int | None, q_seg=None, k_seg=N
     return allowed[:, None, None]  # [batch, 1, 1, q, k]
 
 
+def _probs(q, k, mask):
+    """float32 softmax of the masked, scaled scores: [batch, kv, group, q, s]."""
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    return nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+
+@jax.custom_vjp
 def _attend_block(q, k, v, mask):
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, kv, group, q, s]
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return jnp.einsum("bkgqs,bskd->bqkgd", _probs(q, k, mask).astype(v.dtype), v)
+
+
+def _attend_fwd(q, k, v, mask):
+    probs = _probs(q, k, mask)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
+    return out, (q, k, v, mask, probs, out)
+
+
+def _attend_bwd(residuals, dout):
+    """The softmax gradient as flash attention takes it: rowsum(dprobs * probs) is
+    rowsum(dout * out), a sum over head_dim instead of keys; masked keys get nothing."""
+    q, k, v, mask, probs, out = residuals
+    dv = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(v.dtype), dout)
+    dprobs = jnp.einsum("bqkgd,bskd->bkgqs", dout, v).astype(jnp.float32)
+    row = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    dscores = jnp.where(mask, probs * (dprobs - row[..., None]), 0.0) * q.shape[-1] ** -0.5
+    dscores = dscores.astype(q.dtype)
+    dq = jnp.einsum("bkgqs,bskd->bqkgd", dscores, k)
+    dk = jnp.einsum("bkgqs,bqkgd->bskd", dscores, q)
+    return dq, dk, dv, None
+
+
+_attend_block.defvjp(_attend_fwd, _attend_bwd)
 
 
 def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None, k_seg=None,

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from moe.model.gmm import gmm
+from moe.model.layers import gated
 from moe.model.lora import Adapted, matmul
 from moe.quant.qarray import as_array
 
@@ -47,7 +47,7 @@ def _swiglu(mm, x, w1, w3, w2, mm_rest=None):
     """w2(silu(x w1) * (x w3)) with `mm` for the products on x and `mm_rest` (default mm)
     for those on per-expert rows (the adapters' second factor and w2)."""
     mm_rest = mm_rest or mm
-    h = nn.silu(matmul(mm, x, w1, mm_rest)) * matmul(mm, x, w3, mm_rest)
+    h = gated(matmul(mm, x, w1, mm_rest), matmul(mm, x, w3, mm_rest))
     return matmul(mm_rest, h, w2)
 
 
@@ -140,10 +140,15 @@ def grouped_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
 
 def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     """Every copy through its own expert's gathered weights: reads tokens * top_k experts
-    (at most every expert once when copies <= experts), no sort, no loop over experts."""
-    y_tkd = _swiglu(lambda x, w: jnp.einsum("td,tkdf->tkf", x, as_array(w[expert_idx_tk])), x_td,
-                    w1_edf, w3_edf, w2_efd,
-                    lambda x, w: jnp.einsum("tkf,tkfd->tkd", x, as_array(w[expert_idx_tk])))
+    (at most every expert once when copies <= experts), no sort, no loop over experts.
+    One choice k at a time, so each product is a row times its expert's matrix as stored
+    ([tokens, in] x [tokens, in, out]); gathering all k at once made XLA copy the gathered
+    w1/w3 into a transposed [in, k * out] layout first (6x slower at one token)."""
+    y_kt = []
+    for k in range(expert_idx_tk.shape[1]):
+        rowwise = lambda x, w, e=expert_idx_tk[:, k]: jnp.einsum("ti,tio->to", x, as_array(w[e]))  # noqa: E731
+        y_kt.append(_swiglu(rowwise, x_td, w1_edf, w3_edf, w2_efd))  # [tokens, d_model]
+    y_tkd = jnp.stack(y_kt, axis=1)
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
 
 

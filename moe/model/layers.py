@@ -69,6 +69,29 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+@jax.custom_vjp
+def gated(gate, up):
+    """silu(gate) * up, the SwiGLU product. Its backward keeps only gate and up and
+    recomputes the sigmoid, where JAX's own would save sigmoid(gate) and silu(gate) too:
+    per MoE layer of bench-moe that is two [tokens x top_k, d_ff] float32 arrays fewer
+    stacked by the layer scan. Compiled, value and gradients equal JAX's to the bit."""
+    return nn.silu(gate) * up
+
+
+def _gated_fwd(gate, up):
+    return gated(gate, up), (gate, up)
+
+
+def _gated_bwd(residuals, g):
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    g_up = g * up  # the operations of JAX's derivative of silu(gate) * up, in its order
+    return g_up * sig + (gate * g_up) * (sig * (1 - sig)), (gate * sig) * g
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)
+
+
 class SwiGLU(nn.Module):
     """Dense MLP: w2(silu(x @ w1) * (x @ w3)); w1 = gate, w3 = up, w2 = down."""
 
@@ -88,5 +111,5 @@ class SwiGLU(nn.Module):
         w3 = weight("w3", (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
         w2 = weight("w2", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         x = x.astype(dtype)
-        h = nn.silu(project(x, w1, 1)) * project(x, w3, 1)  # [batch, seq, d_ff]
+        h = gated(project(x, w1, 1), project(x, w3, 1))  # [batch, seq, d_ff]
         return project(h, w2, 1)

@@ -6,7 +6,7 @@ from helpers import tiny_model
 
 
 def test_layer_timings_cover_every_path_and_the_table_names_the_default():
-    paths = set(DISPATCH) - {"gather"}  # gather is the few-token (decoding) path
+    paths = set(DISPATCH) - {"gather", "megablox"}  # the few-token (decoding) path; a TPU kernel (interpreted here)
     assert set(bench.moe_layer(tiny_model(dtype="bfloat16"), tokens=32, repeats=1)) >= paths
     layer = bench.moe_layer(tiny_model(), tokens=64, repeats=1)
     assert set(layer) == {*paths, "dense_swiglu_equal_active"} and all(t > 0 for t in layer.values())

@@ -46,7 +46,7 @@ class ModelConfig:
     capacity_factor: Optional[float] = None  # expert-parallel buffers; None: dropless
     ep_exchange: Literal["ragged", "padded"] = "ragged"  # how copies reach their experts' devices (moe/expert_parallel.py)
     ep_buffer_factor: Optional[float] = None  # ragged receive buffers: this x a device's copies; None: worst case
-    attention: Literal["auto", "xla", "splash"] = "auto"  # auto: splash (Pallas) on TPU; see moe/model/attention.py
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"  # auto: splash on TPU, cudnn on GPU (16-bit); moe/model/attention.py
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02
     bos_id: int = 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import moe.model as M
-from moe.model.attention import Attention, attention_mask, dot_product_attention
+from moe.model.attention import Attention, attention_mask, dot_product_attention, fused_attention, resolve
 from moe.model.layers import rope_cos_sin
 from helpers import tiny_model
 
@@ -136,6 +136,33 @@ def test_attention_equals_the_textbook_formula_in_value_and_gradient(window, seg
         grads.append((value, *g))
     for name, a, b_ in zip(["value", "dq", "dk", "dv"], *grads):
         np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("window,segments", [(None, False), (None, True), (5, False), (5, True)])
+def test_jax_dot_product_attention_call_equals_ours_in_value_and_gradient(window, segments):
+    """The call that picks cuDNN's flash attention on GPU (model.attention=cudnn), through
+    jax's XLA lowering of the same call here: causal, W-key windows, documents with padding."""
+    b, seq, kv, group, hd = 2, 21, 2, 3, 8
+    keys = jax.random.split(jax.random.key(9), 4)
+    q = jax.random.normal(keys[0], (b, seq, kv, group, hd))
+    k, v = (jax.random.normal(key, (b, seq, kv, hd)) for key in keys[1:3])
+    index = jnp.arange(seq)[None]
+    seg = jnp.asarray([[1] * 8 + [2] * 13, [1] * 17 + [0] * 4]) if segments else None
+    weights = jax.random.normal(keys[3], q.shape)
+    results = []
+    for fn in (lambda q, k, v: dot_product_attention(q, k, v, index, index, window, seg, seg),
+               lambda q, k, v: fused_attention(q, k, v, window, seg, implementation="xla")):
+        results.append(jax.value_and_grad(lambda *a, fn=fn: jnp.sum(weights * fn(*a)), argnums=(0, 1, 2))(q, k, v))
+    (value, grads), (fused_value, fused_grads) = results
+    np.testing.assert_allclose(float(fused_value), float(value), rtol=1e-5)
+    for a, b_ in zip(grads, fused_grads):
+        np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_attention_is_splash_on_tpu_cudnn_on_gpu_in_16_bits_else_xla():
+    assert resolve("auto", "tpu") == "splash" and resolve("auto", "cpu", "bfloat16") == "xla"
+    assert resolve("auto", "gpu", "bfloat16") == "cudnn" and resolve("auto", "gpu", "float32") == "xla"
+    assert resolve("xla", "gpu", "bfloat16") == "xla"
 
 
 def _splash_inputs(batch=2, seq=128, kv=2, group=2, hd=16):

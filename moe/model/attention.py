@@ -7,8 +7,10 @@ query sequences are processed in chunks of QUERY_CHUNK rows, so [seq, seq] score
 never materialized: memory grows as seq x keys / (seq / QUERY_CHUNK), not seq^2.
 
 model.attention picks the implementation without a cache: "xla" (this file's), "splash"
-(moe/model/splash.py: jax's Pallas flash-attention kernel for TPU, the same masks) or
-"auto": splash on TPU for sequences it takes, else xla. Decoding with a cache is always xla.
+(moe/model/splash.py: jax's Pallas flash-attention kernel for TPU, the same masks), "cudnn"
+(cuDNN's fused flash attention through jax.nn.dot_product_attention: GPU, 16-bit dtypes)
+or "auto": splash on TPU for sequences it takes, cudnn on GPU in bfloat16/float16, else
+xla. Decoding with a cache is always xla.
 """
 
 from __future__ import annotations
@@ -25,11 +27,29 @@ from moe.model.lora import adapt, project
 QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
 
 
-def resolve(name: str, backend: str | None = None) -> str:
-    """The attention implementation for `name` ("auto": splash on TPU, else xla)."""
-    if name == "auto":
-        return "splash" if (backend or jax.default_backend()) == "tpu" else "xla"
-    return name
+def resolve(name: str, backend: str | None = None, dtype: str = "float32") -> str:
+    """The attention implementation for `name` ("auto": splash on TPU, cudnn on GPU in the
+    16-bit dtypes cuDNN's fused kernel takes, else xla)."""
+    if name != "auto":
+        return name
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return "splash"
+    return "cudnn" if backend == "gpu" and dtype in ("bfloat16", "float16") else "xla"
+
+
+def fused_attention(q, k, v, sliding_window: int | None, seg=None, implementation: str = "cudnn"):
+    """jax.nn.dot_product_attention with the training masks (query and key i at position i):
+    causal, a W-key window (W - 1 keys to the left of the query), packed documents (a
+    boolean mask: same segment id, padding id 0 with itself, as attention_mask). Shapes as
+    dot_product_attention; "cudnn" is cuDNN's flash attention (GPU), "xla" jax's own
+    lowering of the same call (how the mask mapping is tested off GPU)."""
+    batch, seq, n_kv, group, head_dim = q.shape
+    mask = None if seg is None else (seg[:, None, :, None] == seg[:, None, None, :])  # [batch, 1, q, k]
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    out = jax.nn.dot_product_attention(q.reshape(batch, seq, n_kv * group, head_dim), k, v, mask=mask,
+                                       is_causal=True, local_window_size=window, implementation=implementation)
+    return out.reshape(q.shape)
 
 
 def attention_mask(q_pos, k_pos, sliding_window: int | None, q_seg=None, k_seg=None):
@@ -156,8 +176,11 @@ class Attention(nn.Module):
                 values = jnp.concatenate([kv["v"], v.astype(kv["v"].dtype)], axis=1)
             else:
                 keys, values = written["k"], written["v"]
-        if kv is None and resolve(cfg.attention) == "splash" and splash.supports(seq):
+        impl = resolve(cfg.attention, dtype=cfg.dtype)
+        if kv is None and impl == "splash" and splash.supports(seq):
             out = splash.splash_attention(q, k, v, cfg.sliding_window, attn.get("q_seg"))  # index-based masks
+        elif kv is None and impl == "cudnn":
+            out = fused_attention(q, k, v, cfg.sliding_window, attn.get("q_seg"))  # index-based masks
         else:
             out = dot_product_attention(q, keys.astype(dtype), values.astype(dtype), attn["q_pos"], attn["k_pos"],
                                         cfg.sliding_window, attn.get("q_seg"), attn.get("k_seg"))

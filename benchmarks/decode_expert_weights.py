@@ -1,28 +1,19 @@
 """One token's expert products at decode: the chosen experts' matrices read out of the
 stacked [layers, experts, d_model, d_ff] parameter inside a scan over layers (what the
-model does now: XLA CPU copies each slice before the dot) against the same matrices held as separate buffers and picked
-by lax.switch (no slice feeds a dot). bench-moe's shapes, top-2, all 8 layers.
+model does now: XLA CPU copies each slice before the dot) against the same matrices held
+as separate buffers and picked by lax.switch (no slice feeds a dot). bench-moe's shapes,
+top-2, all 8 layers. Results on the 2-core CPU machine: README, "Inference".
 
     python benchmarks/decode_expert_weights.py
 """
-
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe.bench import _time
+
 LAYERS, EXPERTS, D_MODEL, D_FF, TOP_K = 8, 8, 512, 1792, 2
-
-
-def _median_ms(fn, *args, repeats: int = 300) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
 
 
 def main() -> None:
@@ -44,7 +35,7 @@ def main() -> None:
         jax.lax.switch(idx[layer, k], [lambda x, w=w: x @ w for w in ws[layer]], x) for layer, k in pairs))
     np.testing.assert_allclose(np.asarray(by_switch(x, separate, chosen)), np.asarray(from_stack(x, stacked, chosen)),
                                rtol=1e-5, atol=1e-4)  # the same sums, added in another order
-    a, b = _median_ms(from_stack, x, stacked, chosen), _median_ms(by_switch, x, separate, chosen)
+    a, b = (1e3 * _time(fn, x, w, chosen, repeats=300) for fn, w in ((from_stack, stacked), (by_switch, separate)))
     print(f"{len(pairs)} expert matrices of [{D_MODEL}, {D_FF}] float32 for one token (backend {jax.default_backend()}):")
     print(f"  sliced from the stacked parameter: {a:.2f} ms")
     print(f"  separate buffers, lax.switch:      {b:.2f} ms  ({a / b:.1f}x faster)")

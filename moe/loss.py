@@ -40,6 +40,10 @@ def _blocks(a, chunk: int):
     return jnp.moveaxis(a.reshape(batch, seq // chunk, chunk, *a.shape[2:]), 1, 0)
 
 
+def _blocked_inputs(hidden, targets, weights, chunk: int):
+    return _blocks(hidden, chunk), _blocks(targets, chunk), _blocks(weights, chunk)
+
+
 def _unblocks(a):
     """[seq // chunk, batch, chunk, ...] -> [batch, seq, ...]"""
     n, batch, chunk = a.shape[:3]
@@ -63,8 +67,7 @@ def fused_nll_sum(hidden, kernel, targets, weights, chunk: int):
         hidden_bcd, targets_bc, weights_bc = xs
         return total + jnp.sum(_block_nll(hidden_bcd, kernel, targets_bc)[2] * weights_bc), None
 
-    xs = (_blocks(hidden, chunk), _blocks(targets, chunk), _blocks(weights, chunk))
-    return jax.lax.scan(block, jnp.zeros((), jnp.float32), xs)[0]
+    return jax.lax.scan(block, jnp.zeros((), jnp.float32), _blocked_inputs(hidden, targets, weights, chunk))[0]
 
 
 def _fused_fwd(hidden, kernel, targets, weights, chunk: int):
@@ -80,7 +83,7 @@ def _fused_fwd(hidden, kernel, targets, weights, chunk: int):
                                  preferred_element_type=jnp.float32)
         return dkernel_dv, (nll, dhidden)
 
-    xs = (_blocks(hidden, chunk), _blocks(targets, chunk), _blocks(weights, chunk))
+    xs = _blocked_inputs(hidden, targets, weights, chunk)
     dkernel, (nll, dhidden) = jax.lax.scan(block, jnp.zeros(kernel.shape, jnp.float32), xs)
     nll = _unblocks(nll)  # [batch, seq]
     return jnp.sum(nll * weights), (_unblocks(dhidden), dkernel.astype(kernel.dtype), nll, targets)

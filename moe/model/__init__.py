@@ -14,7 +14,7 @@ import flax.linen as nn
 
 from moe.config import LoRAConfig, ModelConfig
 from moe.model.layers import DTYPES
-from moe.model.transformer import LMHead, Transformer
+from moe.model.transformer import Transformer
 from moe.quant.qarray import as_array
 
 
@@ -45,14 +45,10 @@ def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None, lo
           dropout_rng=None, head: bool = True):
     """(float32 logits [batch, seq, vocab], router stats stacked per layer). With `lora`,
     params hold the adapters too; dropout_rng turns on lora.dropout (training). head=False:
-    the final-norm hidden states [batch, seq, d_model] instead of logits (see lm_head)."""
+    the final-norm hidden states [batch, seq, d_model] instead of logits (moe/loss.py takes
+    them with lm_head_kernel)."""
     rngs = {} if dropout_rng is None else {"lora_dropout": dropout_rng}
     return Transformer(cfg, lora, head).apply({"params": params}, tokens, positions, segment_ids, rngs=rngs)
-
-
-def lm_head(cfg: ModelConfig, params, hidden):
-    """float32 logits [..., vocab] of final-norm hidden states [..., d_model]."""
-    return LMHead(cfg).apply({"params": params["lm_head"]}, hidden)
 
 
 def lm_head_kernel(cfg: ModelConfig, params):

@@ -7,7 +7,8 @@ SIGTERM or SIGINT (TPU preemption, Ctrl-C) saves a checkpoint and returns normal
 
 Fault injection: with MOE_FAULT_SIGKILL_AT_STEP=N in the environment, the run waits for
 its pending checkpoint saves after step N and then SIGKILLs itself: a preempted host at a
-known step, so that resume tests are exact and never depend on timing.
+known step, so that resume tests are exact and never depend on timing. With
+MOE_FAULT_COMPILE_DELAY_S=T a process waits T seconds before compiling: a slow host.
 """
 
 from __future__ import annotations
@@ -153,6 +154,22 @@ def _evaluate(eval_fn, params, frozen, batches) -> dict:
     return {"val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 80.0)))}
 
 
+def _compile_in_every_process(train_step, eval_step, state, batch, frozen, val_set) -> None:
+    """Multi-host: compile both steps (jit caches the programs) and wait until every process
+    has, so that all enter the first step's collectives together (compile times differ
+    between hosts; CPU collectives give up on a peer that is 30 s late). Alone: nothing, the
+    first call compiles."""
+    if jax.process_count() == 1:
+        return
+    start = time.perf_counter()
+    time.sleep(float(os.environ.get("MOE_FAULT_COMPILE_DELAY_S", "0")))
+    train_step.lower(state, batch, frozen).compile()
+    if val_set:
+        eval_step.lower(state.params, val_set[0], frozen).compile()
+    sharding_lib.wait_for_all_processes("compiled")
+    log.info("compiled the steps and met the other processes in %.1f s", time.perf_counter() - start)
+
+
 def run(cfg: Config, run_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Train to cfg.train.steps (or until stopped); returns the last step's record."""
     # --- setup: processes, mesh, run directory, data
@@ -225,8 +242,11 @@ def _train(cfg: Config, mesh, train_docs, val_docs, run_dir, staging, progress: 
         with StopRequest() as stop, jax.set_mesh(mesh):
             for step in range(start + 1, cfg.train.steps + 1):
                 batch = next(batches)
+                sharded = _on_mesh(batch, batch_sharding)
+                if step == start + 1:
+                    _compile_in_every_process(train_step, eval_step, state, sharded, frozen, val_set)
                 t0 = time.perf_counter()
-                state, metrics = train_step(state, _on_mesh(batch, batch_sharding), frozen)
+                state, metrics = train_step(state, sharded, frozen)
                 metrics = jax.device_get(metrics)
                 tokens = float(np.sum(batch["loss_mask"] if "loss_mask" in batch else batch["segment_ids"] != 0))
                 record = metrics_lib.step_record(step, metrics, tokens, time.perf_counter() - t0,

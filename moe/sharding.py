@@ -213,3 +213,13 @@ def initialize_distributed(cfg: Config) -> None:
     elif (os.environ.get("MOE_DISTRIBUTED") == "auto" or os.environ.get("TPU_WORKER_HOSTNAMES")
           or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")):
         jax.distributed.initialize()  # TPU pod, multislice or GKE: jax reads the settings itself
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+    """Block until every process of a multi-host run reaches the barrier `name` (unique per
+    run). The coordination service's barrier, not a device collective: on CPU hosts gloo
+    sets up a collective's connections on its first run and gives up after 30 s, so processes
+    that finish compiling far apart (a loaded host) must meet here first. No-op alone."""
+    from orbax.checkpoint import multihost
+
+    multihost.get_barrier_sync_fn()(key=f"moe.{name}", timeout_ms=timeout_s * 1000)

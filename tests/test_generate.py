@@ -76,6 +76,39 @@ def test_cached_logits_equal_the_full_forward_at_every_position(window):
         assert int(cache["end"][0]) == 20
 
 
+@pytest.mark.parametrize("moe,batch", [(True, 1), (True, 8), (False, 2)])
+def test_decode_layout_views_the_same_memory_and_decodes_like_the_stacked_tree(moe, batch):
+    """moe/infer/layout.py: per-layer trees and (few rows) per-expert buffers that alias the
+    stacked arrays, and the decode loop's logits and cache through them equal the stacked
+    path's (the training model's nn.scan)."""
+    from moe.infer.layout import decode_layout
+    from moe.model.experts import ExpertList
+
+    cfg = tiny_model(sliding_window=4, max_seq_len=64, **({} if moe else {"n_experts": 0}))
+    params = jax.tree_util.tree_map(np.asarray, M.init(cfg, jax.random.key(4)))
+    layout = decode_layout(cfg, params, batch)
+    split = moe and batch * cfg.top_k <= cfg.n_experts
+    assert split == isinstance(layout["layer_1"]["moe"]["w2"], ExpertList) if moe else "mlp" in layout["layer_1"]
+    stacked = params["layers"]["attn"]["q"]  # layer 1's q starts one layer's size into the stack
+    view = layout["layer_1"]["attn"]["q"]
+    assert view.unsafe_buffer_pointer() == stacked.ctypes.data + stacked[0].nbytes
+    if split:
+        w2 = params["layers"]["moe"]["w2"]
+        e3 = layout["layer_1"]["moe"]["w2"].experts[3]
+        assert e3.unsafe_buffer_pointer() == w2.ctypes.data + (cfg.n_experts + 3) * w2[0, 0].nbytes
+
+    tokens = jax.random.randint(jax.random.key(5), (batch, 9), 0, cfg.vocab_size)
+    cache = kv_cache.init(cfg, batch, 4)
+    _, _, cache = Transformer(cfg).apply({"params": params}, tokens[:, :8], jnp.tile(jnp.arange(8), (batch, 1)),
+                                         cache=cache)
+    pos = jnp.full((batch, 1), 8)
+    ref, _, ref_cache = Transformer(cfg).apply({"params": params}, tokens[:, 8:], pos, cache=cache)
+    out, _, new_cache = jax.jit(lambda p, c: Transformer(cfg, layer_list=True).apply(
+        {"params": p}, tokens[:, 8:], pos, cache=c))(layout, kv_cache.as_layer_list(cache))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.stack(new_cache["k"]), np.asarray(ref_cache["k"]), atol=1e-6, rtol=0)
+
+
 def test_ring_slots_do_not_grow_with_the_generation():
     cfg = tiny_model(sliding_window=4, max_seq_len=32)
     assert kv_cache.slots_needed(cfg, 10_000) == 4

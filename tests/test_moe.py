@@ -183,6 +183,27 @@ def test_every_dispatch_path_matches_the_reference_in_edge_cases(path, case, tok
         assert np.abs(np.asarray(a - b)).max() <= 1e-5 * max(1.0, float(np.abs(np.asarray(b)).max()))
 
 
+@pytest.mark.parametrize("case,tokens", [("random", 1), ("random", 2), ("one expert", 2), ("empty experts", 1)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_separate_expert_buffers_match_the_reference(case, tokens, dtype):
+    """The gather dispatch over ExpertList (decoding on CPU, moe/infer/layout.py): lax.switch
+    per copy, each expert its own buffer, cast lazily to the compute dtype."""
+    from moe.model.dispatch import DISPATCH, resolve
+    from moe.model.experts import ExpertList
+
+    x, idx, weight, w1, w3, w2 = _dispatch_case(case, tokens)
+    split = [ExpertList(tuple(w)).astype(dtype) for w in (w1, w3, w2)]
+    cast = [w.astype(dtype) for w in (x, weight, w1, w3, w2)]
+    y = jax.jit(DISPATCH["gather"])(cast[0], idx, cast[1], *split)
+    ref_y = DISPATCH["dense"](cast[0], idx, *cast[1:])
+    assert y.dtype == ref_y.dtype
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert np.abs(np.asarray(y, np.float32) - np.asarray(ref_y, np.float32)).max() <= tol
+    assert resolve("grouped", copies=2, n_experts=4, separate=True) == "gather"
+    with pytest.raises(ValueError, match="separate buffers serve at most 4"):
+        resolve("auto", copies=5, n_experts=4, separate=True)
+
+
 def test_auto_dispatch_gathers_experts_for_few_tokens_only():
     from moe.model.dispatch import resolve
 

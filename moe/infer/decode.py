@@ -8,7 +8,8 @@ cache takes each chunk in turn, so a 32k-token prompt never builds [seq, seq] sc
 [seq, vocab] logits. Then a lax.while_loop decodes one token per step for every row,
 until every row has produced eos or max_new_tokens are out. Each row has its own
 positions, so prompts of different lengths give the tokens each gives alone. The model is
-the training model (moe/model/transformer.py) called with a cache (moe/model/kv_cache.py).
+the training model (moe/model/transformer.py) called with a cache (moe/model/kv_cache.py);
+on CPU the decode loop reads the same weights through moe/infer/layout.py's layout.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.config import ModelConfig
+from moe.infer.layout import decode_layout
 from moe.infer.sampling import Sampling, sample
 from moe.model import kv_cache
 from moe.model.transformer import Transformer
@@ -61,10 +63,14 @@ def _prefill(cfg: ModelConfig, params, tokens_bp, lengths_b, cache, chunk: int):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk", "slots", "max_new", "sampling", "stream"))
-def _generate(cfg, params, tokens_bp, lengths_b, keys_b, *, chunk, slots, max_new, sampling, stream=None):
+def _generate(cfg, params, layout, tokens_bp, lengths_b, keys_b, *, chunk, slots, max_new, sampling, stream=None):
+    """layout: decode_layout's params for the decode loop (prefill takes the stacked params), or None."""
     batch = tokens_bp.shape[0]
     cache = kv_cache.init(cfg, batch, slots)
     logits, cache = _prefill(cfg, params, tokens_bp, lengths_b, cache, chunk)
+    model, decode_params = Transformer(cfg), params
+    if layout is not None:
+        model, decode_params, cache = Transformer(cfg, layer_list=True), layout, kv_cache.as_layer_list(cache)
 
     def choose(logits, step):
         return sample(logits, sampling, jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b))
@@ -85,7 +91,7 @@ def _generate(cfg, params, tokens_bp, lengths_b, keys_b, *, chunk, slots, max_ne
     def body(carry):
         step, tok, out, finished, cache = carry
         pos = cache["end"][:, None]  # the next position of each row
-        logits, _, cache = Transformer(cfg).apply({"params": params}, tok[:, None], pos, cache=cache)
+        logits, _, cache = model.apply({"params": decode_params}, tok[:, None], pos, cache=cache)
         nxt = choose(logits[:, 0], step)
         nxt = jnp.where(finished, -1, nxt)
         emit(step, nxt)
@@ -144,6 +150,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     padded = bucket(max(len(p) for p in prompts))
     chunk = min(padded, PREFILL_CHUNK)
     slots = kv_cache.slots_needed(cfg, padded + max_new_tokens)
+    layout = decode_layout(cfg, params, batch_size)
     results = []
     for first in range(0, len(prompts), batch_size):
         group = prompts[first:first + batch_size]
@@ -153,7 +160,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
             tokens[r, :len(p)] = p
         lengths = np.asarray([len(p) for p in rows], np.int32)
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(first, first + batch_size))
-        out = _generate(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths), keys, chunk=chunk, slots=slots,
+        out = _generate(cfg, params, layout, jnp.asarray(tokens), jnp.asarray(lengths), keys, chunk=chunk, slots=slots,
                         max_new=max_new_tokens, sampling=sampling, stream=stream)
         out = np.asarray(out)
         results += [_until_eos(out[r], cfg.eos_id) for r in range(len(group))]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe.model.experts import ExpertList, switch_experts
 from moe.model.gmm import gmm
 from moe.model.layers import gated
 from moe.model.lora import Adapted, matmul
@@ -143,13 +144,30 @@ def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     (at most every expert once when copies <= experts), no sort, no loop over experts.
     One choice k at a time, so each product is a row times its expert's matrix as stored
     ([tokens, in] x [tokens, in, out]); gathering all k at once made XLA copy the gathered
-    w1/w3 into a transposed [in, k * out] layout first (6x slower at one token)."""
+    w1/w3 into a transposed [in, k * out] layout first (6x slower at one token). Experts
+    held as separate buffers (ExpertList, decoding on CPU) are picked by lax.switch instead
+    of gathered, one copy at a time."""
+    if isinstance(w1_edf, ExpertList):
+        return _switch_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd)
     y_kt = []
     for k in range(expert_idx_tk.shape[1]):
         rowwise = lambda x, w, e=expert_idx_tk[:, k]: jnp.einsum("ti,tio->to", x, as_array(w[e]))  # noqa: E731
         y_kt.append(_swiglu(rowwise, x_td, w1_edf, w3_edf, w2_efd))  # [tokens, d_model]
     y_tkd = jnp.stack(y_kt, axis=1)
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
+
+
+def _switch_dispatch(x_td, expert_idx_tk, weight_tk, w1: ExpertList, w3: ExpertList, w2: ExpertList):
+    """gather_dispatch over separate expert buffers: each copy (token t, choice k) runs the
+    branch of its expert, which multiplies the token's row by that expert's own buffers."""
+    tokens, top_k = expert_idx_tk.shape
+    expert = lambda x, a, b, c: _swiglu(jnp.matmul, x, a, b, c)  # noqa: E731
+    y_td = []
+    for t in range(tokens):
+        x_1d = x_td[t:t + 1]  # [1, d_model]
+        y_k = [switch_experts(expert, expert_idx_tk[t, k], x_1d, w1, w3, w2)[0] for k in range(top_k)]
+        y_td.append(jnp.einsum("kd,k->d", jnp.stack(y_k), weight_tk[t].astype(x_td.dtype)))
+    return jnp.stack(y_td)
 
 
 def megablox_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
@@ -163,13 +181,19 @@ DISPATCH = {"dense": dense_dispatch, "ragged": ragged_dispatch, "sorted": sorted
 
 
 def resolve(name: str, copies: int | None = None, n_experts: int | None = None, quantized: bool = False,
-            backend: str | None = None) -> str:
+            backend: str | None = None, separate: bool = False) -> str:
     """The strategy for `name`; "auto" is gather for a few copies (copies <= n_experts:
     decoding), else jax's megablox kernels on TPU (the compiled 8x7B v5p-128 plans: fewer
     temporaries and half the roofline step time of ragged_dot, README) and our grouped
     matmul elsewhere (ragged_dot lowers to a dense masked product on CPU/GPU). Quantized
     experts take the grouped matmul everywhere: it dequantizes one expert at a time
-    (measured for Mixtral 8x7B QLoRA on one v5p chip: 26 GiB of temporaries, 72 with ragged)."""
+    (measured for Mixtral 8x7B QLoRA on one v5p chip: 26 GiB of temporaries, 72 with ragged).
+    Experts in separate buffers (`separate`: ExpertList) take gather, whatever `name` says."""
+    if separate:
+        if copies is not None and n_experts is not None and copies > n_experts:
+            raise ValueError(f"experts held as separate buffers serve at most {n_experts} token copies per "
+                             f"call (decoding), got {copies}; pass the stacked parameters")
+        return "gather"
     if name == "auto":
         if copies is not None and n_experts is not None and copies <= n_experts:
             return "gather"

@@ -52,3 +52,9 @@ def plan_write(cache: dict, q_pos, sliding_window: int | None):
     k_pos = jnp.concatenate([cache["pos"], q_pos], axis=1) if append else new_pos
     new_end = jnp.maximum(cache["end"], last[:, 0] + 1)
     return {"q_pos": q_pos, "k_pos": k_pos, "slot": slot}, new_pos, new_end, append
+
+
+def as_layer_list(cache: dict) -> dict:
+    """The cache with k and v as per-layer sequences (Transformer(layer_list=True)), so each
+    layer reads and updates its own buffer."""
+    return {**cache, "k": tuple(cache["k"]), "v": tuple(cache["v"])}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moe.config import LoRAConfig, ModelConfig
+from moe.model.experts import ExpertList
 from moe.model.lora import adapt, project
 from moe.quant.qarray import QArray
 
@@ -19,13 +20,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
     """A parameter annotated with logical axis names, one per dimension. A weight stored
-    quantized (moe/quant) comes back as its QArray, dequantized where it is used."""
+    quantized (moe/quant) comes back as its QArray, dequantized where it is used; experts
+    held as separate buffers (moe/model/experts.py) as their ExpertList."""
     assert len(shape) == len(axes), (name, shape, axes)
     if module.has_variable("params", name):
         stored = module.get_variable("params", name)
-        if isinstance(stored, QArray):  # flax's own shape check would compare its codes' shape
+        if isinstance(stored, (QArray, ExpertList)):  # flax's own shape check would compare a leaf's shape
             if tuple(stored.shape) != tuple(shape):
-                raise ValueError(f"{module.path}/{name}: quantized weight of shape {stored.shape}, "
+                raise ValueError(f"{module.path}/{name}: stored weight of shape {stored.shape}, "
                                  f"the model expects {tuple(shape)}")
             return stored
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)

@@ -22,6 +22,7 @@ import flax.linen as nn
 from moe import expert_parallel
 from moe.config import LoRAConfig, ModelConfig
 from moe.model import dispatch as dispatch_lib
+from moe.model.experts import ExpertList
 from moe.model.layers import DTYPES, kernel_init, param_with_axes
 from moe.model.lora import Adapted, adapt, project
 from moe.quant.qarray import QArray
@@ -78,7 +79,8 @@ class SparseMoE(nn.Module):
         self.sow("intermediates", "top1_prob", probs_te.max(axis=-1).reshape(batch, seq))
 
         quantized = isinstance(w1.w if isinstance(w1, Adapted) else w1, QArray)
-        fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e, quantized)]
+        fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e, quantized,
+                                                        separate=isinstance(w1, ExpertList))]
         args = (x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
                 w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
         mesh = expert_parallel.active_mesh()

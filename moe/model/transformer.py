@@ -12,6 +12,8 @@ Parameter tree (the checkpoint format; moe/convert maps it to Hugging Face names
   final_norm/scale           [d_model]
   lm_head/kernel             [d_model, vocab]
 With LoRA (moe/model/lora.py), each targeted weight W has W_lora_a and W_lora_b beside it.
+Decoding on CPU (moe/infer/layout.py) takes the layers unstacked, layer_0 ... layer_{n-1},
+each without the leading axis (layer_list=True; the cached path only).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     lora: LoRAConfig | None = None  # adapters (moe/model/lora.py); None: the plain model
     head: bool = True  # False: return the final-norm hidden states [batch, seq, d_model] instead of logits
+    layer_list: bool = False  # True: params hold layer_0... (not a stacked "layers"); with a cache only
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
@@ -137,7 +140,17 @@ class Transformer(nn.Module):
         cfg = self.cfg
         attn, new_pos, new_end, append = kv_cache.plan_write(cache, positions, cfg.sliding_window)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), cfg.resolved_head_dim, cfg.rope_theta)
-        layers = _layer_stack(cfg, cached=True)(cfg, append, self.lora, name="layers")
-        x, (stats, kv) = layers(x, cos, sin, attn, positions >= 0, {"k": cache["k"], "v": cache["v"]})
+        valid = positions >= 0
+        if self.layer_list:  # the cache's k and v are per-layer sequences too (kv_cache.as_layer_list)
+            outs = []
+            for i in range(cfg.n_layers):
+                layer = DecoderLayer(cfg, append, self.lora, name=f"layer_{i}")
+                x, out = layer(x, cos, sin, attn, valid, {"k": cache["k"][i], "v": cache["v"][i]})
+                outs.append(out)
+            stats = jax.tree_util.tree_map(lambda *s: jnp.stack(s), *[s for s, _ in outs])
+            kv = {name: tuple(layer_kv[name] for _, layer_kv in outs) for name in ("k", "v")}
+        else:
+            layers = _layer_stack(cfg, cached=True)(cfg, append, self.lora, name="layers")
+            x, (stats, kv) = layers(x, cos, sin, attn, valid, {"k": cache["k"], "v": cache["v"]})
         x = RMSNorm(cfg, name="final_norm")(x)
         return LMHead(cfg, name="lm_head")(x), stats, {**kv, "pos": new_pos, "end": new_end}

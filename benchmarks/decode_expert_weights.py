@@ -1,8 +1,9 @@
 """One token's expert products at decode: the chosen experts' matrices read out of the
 stacked [layers, experts, d_model, d_ff] parameter inside a scan over layers (what the
-model does now: XLA CPU copies each slice before the dot) against the same matrices held
-as separate buffers and picked by lax.switch (no slice feeds a dot). bench-moe's shapes,
-top-2, all 8 layers. Results on the 2-core CPU machine: README, "Inference".
+decode loop did before moe/infer/layout.py: XLA CPU copies each slice before the dot)
+against the same matrices held as separate buffers and picked by lax.switch (no slice
+feeds a dot; what the decode loop does now on CPU). bench-moe's shapes, top-2, all 8
+layers. Results on the 2-core CPU machine: README, "Inference".
 
     python benchmarks/decode_expert_weights.py
 """

@@ -46,12 +46,13 @@ def decode_layout(cfg: ModelConfig, params, batch: int):
         return None
     host = jax.tree_util.tree_map(np.asarray, layers)  # views of the CPU buffers: no copy
     split = cfg.is_moe and batch * cfg.top_k <= cfg.n_experts
-    out = {name: value for name, value in params.items() if name != "layers"}
+    views = {}
     for i in range(cfg.n_layers):
-        layer = jax.tree_util.tree_map(lambda a: jax.device_put(a[i]), host)
+        layer = jax.tree_util.tree_map(lambda a: a[i], host)
         if split:
-            experts = {name: ExpertList(tuple(jax.device_put(host["moe"][name][i, e]) for e in range(cfg.n_experts)))
+            experts = {name: ExpertList(tuple(host["moe"][name][i, e] for e in range(cfg.n_experts)))
                        for name in EXPERT_WEIGHTS}
             layer = {**layer, "moe": {**layer["moe"], **experts}}
-        out[f"layer_{i}"] = layer
-    return out
+        views[f"layer_{i}"] = layer
+    views = jax.device_put(views)  # one call for every view (each put back without a copy when aligned)
+    return {**{name: value for name, value in params.items() if name != "layers"}, **views}

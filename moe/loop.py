@@ -8,7 +8,8 @@ SIGTERM or SIGINT (TPU preemption, Ctrl-C) saves a checkpoint and returns normal
 Fault injection: with MOE_FAULT_SIGKILL_AT_STEP=N in the environment, the run waits for
 its pending checkpoint saves after step N and then SIGKILLs itself: a preempted host at a
 known step, so that resume tests are exact and never depend on timing. With
-MOE_FAULT_COMPILE_DELAY_S=T a process waits T seconds before compiling: a slow host.
+MOE_FAULT_COMPILE_DELAY_S=T a process of a multi-host run waits T seconds before compiling:
+a slow host.
 """
 
 from __future__ import annotations

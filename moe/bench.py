@@ -4,8 +4,8 @@ Prints a table and optionally writes JSON: the backend's matmul peak (float32, b
 MoE layer forward+backward per dispatch path against a dense SwiGLU of the same active
 FLOPs; train-step tokens/s and MFU for bench-moe and tiny-moe (against the float32 peak
 measured here); peak memory; and Hugging Face's MixtralForCausalLM on the same config,
-batch and AdamW when torch and transformers are installed, and decoding beside HF's
-generate (moe/infer/bench.py).
+batch and AdamW when torch and transformers are installed (bench-moe's steps and HF's in
+alternating rounds, medians compared), and decoding beside HF's generate (moe/infer/bench.py).
 """
 
 from __future__ import annotations
@@ -73,27 +73,39 @@ def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
     return out
 
 
-def train_step(cfg: config_lib.Config, steps: int) -> dict:
-    """tokens/s and step time of the real jitted train step on random tokens."""
+def train_stepper(cfg: config_lib.Config):
+    """(run(steps) -> seconds per step of the real jitted train step on random tokens,
+    flops_per_token); compiled (one step) before it returns."""
     state = train_lib.init_state(cfg, jax.random.key(0))
     step, _ = train_lib.jit_steps(cfg, train_lib.make_optimizer(cfg, state.params))
     b, s = cfg.train.batch_size, cfg.train.seq_len
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, s + 1)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, s), np.int32),
              "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()}
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    seconds = (time.perf_counter() - start) / steps
-    return {"step_s": seconds, "tokens_per_s": b * s / seconds,
-            "flops_per_token": train_lib.flops_per_token(cfg, count_params(cfg.model).active)}
+    box = [step(state, batch)[0]]  # the state, donated and replaced by every step
+    jax.block_until_ready(box[0])
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            box[0], m = step(box[0], batch)
+        jax.block_until_ready(m)
+        return (time.perf_counter() - start) / steps
+
+    return run, train_lib.flops_per_token(cfg, count_params(cfg.model).active)
 
 
-def hf_train_step(cfg: config_lib.Config, steps: int) -> float | None:
-    """tokens/s of transformers' MixtralForCausalLM with torch AdamW, same config and batch."""
+def train_step(cfg: config_lib.Config, steps: int) -> dict:
+    """tokens/s and step time of the real jitted train step on random tokens."""
+    run, flops_per_token = train_stepper(cfg)
+    seconds = run(steps)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    return {"step_s": seconds, "tokens_per_s": tokens / seconds, "flops_per_token": flops_per_token}
+
+
+def hf_stepper(cfg: config_lib.Config):
+    """run(steps) -> seconds per step of transformers' MixtralForCausalLM with torch AdamW,
+    same config and batch (one warm-up step done); None without torch and transformers."""
     try:
         import torch
         from transformers import MixtralConfig, MixtralForCausalLM
@@ -107,8 +119,7 @@ def hf_train_step(cfg: config_lib.Config, steps: int) -> float | None:
         num_experts_per_tok=m.top_k, max_position_embeddings=m.max_seq_len, output_router_logits=True,
         router_aux_loss_coef=cfg.train.aux_loss_coef))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    b, s = cfg.train.batch_size, cfg.train.seq_len
-    tokens = torch.randint(0, m.vocab_size, (b, s))
+    tokens = torch.randint(0, m.vocab_size, (cfg.train.batch_size, cfg.train.seq_len))
 
     def one():
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -117,10 +128,25 @@ def hf_train_step(cfg: config_lib.Config, steps: int) -> float | None:
         optimizer.zero_grad()
 
     one()
-    start = time.perf_counter()
-    for _ in range(steps):
-        one()
-    return b * s * steps / (time.perf_counter() - start)
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            one()
+        return (time.perf_counter() - start) / steps
+
+    return run
+
+
+def side_by_side(ours, hf, rounds: int, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds per step of ours and HF's, `steps` each, alternating for `rounds` rounds: the
+    machine's speed drifts by 10-15% from minute to minute, so each pair shares its minute."""
+    ours_s, hf_s = [], []
+    for _ in range(rounds):
+        ours_s.append(ours(steps))
+        if hf is not None:
+            hf_s.append(hf(steps))
+    return ours_s, hf_s
 
 
 # the matmul peak is the best of these [m, k, n] shapes, measured in the same run: squares, and
@@ -158,7 +184,7 @@ def torch_matmul_flops_by_shape(repeats: int = 5) -> dict[str, float] | None:
 def run(quick: bool, dtype: str = "float32") -> dict:
     """Every measurement; the layer and the train steps compute in `dtype` (float32 or
     bfloat16), and MFU is taken against the matmul peak of that dtype measured here."""
-    repeats, steps = (3, 2) if quick else (10, 5)
+    repeats, steps = (3, 2) if quick else (10, 3)  # steps per round (3 rounds beside HF; tiny-moe: once)
     result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": dtype}
     for suffix, matmul_dtype in (("", jnp.float32), ("_bf16", jnp.bfloat16)):
         result["matmul_flops_by_shape" + suffix] = by_shape = matmul_flops_by_shape(matmul_dtype)
@@ -171,18 +197,25 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     result["moe_layer_s"] = layer
     result["default_dispatch"] = resolve("auto")
     result["moe_vs_dense_ratio"] = layer[result["default_dispatch"]] / layer["dense_swiglu_equal_active"]
-    for name in ("bench-moe", "tiny-moe"):
-        cfg = config_lib.load(ROOT / f"configs/{name}.yaml", overrides)
-        r = train_step(cfg, steps)
+    # bench-moe beside Hugging Face, alternating: on CPU in float32 (torch's CPU bfloat16 is not its fast path)
+    ours_run, flops_per_token = train_stepper(bench)
+    hf_run = hf_stepper(bench) if jax.default_backend() == "cpu" and dtype == "float32" else None
+    ours_s, hf_s = side_by_side(ours_run, hf_run, rounds=1 if quick else 3, steps=steps)
+    del ours_run, hf_run
+    result["bench-moe"] = {"step_s": float(np.median(ours_s)), "tokens_per_s": tokens / float(np.median(ours_s)),
+                           "flops_per_token": flops_per_token, "tokens_per_s_by_round": [tokens / t for t in ours_s]}
+    tiny = train_step(config_lib.load(ROOT / "configs/tiny-moe.yaml", overrides), steps)
+    result["tiny-moe"] = tiny
+    for r in (result["bench-moe"], tiny):
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-        result[name] = r
     result["train_tokens_per_s"] = result["bench-moe"]["tokens_per_s"]
     result["mfu"] = result["bench-moe"]["mfu"]
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # Hugging Face side by side: on CPU in float32 (torch's CPU bfloat16 is not its fast path)
-    hf = hf_train_step(bench, steps) if jax.default_backend() == "cpu" and dtype == "float32" else None
+    hf = tokens / float(np.median(hf_s)) if hf_s else None
     result["hf_tokens_per_s"] = hf
+    result["hf_tokens_per_s_by_round"] = [tokens / t for t in hf_s] if hf_s else None
     result["ratio_vs_hf"] = None if hf is None else result["train_tokens_per_s"] / hf
+    result["ratio_vs_hf_by_round"] = [h / o for o, h in zip(ours_s, hf_s)] if hf_s else None
     torch_by_shape = torch_matmul_flops_by_shape() if hf is not None else None
     result["torch_matmul_flops_by_shape"] = torch_by_shape
     torch_peak = result["torch_matmul_peak_flops"] = None if hf is None else max(torch_by_shape.values())
@@ -221,7 +254,11 @@ def format_table(r: dict) -> str:
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
     if r["hf_tokens_per_s"] is not None:
         lines.append(f"Hugging Face MixtralForCausalLM (bench-moe): {r['hf_tokens_per_s']:.0f} tokens/s; "
-                     f"ours / HF = {r['ratio_vs_hf']:.2f}")
+                     f"ours / HF = {r['ratio_vs_hf']:.2f} (medians of rounds of ours then HF's steps)")
+        if r.get("ratio_vs_hf_by_round"):
+            lines.append("  by round: " + ", ".join(
+                f"{o:.0f} / {h:.0f} = {q:.2f}" for o, h, q in zip(r["bench-moe"]["tokens_per_s_by_round"],
+                                                                 r["hf_tokens_per_s_by_round"], r["ratio_vs_hf_by_round"])))
         lines.append(f"  torch float32 matmul peak {r['torch_matmul_peak_flops'] / 1e9:.1f} GFLOP/s; HF's step at "
                      f"{r['hf_mfu_vs_torch_peak']:.1%} of it, {r['hf_mfu']:.1%} of XLA's (same FLOPs per token as ours)")
     if r.get("decode"):

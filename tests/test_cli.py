@@ -56,6 +56,8 @@ def test_bench_quick_through_the_cli(tmp_path):
     assert len(numbers["matmul_flops_by_shape"]) == len(numbers["torch_matmul_flops_by_shape"]) == 6
     assert 0 < numbers["bench-moe"]["mfu_vs_torch_peak"] < 1 and 0 < numbers["hf_mfu"] < 1
     assert numbers["bench-moe"]["tokens_per_s"] > 0 and numbers["hf_tokens_per_s"] > 0
+    assert len(numbers["ratio_vs_hf_by_round"]) == len(numbers["hf_tokens_per_s_by_round"]) == 1  # --quick: one round
+    assert abs(numbers["ratio_vs_hf"] - numbers["bench-moe"]["tokens_per_s"] / numbers["hf_tokens_per_s"]) < 1e-9
     assert "<- default here" in result.stdout
     for batch in ("batch1", "batch8"):  # decoding: ours and HF's generate give the same tokens
         decode = numbers["decode"]["tiny-moe"][batch]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.bench import _time
+from moe.model.experts import ExpertList, switch_experts
 
 LAYERS, EXPERTS, D_MODEL, D_FF, TOP_K = 8, 8, 512, 1792, 2
 
@@ -20,7 +21,7 @@ LAYERS, EXPERTS, D_MODEL, D_FF, TOP_K = 8, 8, 512, 1792, 2
 def main() -> None:
     keys = jax.random.split(jax.random.key(0), 2)
     stacked = jax.random.normal(keys[0], (LAYERS, EXPERTS, D_MODEL, D_FF))  # [layers, experts, d, f]
-    separate = [[stacked[layer, e] + 0 for e in range(EXPERTS)] for layer in range(LAYERS)]
+    separate = [ExpertList(tuple(stacked[layer, e] + 0 for e in range(EXPERTS))) for layer in range(LAYERS)]
     x = jax.random.normal(keys[1], (1, D_MODEL))
     chosen = jnp.asarray([[3, 5]] * LAYERS)  # [layers, top_k]
     pairs = [(layer, k) for layer in range(LAYERS) for k in range(TOP_K)]
@@ -32,8 +33,8 @@ def main() -> None:
         return jax.lax.scan(layer, jnp.zeros((1, D_FF)), (w, idx))[0]
 
     from_stack = jax.jit(from_stack)
-    by_switch = jax.jit(lambda x, ws, idx: sum(
-        jax.lax.switch(idx[layer, k], [lambda x, w=w: x @ w for w in ws[layer]], x) for layer, k in pairs))
+    by_switch = jax.jit(lambda x, ws, idx: sum(  # as the decode loop does on CPU (moe/model/experts.py)
+        switch_experts(jnp.matmul, idx[layer, k], x, ws[layer]) for layer, k in pairs))
     np.testing.assert_allclose(np.asarray(by_switch(x, separate, chosen)), np.asarray(from_stack(x, stacked, chosen)),
                                rtol=1e-5, atol=1e-4)  # the same sums, added in another order
     a, b = (1e3 * _time(fn, x, w, chosen, repeats=300) for fn, w in ((from_stack, stacked), (by_switch, separate)))

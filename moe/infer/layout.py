@@ -20,9 +20,8 @@ import numpy as np
 
 from moe.config import ModelConfig
 from moe.model.experts import ExpertList
+from moe.model.lora import MLP_TARGETS
 from moe.quant.qarray import QArray
-
-EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
 def _plain(layers) -> bool:
@@ -51,7 +50,7 @@ def decode_layout(cfg: ModelConfig, params, batch: int):
         layer = jax.tree_util.tree_map(lambda a: a[i], host)
         if split:
             experts = {name: ExpertList(tuple(host["moe"][name][i, e] for e in range(cfg.n_experts)))
-                       for name in EXPERT_WEIGHTS}
+                       for name in MLP_TARGETS}
             layer = {**layer, "moe": {**layer["moe"], **experts}}
         views[f"layer_{i}"] = layer
     views = jax.device_put(views)  # one call for every view (each put back without a copy when aligned)

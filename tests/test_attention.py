@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import moe.model as M
-from moe.model.attention import Attention, attention_mask, dot_product_attention, fused_attention, resolve
+from moe.model.attention import (Attention, attention_mask, causal_self_attention, dot_product_attention,
+                                 fused_attention, resolve)
 from moe.model.layers import rope_cos_sin
 from helpers import tiny_model
 
@@ -34,6 +35,20 @@ def test_model_is_causal(window):
     a, b = M.logits(cfg, params, tokens), M.logits(cfg, params, perturbed)
     np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
     assert np.abs(np.asarray(a[:, t:] - b[:, t:])).max(axis=-1).min() > 0
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_model_in_causal_blocks_equals_one_block(window, monkeypatch):
+    """The model's own call of the blocked self-attention (blocks of 4 rows here, 128 by
+    default) gives the logits of the plain one-block path; packed documents included."""
+    cfg = tiny_model(sliding_window=window)
+    params = M.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 13), 0, cfg.vocab_size)
+    seg = jnp.asarray([[1] * 6 + [2] * 7, [1] * 10 + [0] * 3])
+    whole = M.apply(cfg, params, tokens, segment_ids=seg)[0]
+    monkeypatch.setattr("moe.model.attention.CAUSAL_BLOCK", 4)
+    blocked = M.apply(cfg, params, tokens, segment_ids=seg)[0]
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-5, rtol=0)
 
 
 def test_sliding_window_mask_has_exactly_w_keys():
@@ -135,6 +150,27 @@ def test_attention_equals_the_textbook_formula_in_value_and_gradient(window, seg
         value, g = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
         grads.append((value, *g))
     for name, a, b_ in zip(["value", "dq", "dk", "dv"], *grads):
+        np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("window,segments,block", [(None, False, 4), (5, True, 4), (3, False, 2), (None, True, 1)])
+def test_causal_blocks_equal_the_textbook_formula_in_value_and_gradient(window, segments, block):
+    """Training self-attention skips the key blocks a query block cannot see (its future,
+    before its window): value and gradient equal the plain formula over all keys; a last
+    partial block; packed documents with padding (segment 0); block 1 has over
+    MAX_CAUSAL_BLOCKS blocks, so the block grows to 2 rows."""
+    b, seq, kv, group, hd = 2, 19, 2, 3, 8
+    keys = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(keys[0], (b, seq, kv, group, hd))
+    k, v = (jax.random.normal(key, (b, seq, kv, hd)) for key in keys[1:3])
+    index = jnp.arange(seq)[None]
+    seg = jnp.asarray([[1] * 8 + [2] * 11, [1] * 15 + [0] * 4]) if segments else None
+    weights = jax.random.normal(keys[3], q.shape)
+    results = []
+    for fn in (lambda q, k, v: _reference_attention(q, k, v, index, index, window, seg, seg),
+               lambda q, k, v: causal_self_attention(q, k, v, index, window, seg, block=block)):
+        results.append(jax.value_and_grad(lambda *a, fn=fn: jnp.sum(weights * fn(*a)), argnums=(0, 1, 2))(q, k, v))
+    for name, a, b_ in zip(["value", "dq", "dk", "dv"], jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=name)
 
 

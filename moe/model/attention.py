@@ -25,6 +25,8 @@ from moe.model import splash
 from moe.model.lora import adapt, project
 
 QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
+CAUSAL_BLOCK = 128  # query rows per block of training self-attention (fewer: one block)
+MAX_CAUSAL_BLOCKS = 16  # longer sequences take longer blocks, up to QUERY_CHUNK rows
 
 
 def resolve(name: str, backend: str | None = None, dtype: str = "float32") -> str:
@@ -133,9 +135,33 @@ def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None
     return out[:, :n_q]
 
 
+def causal_self_attention(q, k, v, index, sliding_window=None, seg=None, block: int | None = None):
+    """Self-attention of whole sequences, query and key i at index i (training, perplexity):
+    dot_product_attention's result, with the work a causal mask discards skipped. Queries go
+    in blocks of `block` rows (more rows when the sequence has over MAX_CAUSAL_BLOCKS blocks),
+    and each block meets only the keys from the first its window can reach (index
+    start - W + 1) to its own last row: key blocks wholly in its future or before its window
+    are masked anyway. For n blocks that is (n + 1) / 2n of the [seq, seq] scores without a
+    window. index [1 or batch, seq]; the masks inside each block are attention_mask's."""
+    n_q = q.shape[1]
+    block = max(block or CAUSAL_BLOCK, -(-n_q // MAX_CAUSAL_BLOCKS))
+    if n_q <= block or block > QUERY_CHUNK:  # one block, or too long to unroll: the plain path
+        return dot_product_attention(q, k, v, index, index, sliding_window, seg, seg)
+    outs = []
+    for start in range(0, n_q, block):
+        stop = min(n_q, start + block)
+        first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        keys = slice(first, stop)
+        mask = attention_mask(index[:, start:stop], index[:, keys], sliding_window,
+                              None if seg is None else seg[:, start:stop], None if seg is None else seg[:, keys])
+        outs.append(_attend_block(q[:, start:stop], k[:, keys], v[:, keys], mask))
+    return jnp.concatenate(outs, axis=1)  # [batch, seq, kv_heads, group, head_dim]
+
+
 class Attention(nn.Module):
     """attn: {"q_pos", "k_pos"} (and "q_seg", "k_seg" for packed documents), from
-    Transformer. With kv (this layer's cache {"k", "v"} [batch, slots, kv_heads, head_dim])
+    Transformer; without kv both are the index [1, seq] (the sequence attends to itself,
+    RoPE takes the real positions). With kv (this layer's cache {"k", "v"} [batch, slots, kv_heads, head_dim])
     and attn["slot"] [batch, seq] (where each new key goes; slots: dropped), returns
     (out, updated kv). `append`: attend to the cache as it was plus the new keys, then
     write (a sliding-window ring filled by a chunk that overwrites keys its own queries
@@ -181,6 +207,8 @@ class Attention(nn.Module):
             out = splash.splash_attention(q, k, v, cfg.sliding_window, attn.get("q_seg"))  # index-based masks
         elif kv is None and impl == "cudnn":
             out = fused_attention(q, k, v, cfg.sliding_window, attn.get("q_seg"))  # index-based masks
+        elif kv is None:  # the sequence attends to itself: index masks, future key blocks skipped
+            out = causal_self_attention(q, k, v, attn["q_pos"], cfg.sliding_window, attn.get("q_seg"))
         else:
             out = dot_product_attention(q, keys.astype(dtype), values.astype(dtype), attn["q_pos"], attn["k_pos"],
                                         cfg.sliding_window, attn.get("q_seg"), attn.get("k_seg"))

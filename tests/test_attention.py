@@ -153,23 +153,37 @@ def test_attention_equals_the_textbook_formula_in_value_and_gradient(window, seg
         np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+def _random_qkv(seed, seq):
+    """q [2, seq, 2 kv heads, 3 per group, 8], k, v [2, seq, 2, 8] and loss weights like q."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (2, seq, 2, 3, 8))
+    k, v = (jax.random.normal(key, (2, seq, 2, 8)) for key in keys[1:3])
+    return q, k, v, jax.random.normal(keys[3], q.shape)
+
+
+def _two_documents_and_padding(seq):
+    """Segment ids [2, seq]: row 0 two documents (8 tokens, then the rest), row 1 one
+    document ending in 4 padding tokens (segment 0)."""
+    return jnp.asarray([[1] * 8 + [2] * (seq - 8), [1] * (seq - 4) + [0] * 4])
+
+
+def _value_and_grads(fn, weights, q, k, v):
+    return jax.value_and_grad(lambda *a: jnp.sum(weights * fn(*a)), argnums=(0, 1, 2))(q, k, v)
+
+
 @pytest.mark.parametrize("window,segments,block", [(None, False, 4), (5, True, 4), (3, False, 2), (None, True, 1)])
 def test_causal_blocks_equal_the_textbook_formula_in_value_and_gradient(window, segments, block):
     """Training self-attention skips the key blocks a query block cannot see (its future,
     before its window): value and gradient equal the plain formula over all keys; a last
     partial block; packed documents with padding (segment 0); block 1 has over
     MAX_CAUSAL_BLOCKS blocks, so the block grows to 2 rows."""
-    b, seq, kv, group, hd = 2, 19, 2, 3, 8
-    keys = jax.random.split(jax.random.key(7), 4)
-    q = jax.random.normal(keys[0], (b, seq, kv, group, hd))
-    k, v = (jax.random.normal(key, (b, seq, kv, hd)) for key in keys[1:3])
+    seq = 19
+    q, k, v, weights = _random_qkv(7, seq)
     index = jnp.arange(seq)[None]
-    seg = jnp.asarray([[1] * 8 + [2] * 11, [1] * 15 + [0] * 4]) if segments else None
-    weights = jax.random.normal(keys[3], q.shape)
-    results = []
-    for fn in (lambda q, k, v: _reference_attention(q, k, v, index, index, window, seg, seg),
-               lambda q, k, v: causal_self_attention(q, k, v, index, window, seg, block=block)):
-        results.append(jax.value_and_grad(lambda *a, fn=fn: jnp.sum(weights * fn(*a)), argnums=(0, 1, 2))(q, k, v))
+    seg = _two_documents_and_padding(seq) if segments else None
+    results = [_value_and_grads(fn, weights, q, k, v) for fn in (
+        lambda q, k, v: _reference_attention(q, k, v, index, index, window, seg, seg),
+        lambda q, k, v: causal_self_attention(q, k, v, index, window, seg, block=block))]
     for name, a, b_ in zip(["value", "dq", "dk", "dv"], jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=name)
 
@@ -178,18 +192,13 @@ def test_causal_blocks_equal_the_textbook_formula_in_value_and_gradient(window, 
 def test_jax_dot_product_attention_call_equals_ours_in_value_and_gradient(window, segments):
     """The call that picks cuDNN's flash attention on GPU (model.attention=cudnn), through
     jax's XLA lowering of the same call here: causal, W-key windows, documents with padding."""
-    b, seq, kv, group, hd = 2, 21, 2, 3, 8
-    keys = jax.random.split(jax.random.key(9), 4)
-    q = jax.random.normal(keys[0], (b, seq, kv, group, hd))
-    k, v = (jax.random.normal(key, (b, seq, kv, hd)) for key in keys[1:3])
+    seq = 21
+    q, k, v, weights = _random_qkv(9, seq)
     index = jnp.arange(seq)[None]
-    seg = jnp.asarray([[1] * 8 + [2] * 13, [1] * 17 + [0] * 4]) if segments else None
-    weights = jax.random.normal(keys[3], q.shape)
-    results = []
-    for fn in (lambda q, k, v: dot_product_attention(q, k, v, index, index, window, seg, seg),
-               lambda q, k, v: fused_attention(q, k, v, window, seg, implementation="xla")):
-        results.append(jax.value_and_grad(lambda *a, fn=fn: jnp.sum(weights * fn(*a)), argnums=(0, 1, 2))(q, k, v))
-    (value, grads), (fused_value, fused_grads) = results
+    seg = _two_documents_and_padding(seq) if segments else None
+    (value, grads), (fused_value, fused_grads) = [_value_and_grads(fn, weights, q, k, v) for fn in (
+        lambda q, k, v: dot_product_attention(q, k, v, index, index, window, seg, seg),
+        lambda q, k, v: fused_attention(q, k, v, window, seg, implementation="xla"))]
     np.testing.assert_allclose(float(fused_value), float(value), rtol=1e-5)
     for a, b_ in zip(grads, fused_grads):
         np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5)

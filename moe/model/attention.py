@@ -4,7 +4,9 @@ optional KV cache (moe/model/kv_cache.py) for decoding: one implementation for b
 Masks are built from absolute positions, so the same code serves a training batch (query
 and key positions 0..seq-1) and a cache whose slots hold any positions (-1: empty). Long
 query sequences are processed in chunks of QUERY_CHUNK rows, so [seq, seq] scores are
-never materialized: memory grows as seq x keys / (seq / QUERY_CHUNK), not seq^2.
+never materialized: memory grows as seq x keys / (seq / QUERY_CHUNK), not seq^2. A
+sequence attending to itself (no cache: training, perplexity) goes in blocks of
+CAUSAL_BLOCK query rows that skip the key blocks its mask hides (causal_self_attention).
 
 model.attention picks the implementation without a cache: "xla" (this file's), "splash"
 (moe/model/splash.py: jax's Pallas flash-attention kernel for TPU, the same masks), "cudnn"

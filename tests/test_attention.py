@@ -132,27 +132,6 @@ def _reference_attention(q, k, v, q_pos, k_pos, window, q_seg, k_seg):
     return jnp.einsum("bhqs,bshd->bqhd", probs, v_h).reshape(q.shape)
 
 
-@pytest.mark.parametrize("window,segments,chunk", [(None, False, 64), (5, True, 64), (5, True, 4), (None, True, 4)])
-def test_attention_equals_the_textbook_formula_in_value_and_gradient(window, segments, chunk):
-    """The attention's own backward (flash-style softmax gradient) against JAX's gradient of
-    the plain formula: causal or windowed, packed documents with padding, GQA, query chunks;
-    row 1 ends in padding queries and keys (position -1) that attend to nothing."""
-    b, seq, kv, group, hd = 2, 19, 2, 3, 8
-    keys = jax.random.split(jax.random.key(5), 4)
-    q = jax.random.normal(keys[0], (b, seq, kv, group, hd))
-    k, v = (jax.random.normal(key, (b, seq, kv, hd)) for key in keys[1:3])
-    pos = jnp.asarray([list(range(seq)), list(range(15)) + [-1] * 4])
-    seg = jnp.asarray([[1] * 8 + [2] * 11, [1] * 15 + [0] * 4]) if segments else None
-    weights = jax.random.normal(keys[3], q.shape)
-    grads = []
-    for fn in (_reference_attention, lambda *a: dot_product_attention(*a, chunk=chunk)):
-        loss = lambda q, k, v, fn=fn: jnp.sum(weights * fn(q, k, v, pos, pos, window, seg, seg))
-        value, g = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
-        grads.append((value, *g))
-    for name, a, b_ in zip(["value", "dq", "dk", "dv"], *grads):
-        np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=name)
-
-
 def _random_qkv(seed, seq):
     """q [2, seq, 2 kv heads, 3 per group, 8], k, v [2, seq, 2, 8] and loss weights like q."""
     keys = jax.random.split(jax.random.key(seed), 4)
@@ -171,6 +150,27 @@ def _value_and_grads(fn, weights, q, k, v):
     return jax.value_and_grad(lambda *a: jnp.sum(weights * fn(*a)), argnums=(0, 1, 2))(q, k, v)
 
 
+def _assert_same_value_and_grads(reference, fn, weights, q, k, v):
+    """sum(weights * attention) and its dq, dk, dv from fn within 1e-5 of the reference's."""
+    expected, actual = (jax.tree.leaves(_value_and_grads(f, weights, q, k, v)) for f in (reference, fn))
+    for name, a, b_ in zip(["value", "dq", "dk", "dv"], expected, actual):
+        np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("window,segments,chunk", [(None, False, 64), (5, True, 64), (5, True, 4), (None, True, 4)])
+def test_attention_equals_the_textbook_formula_in_value_and_gradient(window, segments, chunk):
+    """The attention's own backward (flash-style softmax gradient) against JAX's gradient of
+    the plain formula: causal or windowed, packed documents with padding, GQA, query chunks;
+    row 1 ends in padding queries and keys (position -1) that attend to nothing."""
+    seq = 19
+    q, k, v, weights = _random_qkv(5, seq)
+    pos = jnp.asarray([list(range(seq)), list(range(15)) + [-1] * 4])
+    seg = _two_documents_and_padding(seq) if segments else None
+    _assert_same_value_and_grads(lambda q, k, v: _reference_attention(q, k, v, pos, pos, window, seg, seg),
+                                 lambda q, k, v: dot_product_attention(q, k, v, pos, pos, window, seg, seg, chunk=chunk),
+                                 weights, q, k, v)
+
+
 @pytest.mark.parametrize("window,segments,block", [(None, False, 4), (5, True, 4), (3, False, 2), (None, True, 1)])
 def test_causal_blocks_equal_the_textbook_formula_in_value_and_gradient(window, segments, block):
     """Training self-attention skips the key blocks a query block cannot see (its future,
@@ -181,11 +181,9 @@ def test_causal_blocks_equal_the_textbook_formula_in_value_and_gradient(window, 
     q, k, v, weights = _random_qkv(7, seq)
     index = jnp.arange(seq)[None]
     seg = _two_documents_and_padding(seq) if segments else None
-    results = [_value_and_grads(fn, weights, q, k, v) for fn in (
-        lambda q, k, v: _reference_attention(q, k, v, index, index, window, seg, seg),
-        lambda q, k, v: causal_self_attention(q, k, v, index, window, seg, block=block))]
-    for name, a, b_ in zip(["value", "dq", "dk", "dv"], jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-        np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=name)
+    _assert_same_value_and_grads(lambda q, k, v: _reference_attention(q, k, v, index, index, window, seg, seg),
+                                 lambda q, k, v: causal_self_attention(q, k, v, index, window, seg, block=block),
+                                 weights, q, k, v)
 
 
 @pytest.mark.parametrize("window,segments", [(None, False), (None, True), (5, False), (5, True)])

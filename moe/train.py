@@ -271,20 +271,35 @@ def _with_rules(cfg: Config, fn):
     return wrapped
 
 
+# XLA:CPU's memory-optimized scheduler orders the train step so fewer scan stacks are live
+# at once: on bench-moe (2-core CPU) the step's temporaries fall 2.41 -> 2.14 GiB and fewer
+# fresh pages are faulted in per step (+7.6% tokens/s, median of 8 alternating rounds).
+# CPU only: TPU and GPU plans keep their backend's own scheduler.
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def compiler_options(mesh=None) -> dict | None:
+    """The XLA options for the train step on the platform it compiles for: the mesh's
+    devices (an AOT plan's TPU topology included), else the default backend."""
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+
+
 def jit_steps(cfg: Config, optimizer, mesh=None, state_sharding=None, frozen_sharding=None):
     """(train_step(state, batch, frozen), eval_step(params, batch, frozen)), compiled; the
     train step donates the old state. With a mesh, call them inside `jax.set_mesh(mesh)`;
     batches are split over the batch axes."""
     train_fn = _with_rules(cfg, functools.partial(train_step, cfg, optimizer))
     eval_fn = _with_rules(cfg, functools.partial(eval_step, cfg))
+    options = compiler_options(mesh)
     if mesh is None:
-        return jax.jit(train_fn, donate_argnums=0), jax.jit(eval_fn)
+        return jax.jit(train_fn, donate_argnums=0, compiler_options=options), jax.jit(eval_fn)
     from moe.sharding import batch_sharding, replicated
 
     batch, rep = batch_sharding(mesh), replicated(mesh)
     frozen = frozen_sharding if frozen_sharding is not None else {}
     train = jax.jit(train_fn, donate_argnums=0, in_shardings=(state_sharding, batch, frozen),
-                    out_shardings=(state_sharding, rep))
+                    out_shardings=(state_sharding, rep), compiler_options=options)
     evaluate = jax.jit(eval_fn, in_shardings=(state_sharding.params, batch, frozen), out_shardings=rep)
     return train, evaluate
 

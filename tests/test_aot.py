@@ -140,6 +140,16 @@ def test_roofline_scales_the_one_layer_cost_takes_the_slower_of_compute_and_memo
 
 
 @needs_libtpu
+def test_a_tpu_plan_gets_no_cpu_compiler_options():
+    probe = ("import jax, numpy as np\nfrom moe import aot, train\n"
+             "mesh = jax.sharding.Mesh(np.array(aot.slice_devices('v5p', 'v5p:2x2x1')), ('data',))\n"
+             "print('options', train.compiler_options(mesh), train.compiler_options())")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    from moe.train import CPU_COMPILER_OPTIONS  # a plan compiled for TPU gets none; this CPU host's step does
+    assert f"options None {CPU_COMPILER_OPTIONS}" in result.stdout, result.stderr[-2000:]
+
+
+@needs_libtpu
 def test_two_slices_compile_with_data_across_dcn_and_a_mismatch_is_refused():
     base = [ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "--slices", "2", "model.vocab_size=512",
             "model.n_layers=1"]

@@ -41,7 +41,8 @@ def _time(fn, *args, repeats: int) -> float:
 
 def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
     """Forward+backward seconds of each dispatch path and of the equal-active dense SwiGLU,
-    in the config's compute dtype (the router in float32, as in the model)."""
+    in the config's compute dtype (the router in float32, as in the model), each compiled
+    with the train step's XLA options."""
     keys = jax.random.split(jax.random.key(0), 6)
     d, f, e, k, dt = cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, jnp.dtype(cfg.dtype)
     x = jax.random.normal(keys[0], (tokens, d), dt)
@@ -55,20 +56,21 @@ def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
         y = fn(x, idx, (weight / weight.sum(-1, keepdims=True)).astype(dt), w1, w3, w2)
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
-    out = {}
+    options, out = train_lib.compiler_options(), {}
     for name, fn in DISPATCH.items():
         if name == "gather":  # for a few tokens (decoding): it would copy each copy's expert weights
             continue
         if name == "megablox" and jax.default_backend() != "tpu":  # a TPU kernel, only interpreted elsewhere
             continue
-        step = jax.jit(jax.grad(lambda *a, fn=fn: moe_loss(*a, fn), argnums=(0, 1, 2, 3, 4)))
+        step = jax.jit(jax.grad(lambda *a, fn=fn: moe_loss(*a, fn), argnums=(0, 1, 2, 3, 4)),
+                       compiler_options=options)
         out[name] = _time(step, x, w1, w3, w2, gate, repeats=repeats)
     v1, v3 = (jax.random.normal(kk, (d, k * f), dt) * 0.02 for kk in keys[1:3])
     v2 = jax.random.normal(keys[3], (k * f, d), dt) * 0.02
     def dense_loss(x, a, b, c):
         return jnp.sum(((jax.nn.silu(x @ a) * (x @ b)) @ c).astype(jnp.float32) ** 2)
 
-    dense = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3)))
+    dense = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3)), compiler_options=options)
     out["dense_swiglu_equal_active"] = _time(dense, x, v1, v3, v2, repeats=repeats)
     return out
 

@@ -11,6 +11,8 @@ alternating rounds, medians compared), and decoding beside HF's generate (moe/in
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 import time
 from pathlib import Path
@@ -26,6 +28,25 @@ from moe.model.dispatch import DISPATCH, resolve
 from moe.params import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def host_cpu(cpuinfo: str | None = None) -> str:
+    """The host's CPU, as /proc/cpuinfo names it: model, family and model numbers, cores, and
+    whether it has AVX-512. Machines of one kind have come with different CPUs (a 2-core AMD
+    EPYC measured a 200 and a 390 GFLOP/s float32 peak), so every recorded run names its own."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    fields, cores = {}, 0
+    for line in cpuinfo.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        cores += key == "processor"
+        fields.setdefault(key, value)
+    if "model name" not in fields:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    vector = "avx512f" if "avx512f" in fields.get("flags", "").split() else "no avx512f"
+    return (f"{fields['model name']}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
+            f"{cores} cores, {vector}")
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -187,7 +208,8 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     """Every measurement; the layer and the train steps compute in `dtype` (float32 or
     bfloat16), and MFU is taken against the matmul peak of that dtype measured here."""
     repeats, steps = (3, 2) if quick else (10, 3)  # steps per round (3 rounds beside HF; tiny-moe: once)
-    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": dtype}
+    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": dtype,
+              "host": host_cpu()}
     for suffix, matmul_dtype in (("", jnp.float32), ("_bf16", jnp.bfloat16)):
         result["matmul_flops_by_shape" + suffix] = by_shape = matmul_flops_by_shape(matmul_dtype)
         result["matmul_peak_flops" + suffix] = max(by_shape.values())
@@ -238,7 +260,8 @@ def run(quick: bool, dtype: str = "float32") -> dict:
 def format_table(r: dict) -> str:
     layer = r["moe_layer_s"]
     dense = layer["dense_swiglu_equal_active"]
-    lines = [f"backend {r['backend']} ({r['device']}), compute dtype {r.get('dtype', 'float32')}",
+    lines = [f"backend {r['backend']} ({r['device']}), compute dtype {r.get('dtype', 'float32')}, "
+             f"host {r.get('host', 'not recorded')}",
              f"matmul peak (best of the shapes below): float32 {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
              f"bfloat16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s"]
     for key, label in (("matmul_flops_by_shape", "xla float32"), ("matmul_flops_by_shape_bf16", "xla bfloat16"),

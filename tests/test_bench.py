@@ -17,3 +17,11 @@ def test_layer_timings_cover_every_path_and_the_table_names_the_default():
     table = bench.format_table(result)
     assert f"{resolve('auto'):<28}" in table and "<- default here" in table
     assert table.count("x dense") == len(layer)
+
+
+def test_the_host_cpu_is_named_from_cpuinfo():
+    core = "processor\t: {}\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: fpu avx2 {}\n\n"
+    assert bench.host_cpu(core.format(0, "avx512f") + core.format(1, "avx512f")) == \
+        "AMD EPYC, family 26 model 2, 2 cores, avx512f"
+    assert bench.host_cpu(core.format(0, "avx512bw")).endswith("1 cores, no avx512f")
+    assert bench.host_cpu("")  # no /proc/cpuinfo: the platform module's name and os.cpu_count()

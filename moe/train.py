@@ -273,7 +273,8 @@ def _with_rules(cfg: Config, fn):
 
 # XLA:CPU's memory-optimized scheduler orders the train step so fewer scan stacks are live
 # at once: on bench-moe (2-core CPU) the step's temporaries fall 2.41 -> 2.14 GiB and fewer
-# fresh pages are faulted in per step (+7.6% tokens/s, median of 8 alternating rounds).
+# fresh pages are faulted in per step (+7.6% tokens/s, median of 8 alternating rounds, on
+# the earlier 2-core host; no change in speed on a Zen 5 host: 413 vs 414 tokens/s).
 # CPU only: TPU and GPU plans keep their backend's own scheduler.
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 

@@ -209,7 +209,7 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     bfloat16), and MFU is taken against the matmul peak of that dtype measured here."""
     repeats, steps = (3, 2) if quick else (10, 3)  # steps per round (3 rounds beside HF; tiny-moe: once)
     result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": dtype,
-              "host": host_cpu()}
+              "host": host_cpu(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     for suffix, matmul_dtype in (("", jnp.float32), ("_bf16", jnp.bfloat16)):
         result["matmul_flops_by_shape" + suffix] = by_shape = matmul_flops_by_shape(matmul_dtype)
         result["matmul_peak_flops" + suffix] = max(by_shape.values())
@@ -261,7 +261,7 @@ def format_table(r: dict) -> str:
     layer = r["moe_layer_s"]
     dense = layer["dense_swiglu_equal_active"]
     lines = [f"backend {r['backend']} ({r['device']}), compute dtype {r.get('dtype', 'float32')}, "
-             f"host {r.get('host', 'not recorded')}",
+             f"host {r.get('host', 'not recorded')}, GLIBC_TUNABLES {r.get('glibc_tunables') or 'unset'}",
              f"matmul peak (best of the shapes below): float32 {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
              f"bfloat16 {r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s"]
     for key, label in (("matmul_flops_by_shape", "xla float32"), ("matmul_flops_by_shape_bf16", "xla bfloat16"),

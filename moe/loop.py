@@ -202,7 +202,8 @@ def _shared_files(cfg: Config, run_dir):
 
 def _train(cfg: Config, mesh, train_docs, val_docs, run_dir, staging, progress: bool) -> dict:
     writer = staging is not None
-    log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+    log.info("mesh %s over %d devices in %d processes; GLIBC_TUNABLES=%s", dict(mesh.shape), mesh.size,
+             jax.process_count(), os.environ.get("GLIBC_TUNABLES", "unset"))  # moe/platform.py's malloc choice
     log.info("data: %d training and %d validation documents", len(train_docs), len(val_docs))
     if data_lib.is_chat(cfg.data):
         log.info("data: %d rows truncated (oldest turns dropped) and %d left out to fit train.seq_len=%d",

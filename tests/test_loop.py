@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moe import storage
+from moe import platform, storage
 from moe.checkpoint import restore_params
 from helpers import ROOT, kill_group, processes_with_env, spawn
 
@@ -68,6 +68,10 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, children):
     common = [f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2"]
     full = moe_train(tmp_path / "full", *common)
     assert full.returncode == 0, full.stdout + full.stderr
+    # on a CPU host with glibc >= 2.35 the command re-ran itself with huge-page malloc (moe/platform.py)
+    reran = platform.hugepage_malloc_env(dict(os.environ, JAX_PLATFORMS="cpu"))
+    tunables = reran["GLIBC_TUNABLES"] if reran else os.environ.get("GLIBC_TUNABLES", "unset")
+    assert f"GLIBC_TUNABLES={tunables}" in full.stdout + full.stderr
 
     # killed at a known step: after step n + 1, with the checkpoint of step n written
     marker = f"{tmp_path}"

@@ -1,0 +1,24 @@
+"""moe/platform.py's huge-page malloc choice: which hosts re-run with it, and who can opt out
+(that a `moe` process really re-runs with it is test_cli's bench test)."""
+
+import importlib.util
+
+from moe import platform
+
+
+def test_huge_page_malloc_only_on_cpu_hosts_with_a_new_glibc_and_no_user_choice(monkeypatch):
+    monkeypatch.setattr(platform, "has_tpu", lambda: False)
+    cpu = {"JAX_PLATFORMS": "cpu", "HOME": "/h"}
+    assert platform.hugepage_malloc_env(cpu, libc="glibc 2.36") == {**cpu, "GLIBC_TUNABLES": platform.HUGEPAGE_MALLOC}
+    assert platform.hugepage_malloc_env(cpu, libc="glibc 2.35") is not None
+    assert platform.hugepage_malloc_env(cpu, libc="glibc 2.31") is None  # no such tunable before 2.35
+    assert platform.hugepage_malloc_env(cpu, libc="") is None  # musl, or not Linux
+    for accelerator in ("tpu", "cuda,cpu", "tpu,cpu"):
+        assert platform.hugepage_malloc_env({"JAX_PLATFORMS": accelerator}, libc="glibc 2.36") is None
+    # the user's own tunables, the opt-out, and the re-run itself (no second re-run)
+    for env in ({**cpu, "GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}, {**cpu, "MOE_HUGEPAGE_MALLOC": "0"},
+                {**cpu, "GLIBC_TUNABLES": platform.HUGEPAGE_MALLOC}):
+        assert platform.hugepage_malloc_env(env, libc="glibc 2.36") is None
+    assert platform.computes_on_cpu({}) == (not any(importlib.util.find_spec(n) for n in platform.CUDA_PLUGINS))
+    monkeypatch.setattr(platform, "has_tpu", lambda: True)
+    assert platform.hugepage_malloc_env({}, libc="glibc 2.36") is None  # a TPU VM with JAX_PLATFORMS unset

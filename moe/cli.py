@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -266,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     from moe import platform
 
     platform.quiet_without_tpu()  # before JAX loads: no libtpu noise on hosts without TPUs
+    # A process's own command line re-runs itself with huge-page malloc on CPU hosts, before the
+    # parser imports JAX; `moe bench` keeps the environment it is given, so that Hugging Face's
+    # step beside ours runs in the same one (the top-level parser has no options: argv[1] is
+    # the command).
+    if argv is None and sys.argv[1:2] != ["bench"]:
+        platform.rerun_with_hugepage_malloc()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # A process's own command line re-runs itself in place (same PID) with huge-page malloc on
-    # CPU hosts: glibc reads its tunables only at start. `moe bench` keeps the environment it
-    # is given, so that Hugging Face's step beside ours runs in the same one.
-    env = platform.hugepage_malloc_env() if argv is None and args.command != "bench" else None
-    if env is not None:
-        os.execve(sys.executable, sys.orig_argv, env)
     if extra:  # overrides may come after options: moe train CFG --run-dir D a.b=c
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import sys
 
 CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
 
@@ -28,12 +29,15 @@ def has_tpu() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or os.environ.get("TPU_ACCELERATOR_TYPE"))
 
 
+def has_cuda_plugin() -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
+
+
 def quiet_without_tpu(environ=os.environ) -> str | None:
     """Set JAX_PLATFORMS when libtpu is installed but no TPU is here; returns what was set."""
     if environ.get("JAX_PLATFORMS") or has_tpu() or importlib.util.find_spec("libtpu") is None:
         return None
-    gpu = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
-    environ["JAX_PLATFORMS"] = "cuda,cpu" if gpu else "cpu"
+    environ["JAX_PLATFORMS"] = "cuda,cpu" if has_cuda_plugin() else "cpu"
     return environ["JAX_PLATFORMS"]
 
 
@@ -45,7 +49,7 @@ def computes_on_cpu(environ=os.environ) -> bool:
     neither a TPU nor a CUDA plugin."""
     if environ.get("JAX_PLATFORMS"):
         return environ["JAX_PLATFORMS"].split(",")[0].strip() == "cpu"
-    return not has_tpu() and not any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
+    return not has_tpu() and not has_cuda_plugin()
 
 
 def hugepage_malloc_env(environ=os.environ, libc: str | None = None) -> dict | None:
@@ -65,3 +69,11 @@ def hugepage_malloc_env(environ=os.environ, libc: str | None = None) -> dict | N
     if name != "glibc" or numbers < (2, 35) or not computes_on_cpu(environ):
         return None
     return {**environ, "GLIBC_TUNABLES": HUGEPAGE_MALLOC}
+
+
+def rerun_with_hugepage_malloc() -> None:
+    """Where hugepage_malloc_env applies, replace this process (same PID) by the same command
+    line under it: glibc reads its tunables only at start. Call before anything heavy loads."""
+    env = hugepage_malloc_env()
+    if env is not None:
+        os.execve(sys.executable, sys.orig_argv, env)

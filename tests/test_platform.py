@@ -1,5 +1,6 @@
 """moe/platform.py's huge-page malloc choice: which hosts re-run with it, and who can opt out
-(that a `moe` process really re-runs with it is test_cli's bench test)."""
+(that `moe train` really re-runs with it is test_loop's SIGKILL test; that `moe bench` does
+not, test_cli's bench test)."""
 
 import importlib.util
 

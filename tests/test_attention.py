@@ -8,7 +8,7 @@ import pytest
 
 import moe.model as M
 from moe.model.attention import (Attention, attention_mask, causal_self_attention, dot_product_attention,
-                                 fused_attention, resolve)
+                                 fused_attention, resolve, row_windows)
 from moe.model.layers import rope_cos_sin
 from helpers import tiny_model
 
@@ -169,6 +169,23 @@ def test_attention_equals_the_textbook_formula_in_value_and_gradient(window, seg
     _assert_same_value_and_grads(lambda q, k, v: _reference_attention(q, k, v, pos, pos, window, seg, seg),
                                  lambda q, k, v: dot_product_attention(q, k, v, pos, pos, window, seg, seg, chunk=chunk),
                                  weights, q, k, v)
+
+
+@pytest.mark.parametrize("windows", [((0, 4), (4, 8), (8, 11)), ((0, 4), (2, 8), (6, 11)), ((0, 3), (0, 7), (0, 11)),
+                                     ((3, 6), (6, 9))])
+def test_row_windows_equal_slices_in_value_and_gradient(windows):
+    """Query blocks (windows that tile the rows: gradients concatenated), windowed and causal
+    key ranges (overlapping windows: gradients added into their rows), and windows that
+    leave rows out (those rows get zero gradient)."""
+    x = jax.random.normal(jax.random.key(3), (2, 11, 3))
+    weights = [jax.random.normal(jax.random.key(4 + i), (2, stop - start, 3)) for i, (start, stop) in enumerate(windows)]
+    def loss(fn):
+        return lambda x: sum(jnp.sum(w * jnp.sin(piece)) for w, piece in zip(weights, fn(x)))
+    sliced = lambda x: tuple(x[:, start:stop] for start, stop in windows)  # noqa: E731
+    for got, want in zip(row_windows(x, windows), sliced(x)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(jax.grad(loss(lambda x: row_windows(x, windows)))(x)),
+                               np.asarray(jax.grad(loss(sliced))(x)), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("window,segments,block", [(None, False, 4), (5, True, 4), (3, False, 2), (None, True, 1)])

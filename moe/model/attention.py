@@ -17,6 +17,8 @@ xla. Decoding with a cache is always xla.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -137,6 +139,32 @@ def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None
     return out[:, :n_q]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def row_windows(x, windows: tuple):
+    """x[:, start:stop] for each (start, stop) in `windows` (static). The backward pass
+    concatenates the pieces' gradients when the windows tile the rows in order, and adds
+    each into its rows otherwise, instead of summing one zero-padded full-size gradient
+    per window (what slicing's own transpose builds)."""
+    return tuple(x[:, start:stop] for start, stop in windows)
+
+
+def _row_windows_fwd(x, windows):
+    return row_windows(x, windows), x.shape
+
+
+def _row_windows_bwd(windows, shape, pieces):
+    tiled = all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    if tiled and windows[0][0] == 0 and windows[-1][1] == shape[1]:
+        return (jnp.concatenate(pieces, axis=1),)
+    total = jnp.zeros(shape, pieces[0].dtype)
+    for (start, stop), piece in zip(windows, pieces):
+        total = total.at[:, start:stop].add(piece)
+    return (total,)
+
+
+row_windows.defvjp(_row_windows_fwd, _row_windows_bwd)
+
+
 def causal_self_attention(q, k, v, index, sliding_window=None, seg=None, block: int | None = None):
     """Self-attention of whole sequences, query and key i at index i (training, perplexity):
     dot_product_attention's result, with the work a causal mask discards skipped. Queries go
@@ -149,14 +177,14 @@ def causal_self_attention(q, k, v, index, sliding_window=None, seg=None, block: 
     block = max(block or CAUSAL_BLOCK, -(-n_q // MAX_CAUSAL_BLOCKS))
     if n_q <= block or block > QUERY_CHUNK:  # one block, or too long to unroll: the plain path
         return dot_product_attention(q, k, v, index, index, sliding_window, seg, seg)
+    rows = tuple((start, min(n_q, start + block)) for start in range(0, n_q, block))
+    keys = tuple((0 if sliding_window is None else max(0, start - sliding_window + 1), stop) for start, stop in rows)
     outs = []
-    for start in range(0, n_q, block):
-        stop = min(n_q, start + block)
-        first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
-        keys = slice(first, stop)
-        mask = attention_mask(index[:, start:stop], index[:, keys], sliding_window,
-                              None if seg is None else seg[:, start:stop], None if seg is None else seg[:, keys])
-        outs.append(_attend_block(q[:, start:stop], k[:, keys], v[:, keys], mask))
+    for (start, stop), (first, _), q_b, k_b, v_b in zip(rows, keys, row_windows(q, rows), row_windows(k, keys),
+                                                        row_windows(v, keys)):
+        mask = attention_mask(index[:, start:stop], index[:, first:stop], sliding_window,
+                              None if seg is None else seg[:, start:stop], None if seg is None else seg[:, first:stop])
+        outs.append(_attend_block(q_b, k_b, v_b, mask))
     return jnp.concatenate(outs, axis=1)  # [batch, seq, kv_heads, group, head_dim]
 
 

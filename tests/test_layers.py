@@ -56,6 +56,18 @@ def test_rope_matches_half_layout_formula():
                                atol=1e-5)
 
 
+def test_rope_gradient_is_the_inverse_rotation():
+    """apply_rope's own backward: the gradient of sum(w * rope(x)) is w rotated back, by
+    the negated angles (a rotation's transpose); cos and sin get none."""
+    rng = np.random.default_rng(1)
+    x, w = (rng.normal(size=(2, 5, 3, 8)).astype(np.float32) for _ in range(2))
+    positions = np.array([[0, 1, 2, 3, 4], [7, 8, 0, 1, 30]])
+    cos, sin = rope_cos_sin(jnp.asarray(positions), 8, 10000.0)
+    dx, dcos = jax.grad(lambda x, c: jnp.sum(w * apply_rope(x, c, sin)), argnums=(0, 1))(jnp.asarray(x), cos)
+    np.testing.assert_allclose(np.asarray(dx), rope_reference(w, -positions, 1e4), atol=1e-5)
+    assert not np.any(np.asarray(dcos))
+
+
 def test_rope_scores_depend_only_on_relative_position():
     rng = np.random.default_rng(1)
     q, k = rng.normal(size=(2, 1, 1, 1, 16)).astype(np.float32)

@@ -60,15 +60,37 @@ def rope_cos_sin(positions, head_dim: int, theta: float):
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _rope_cos_sin(x, cos, sin):
+    return cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+
+
+@jax.custom_vjp
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[i], x[i + d/2]): x * cos + rotate_half(x) * sin.
 
-    x: [batch, seq, heads, head_dim]; cos, sin: [batch, seq, head_dim] (float32).
-    """
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    x: [batch, seq, heads, head_dim]; cos, sin: [batch, seq, head_dim] (float32, taken as
+    constants: no gradient flows to them). The backward pass is the rotation's transpose,
+    dy * cos - rotate_half(dy * sin), one concatenation (JAX's own builds zero-padded
+    halves and adds them)."""
+    cos, sin = _rope_cos_sin(x, cos, sin)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rope_fwd(x, cos, sin):
+    return apply_rope(x, cos, sin), (cos, sin)
+
+
+def _rope_bwd(residuals, dy):
+    cos, sin = _rope_cos_sin(dy, *residuals)
+    return dy * cos - _rotate_half(dy * sin), None, None
+
+
+apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 @jax.custom_vjp

@@ -171,20 +171,22 @@ def test_attention_equals_the_textbook_formula_in_value_and_gradient(window, seg
                                  weights, q, k, v)
 
 
+@pytest.mark.parametrize("axis", [1, 2])
 @pytest.mark.parametrize("windows", [((0, 4), (4, 8), (8, 11)), ((0, 4), (2, 8), (6, 11)), ((0, 3), (0, 7), (0, 11)),
                                      ((3, 6), (6, 9))])
-def test_row_windows_equal_slices_in_value_and_gradient(windows):
-    """Query blocks (windows that tile the rows: gradients concatenated), windowed and causal
+def test_row_windows_equal_slices_in_value_and_gradient(windows, axis):
+    """Query blocks (windows that tile the axis: gradients concatenated), windowed and causal
     key ranges (overlapping windows: gradients added into their rows), and windows that
-    leave rows out (those rows get zero gradient)."""
-    x = jax.random.normal(jax.random.key(3), (2, 11, 3))
-    weights = [jax.random.normal(jax.random.key(4 + i), (2, stop - start, 3)) for i, (start, stop) in enumerate(windows)]
+    leave rows out (those rows get zero gradient); along the sequence axis of either layout."""
+    x = jnp.moveaxis(jax.random.normal(jax.random.key(3), (2, 11, 3, 2)), 1, axis)
+    weights = [jnp.moveaxis(jax.random.normal(jax.random.key(4 + i), (2, stop - start, 3, 2)), 1, axis)
+               for i, (start, stop) in enumerate(windows)]
     def loss(fn):
         return lambda x: sum(jnp.sum(w * jnp.sin(piece)) for w, piece in zip(weights, fn(x)))
-    sliced = lambda x: tuple(x[:, start:stop] for start, stop in windows)  # noqa: E731
-    for got, want in zip(row_windows(x, windows), sliced(x)):
+    sliced = lambda x: tuple(jax.lax.slice_in_dim(x, start, stop, axis=axis) for start, stop in windows)  # noqa: E731
+    for got, want in zip(row_windows(x, windows, axis), sliced(x)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    np.testing.assert_allclose(np.asarray(jax.grad(loss(lambda x: row_windows(x, windows)))(x)),
+    np.testing.assert_allclose(np.asarray(jax.grad(loss(lambda x: row_windows(x, windows, axis)))(x)),
                                np.asarray(jax.grad(loss(sliced))(x)), atol=1e-6, rtol=1e-6)
 
 

@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax import lax
 
 from moe.config import LoRAConfig, ModelConfig
 from moe.model.layers import DTYPES, apply_rope, kernel_init, param_with_axes
@@ -75,34 +76,44 @@ def attention_mask(q_pos, k_pos, sliding_window: int | None, q_seg=None, k_seg=N
     return allowed[:, None, None]  # [batch, 1, 1, q, k]
 
 
-def _probs(q, k, mask):
+# einsum operand layouts: "seq" is the model's ([batch, q, kv, group, head_dim] queries,
+# [batch, s, kv, head_dim] keys), "heads" puts the heads first ([batch, kv, group, q, head_dim],
+# [batch, kv, s, head_dim]): every product then has its batch dims leading, no transposes
+LAYOUTS = {"seq": ("bqkgd", "bskd"), "heads": ("bkgqd", "bksd")}
+SCORES = "bkgqs"
+
+
+def _probs(q, k, mask, layout: str = "seq"):
     """float32 softmax of the masked, scaled scores: [batch, kv, group, q, s]."""
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    Q, K = LAYOUTS[layout]
+    scores = jnp.einsum(f"{Q},{K}->{SCORES}", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
     return nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
 
 
-@jax.custom_vjp
-def _attend_block(q, k, v, mask):
-    return _attend_fwd(q, k, v, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend_block(q, k, v, mask, layout: str = "seq"):
+    return _attend_fwd(q, k, v, mask, layout)[0]
 
 
-def _attend_fwd(q, k, v, mask):
-    probs = _probs(q, k, mask)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
+def _attend_fwd(q, k, v, mask, layout: str = "seq"):
+    Q, K = LAYOUTS[layout]
+    probs = _probs(q, k, mask, layout)
+    out = jnp.einsum(f"{SCORES},{K}->{Q}", probs.astype(v.dtype), v)
     return out, (q, k, v, mask, probs, out)
 
 
-def _attend_bwd(residuals, dout):
+def _attend_bwd(layout, residuals, dout):
     """The softmax gradient as flash attention takes it: rowsum(dprobs * probs) is
     rowsum(dout * out), a sum over head_dim instead of keys; masked keys get nothing."""
+    Q, K = LAYOUTS[layout]
     q, k, v, mask, probs, out = residuals
-    dv = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(v.dtype), dout)
-    dprobs = jnp.einsum("bqkgd,bskd->bkgqs", dout, v).astype(jnp.float32)
-    row = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    dv = jnp.einsum(f"{SCORES},{Q}->{K}", probs.astype(v.dtype), dout)
+    dprobs = jnp.einsum(f"{Q},{K}->{SCORES}", dout, v).astype(jnp.float32)
+    row = jnp.einsum(f"{Q},{Q}->{SCORES[:-1]}", dout.astype(jnp.float32), out.astype(jnp.float32))
     dscores = jnp.where(mask, probs * (dprobs - row[..., None]), 0.0) * q.shape[-1] ** -0.5
     dscores = dscores.astype(q.dtype)
-    dq = jnp.einsum("bkgqs,bskd->bqkgd", dscores, k)
-    dk = jnp.einsum("bkgqs,bqkgd->bskd", dscores, q)
+    dq = jnp.einsum(f"{SCORES},{K}->{Q}", dscores, k)
+    dk = jnp.einsum(f"{SCORES},{Q}->{K}", dscores, q)
     return dq, dk, dv, None
 
 
@@ -139,26 +150,27 @@ def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None
     return out[:, :n_q]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def row_windows(x, windows: tuple):
-    """x[:, start:stop] for each (start, stop) in `windows` (static). The backward pass
-    concatenates the pieces' gradients when the windows tile the rows in order, and adds
-    each into its rows otherwise, instead of summing one zero-padded full-size gradient
-    per window (what slicing's own transpose builds)."""
-    return tuple(x[:, start:stop] for start, stop in windows)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def row_windows(x, windows: tuple, axis: int = 1):
+    """x[start:stop] along `axis` for each (start, stop) in `windows` (static). The backward
+    pass concatenates the pieces' gradients when the windows tile the axis in order, and
+    adds each into its rows otherwise, instead of summing one zero-padded full-size
+    gradient per window (what slicing's own transpose builds)."""
+    return tuple(lax.slice_in_dim(x, start, stop, axis=axis) for start, stop in windows)
 
 
-def _row_windows_fwd(x, windows):
-    return row_windows(x, windows), x.shape
+def _row_windows_fwd(x, windows, axis):
+    return row_windows(x, windows, axis), x.shape
 
 
-def _row_windows_bwd(windows, shape, pieces):
+def _row_windows_bwd(windows, axis, shape, pieces):
     tiled = all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
-    if tiled and windows[0][0] == 0 and windows[-1][1] == shape[1]:
-        return (jnp.concatenate(pieces, axis=1),)
+    if tiled and windows[0][0] == 0 and windows[-1][1] == shape[axis]:
+        return (jnp.concatenate(pieces, axis=axis),)
     total = jnp.zeros(shape, pieces[0].dtype)
-    for (start, stop), piece in zip(windows, pieces):
-        total = total.at[:, start:stop].add(piece)
+    for (start, _), piece in zip(windows, pieces):
+        total = lax.dynamic_update_slice_in_dim(
+            total, lax.dynamic_slice_in_dim(total, start, piece.shape[axis], axis) + piece, start, axis)
     return (total,)
 
 
@@ -179,13 +191,15 @@ def causal_self_attention(q, k, v, index, sliding_window=None, seg=None, block: 
         return dot_product_attention(q, k, v, index, index, sliding_window, seg, seg)
     rows = tuple((start, min(n_q, start + block)) for start in range(0, n_q, block))
     keys = tuple((0 if sliding_window is None else max(0, start - sliding_window + 1), stop) for start, stop in rows)
+    q_heads = jnp.moveaxis(q, 1, 3)  # [batch, kv_heads, group, seq, head_dim]: transposed once, not per block
+    k_heads, v_heads = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [batch, kv_heads, seq, head_dim]
     outs = []
-    for (start, stop), (first, _), q_b, k_b, v_b in zip(rows, keys, row_windows(q, rows), row_windows(k, keys),
-                                                        row_windows(v, keys)):
+    for (start, stop), (first, _), q_b, k_b, v_b in zip(rows, keys, row_windows(q_heads, rows, 3),
+                                                        row_windows(k_heads, keys, 2), row_windows(v_heads, keys, 2)):
         mask = attention_mask(index[:, start:stop], index[:, first:stop], sliding_window,
                               None if seg is None else seg[:, start:stop], None if seg is None else seg[:, first:stop])
-        outs.append(_attend_block(q_b, k_b, v_b, mask))
-    return jnp.concatenate(outs, axis=1)  # [batch, seq, kv_heads, group, head_dim]
+        outs.append(_attend_block(q_b, k_b, v_b, mask, "heads"))
+    return jnp.moveaxis(jnp.concatenate(outs, axis=3), 3, 1)  # [batch, seq, kv_heads, group, head_dim]
 
 
 class Attention(nn.Module):

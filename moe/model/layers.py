@@ -65,7 +65,8 @@ def _rotate_half(x):
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def _rope_cos_sin(x, cos, sin):
+def _over_heads(x, cos, sin):
+    """cos and sin [batch, seq, head_dim] as [batch, seq, 1, head_dim] in x's dtype."""
     return cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
 
 
@@ -77,7 +78,7 @@ def apply_rope(x, cos, sin):
     constants: no gradient flows to them). The backward pass is the rotation's transpose,
     dy * cos - rotate_half(dy * sin), one concatenation (JAX's own builds zero-padded
     halves and adds them)."""
-    cos, sin = _rope_cos_sin(x, cos, sin)
+    cos, sin = _over_heads(x, cos, sin)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -86,7 +87,7 @@ def _rope_fwd(x, cos, sin):
 
 
 def _rope_bwd(residuals, dy):
-    cos, sin = _rope_cos_sin(dy, *residuals)
+    cos, sin = _over_heads(dy, *residuals)
     return dy * cos - _rotate_half(dy * sin), None, None
 
 

@@ -51,19 +51,29 @@ def host_cpu(cpuinfo: str | None = None) -> str:
 
 def _time(fn, *args, repeats: int) -> float:
     """Median seconds of fn(*args) after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return _alternating([(fn, args)], repeats)[0]
+
+
+def _alternating(calls, repeats: int) -> list[float]:
+    """Median seconds of each (fn, args) in `calls`, after one warm-up (compile) call each,
+    timed in turn `repeats` times: calls compared with each other share the same minutes."""
+    for fn, args in calls:
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for (fn, args), own in zip(calls, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            own.append(time.perf_counter() - start)
+    return [float(np.median(own)) for own in times]
 
 
 def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
     """Forward+backward seconds of each dispatch path and of the equal-active dense SwiGLU,
     in the config's compute dtype (the router in float32, as in the model), each compiled
-    with the train step's XLA options."""
+    with the train step's XLA options. The default path and the dense SwiGLU, whose ratio
+    is the number that counts, are timed alternately: this machine drifts by 10-15% from
+    minute to minute, more than the ratio's margin."""
     keys = jax.random.split(jax.random.key(0), 6)
     d, f, e, k, dt = cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, jnp.dtype(cfg.dtype)
     x = jax.random.normal(keys[0], (tokens, d), dt)
@@ -77,23 +87,24 @@ def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
         y = fn(x, idx, (weight / weight.sum(-1, keepdims=True)).astype(dt), w1, w3, w2)
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
-    options, out = train_lib.compiler_options(), {}
+    options, steps, default = train_lib.compiler_options(), {}, resolve("auto")
     for name, fn in DISPATCH.items():
         if name == "gather":  # for a few tokens (decoding): it would copy each copy's expert weights
             continue
         if name == "megablox" and jax.default_backend() != "tpu":  # a TPU kernel, only interpreted elsewhere
             continue
-        step = jax.jit(jax.grad(lambda *a, fn=fn: moe_loss(*a, fn), argnums=(0, 1, 2, 3, 4)),
-                       compiler_options=options)
-        out[name] = _time(step, x, w1, w3, w2, gate, repeats=repeats)
+        steps[name] = jax.jit(jax.grad(lambda *a, fn=fn: moe_loss(*a, fn), argnums=(0, 1, 2, 3, 4)),
+                              compiler_options=options)
+    out = {name: _time(step, x, w1, w3, w2, gate, repeats=repeats) for name, step in steps.items() if name != default}
     v1, v3 = (jax.random.normal(kk, (d, k * f), dt) * 0.02 for kk in keys[1:3])
     v2 = jax.random.normal(keys[3], (k * f, d), dt) * 0.02
     def dense_loss(x, a, b, c):
         return jnp.sum(((jax.nn.silu(x @ a) * (x @ b)) @ c).astype(jnp.float32) ** 2)
 
     dense = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3)), compiler_options=options)
-    out["dense_swiglu_equal_active"] = _time(dense, x, v1, v3, v2, repeats=repeats)
-    return out
+    out[default], out["dense_swiglu_equal_active"] = _alternating(
+        [(steps[default], (x, w1, w3, w2, gate)), (dense, (x, v1, v3, v2))], repeats)
+    return {name: out[name] for name in (*steps, "dense_swiglu_equal_active")}
 
 
 def train_stepper(cfg: config_lib.Config):

@@ -19,6 +19,16 @@ def test_layer_timings_cover_every_path_and_the_table_names_the_default():
     assert table.count("x dense") == len(layer)
 
 
+def test_the_default_path_and_the_dense_reference_are_timed_in_turns():
+    """_alternating warms each call once, then times them in turn, so a ratio of two of them
+    shares the machine's minutes; one median per call."""
+    order = []
+    calls = [(lambda i: order.append(("grouped", i)) or i, (1,)), (lambda i: order.append(("dense", i)) or i, (2,))]
+    times = bench._alternating(calls, repeats=3)
+    assert order == [("grouped", 1), ("dense", 2)] * 4
+    assert len(times) == 2 and all(t >= 0 for t in times)
+
+
 def test_the_host_cpu_is_named_from_cpuinfo():
     core = "processor\t: {}\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: fpu avx2 {}\n\n"
     assert bench.host_cpu(core.format(0, "avx512f") + core.format(1, "avx512f")) == \

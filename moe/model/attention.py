@@ -184,7 +184,9 @@ def causal_self_attention(q, k, v, index, sliding_window=None, seg=None, block: 
     and each block meets only the keys from the first its window can reach (index
     start - W + 1) to its own last row: key blocks wholly in its future or before its window
     are masked anyway. For n blocks that is (n + 1) / 2n of the [seq, seq] scores without a
-    window. index [1 or batch, seq]; the masks inside each block are attention_mask's."""
+    window. index [1 or batch, seq]; the masks inside each block are attention_mask's. The
+    blocks work heads-first (q, k, v transposed once here, not once per block and product)
+    and are cut by row_windows, whose backward builds no zero-padded gradient per block."""
     n_q = q.shape[1]
     block = max(block or CAUSAL_BLOCK, -(-n_q // MAX_CAUSAL_BLOCKS))
     if n_q <= block or block > QUERY_CHUNK:  # one block, or too long to unroll: the plain path

@@ -83,7 +83,7 @@ LAYOUTS = {"seq": ("bqkgd", "bskd"), "heads": ("bkgqd", "bksd")}
 SCORES = "bkgqs"
 
 
-def _probs(q, k, mask, layout: str = "seq"):
+def _probs(q, k, mask, layout: str):
     """float32 softmax of the masked, scaled scores: [batch, kv, group, q, s]."""
     Q, K = LAYOUTS[layout]
     scores = jnp.einsum(f"{Q},{K}->{SCORES}", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
@@ -95,7 +95,7 @@ def _attend_block(q, k, v, mask, layout: str = "seq"):
     return _attend_fwd(q, k, v, mask, layout)[0]
 
 
-def _attend_fwd(q, k, v, mask, layout: str = "seq"):
+def _attend_fwd(q, k, v, mask, layout: str):
     Q, K = LAYOUTS[layout]
     probs = _probs(q, k, mask, layout)
     out = jnp.einsum(f"{SCORES},{K}->{Q}", probs.astype(v.dtype), v)

@@ -11,6 +11,10 @@ in blocks of block / 4, the last of which reaches past the group and keeps those
 values by a mask; no padded copy of the rows is ever built. Each group's weights are read in place, once per group,
 never gathered per block, and the backward pass adds each block's weight gradient in
 place into its group's slice of a float32 carry. Work: the routed rows plus under a quarter block per group.
+Each product's carry starts from its own zeros: XLA merges equal zero buffers, and copied
+the merged one into each loop that writes it in place (the SwiGLU's w1 and w3 products,
+their dx and dw: 140 MB copied per MoE layer of bench-moe; the layer's forward+backward
+315.6 -> 301.1 ms, same process, 12 rounds).
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ import numpy as np
 from jax import lax
 
 from moe.quant.qarray import QArray, as_array
+
+
+def _zeros(shape, dtype, group_sizes, salt):
+    """Zeros that XLA cannot merge with another call's: equal zero buffers are merged into one,
+    which is then copied into every loop that writes it in place. `salt` is any array that
+    differs between the calls; group sizes are never negative, so the value is always 0."""
+    first = jax.tree_util.tree_leaves(salt)[0].reshape(-1)[0].astype(dtype)
+    return jnp.broadcast_to(jnp.where(group_sizes[0] < 0, first, jnp.zeros((), dtype)), shape)
 
 
 def _group_bounds(group_sizes):
@@ -69,7 +81,7 @@ def _forward(x_nk, w_gkm, group_sizes, block: int, transpose_w: bool):
 
         return _over_blocks(starts[g], ends[g], n, block, per_block, y)
 
-    return lax.fori_loop(0, w_gkm.shape[0], per_group, jnp.zeros((n, m), x_nk.dtype))
+    return lax.fori_loop(0, w_gkm.shape[0], per_group, _zeros((n, m), x_nk.dtype, group_sizes, w_gkm))
 
 
 def _weight_grad(x_nk, dy_nm, group_sizes, block: int, dtype):
@@ -90,7 +102,7 @@ def _weight_grad(x_nk, dy_nm, group_sizes, block: int, dtype):
 
         return _over_blocks(starts[g], ends[g], n, block, per_block, dw)
 
-    dw = jnp.zeros((group_sizes.shape[0], k, m), jnp.float32)
+    dw = _zeros((group_sizes.shape[0], k, m), jnp.float32, group_sizes, dy_nm)
     return lax.fori_loop(0, group_sizes.shape[0], per_group, dw).astype(dtype)
 
 

@@ -151,7 +151,7 @@ def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def row_windows(x, windows: tuple, axis: int = 1):
+def row_windows(x, windows: tuple, axis: int):
     """x[start:stop] along `axis` for each (start, stop) in `windows` (static). The backward
     pass concatenates the pieces' gradients when the windows tile the axis in order, and
     adds each into its rows otherwise, instead of summing one zero-padded full-size

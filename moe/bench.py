@@ -107,6 +107,13 @@ def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
     return {name: out[name] for name in (*steps, "dense_swiglu_equal_active")}
 
 
+def layer_flops(cfg: config_lib.ModelConfig, tokens: int) -> int:
+    """FLOPs of the MoE layer's forward+backward that count: the three products of the
+    top_k experts each token meets (2 forward, 4 backward per multiply-add; the router's
+    products left out), equal to the equal-active dense SwiGLU's."""
+    return 6 * 3 * tokens * cfg.d_model * cfg.top_k * cfg.d_ff
+
+
 def train_stepper(cfg: config_lib.Config):
     """(run(steps) -> seconds per step of the real jitted train step on random tokens,
     flops_per_token); compiled (one step) before it returns."""
@@ -232,6 +239,8 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     result["moe_layer_s"] = layer
     result["default_dispatch"] = resolve("auto")
     result["moe_vs_dense_ratio"] = layer[result["default_dispatch"]] / layer["dense_swiglu_equal_active"]
+    # what fraction of the matmul peak a layer of nothing but the SwiGLU's products reaches
+    result["moe_layer_mfu"] = {name: layer_flops(bench.model, tokens) / s / peak for name, s in layer.items()}
     # bench-moe beside Hugging Face, alternating: on CPU in float32 (torch's CPU bfloat16 is not its fast path)
     ours_run, flops_per_token = train_stepper(bench)
     hf_run = hf_stepper(bench) if jax.default_backend() == "cpu" and dtype == "float32" else None
@@ -282,7 +291,8 @@ def format_table(r: dict) -> str:
     lines.append("MoE layer forward+backward (bench-moe, one batch of tokens):")
     for name, seconds in layer.items():
         mark = "  <- default here" if name == r["default_dispatch"] else ""
-        lines.append(f"  {name:<28}{seconds * 1e3:9.1f} ms   {seconds / dense:5.2f}x dense{mark}")
+        mfu = f"   MFU {r['moe_layer_mfu'][name]:5.1%}" if r.get("moe_layer_mfu") else ""
+        lines.append(f"  {name:<28}{seconds * 1e3:9.1f} ms   {seconds / dense:5.2f}x dense{mfu}{mark}")
     for name in ("bench-moe", "tiny-moe"):
         t = r[name]
         vs_torch = f", {t['mfu_vs_torch_peak']:.1%} of torch's" if t.get("mfu_vs_torch_peak") else ""

@@ -17,6 +17,25 @@ def test_layer_timings_cover_every_path_and_the_table_names_the_default():
     table = bench.format_table(result)
     assert f"{resolve('auto'):<28}" in table and "<- default here" in table
     assert table.count("x dense") == len(layer)
+    result["moe_layer_mfu"] = {name: 0.5 for name in layer}
+    assert bench.format_table(result).count("x dense   MFU 50.0%") == len(layer)
+
+
+def test_layer_flops_agree_with_xla_count_for_the_equal_active_dense_swiglu():
+    """The layer MFU's numerator against XLA's own FLOP count of the dense SwiGLU's
+    forward+backward (whose elementwise work adds about a percent here)."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg, tokens = tiny_model(d_model=128, d_ff=256), 64
+    width = cfg.top_k * cfg.d_ff
+    x, a, b, c = (jnp.ones(shape) for shape in ((tokens, cfg.d_model), (cfg.d_model, width),
+                                                 (cfg.d_model, width), (width, cfg.d_model)))
+    grad = jax.jit(jax.grad(lambda x, a, b, c: jnp.sum(((jax.nn.silu(x @ a) * (x @ b)) @ c) ** 2),
+                            argnums=(0, 1, 2, 3)))
+    cost = grad.lower(x, a, b, c).compile().cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert 1.0 <= xla_flops / bench.layer_flops(cfg, tokens) < 1.03
 
 
 def test_the_default_path_and_the_dense_reference_are_timed_in_turns():

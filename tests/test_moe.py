@@ -183,6 +183,25 @@ def test_every_dispatch_path_matches_the_reference_in_edge_cases(path, case, tok
         assert np.abs(np.asarray(a - b)).max() <= 1e-5 * max(1.0, float(np.abs(np.asarray(b)).max()))
 
 
+@pytest.mark.parametrize("path", ["dense", "ragged", "sorted", "grouped"])
+def test_the_backward_keeps_gate_and_up_but_not_their_gated_product(path):
+    """The residuals of a dispatch's VJP: of the [copies, d_ff]-shaped arrays only the two
+    products x w1 and x w3; silu(x w1) * (x w3) is recomputed for w2's gradient."""
+    from moe.model.dispatch import DISPATCH
+
+    args = _dispatch_case("random", 37)
+    w1 = args[3]
+    _, vjp_fn = jax.vjp(DISPATCH[path], *args)
+    d_model, d_ff = w1.shape[1:]  # weights (also sorted's per-block gathered ones) end in [d_model, d_ff]
+    hidden = [np.asarray(r) for r in jax.tree_util.tree_leaves(vjp_fn)
+              if getattr(r, "ndim", 0) >= 2 and r.shape[-1] == d_ff and r.shape[-2] != d_model]
+    distinct = []
+    for r in hidden:
+        if not any(r.shape == d.shape and np.array_equal(r, d) for d in distinct):
+            distinct.append(r)
+    assert len(distinct) == 2, [r.shape for r in hidden]
+
+
 @pytest.mark.parametrize("case,tokens", [("random", 1), ("random", 2), ("one expert", 2), ("empty experts", 1)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_separate_expert_buffers_match_the_reference(case, tokens, dtype):

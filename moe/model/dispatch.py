@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from moe.model.experts import ExpertList, switch_experts
 from moe.model.gmm import gmm
-from moe.model.layers import gated
+from moe.model.layers import gated_down
 from moe.model.lora import Adapted, matmul
 from moe.quant.qarray import as_array
 
@@ -48,8 +48,8 @@ def _swiglu(mm, x, w1, w3, w2, mm_rest=None):
     """w2(silu(x w1) * (x w3)) with `mm` for the products on x and `mm_rest` (default mm)
     for those on per-expert rows (the adapters' second factor and w2)."""
     mm_rest = mm_rest or mm
-    h = gated(matmul(mm, x, w1, mm_rest), matmul(mm, x, w3, mm_rest))
-    return matmul(mm_rest, h, w2)
+    down = lambda h, w: matmul(mm_rest, h, w)  # noqa: E731
+    return gated_down(down, matmul(mm, x, w1, mm_rest), matmul(mm, x, w3, mm_rest), w2)
 
 
 def _whole(w):

@@ -117,6 +117,17 @@ def _gated_bwd(residuals, g):
 gated.defvjp(_gated_fwd, _gated_bwd)
 
 
+def gated_down(down, gate, up, w2):
+    """down(gated(gate, up), w2), the SwiGLU's last product, with the gated product
+    recomputed in the backward pass from gate and up (which gated's backward keeps anyway)
+    instead of saved for w2's weight gradient: one [tokens, d_ff] array fewer per layer,
+    stacked by the layer scan for every layer. XLA drops the recomputed product with w2,
+    whose value the backward does not use. bench-moe's train step on CPU: temporaries 2.14
+    -> 1.92 GiB, 485 -> 499 tokens/s (one process, 10 rounds, ahead in 8)."""
+    return jax.checkpoint(lambda g, u, w: down(gated(g, u), w),
+                          policy=jax.checkpoint_policies.nothing_saveable)(gate, up, w2)
+
+
 class SwiGLU(nn.Module):
     """Dense MLP: w2(silu(x @ w1) * (x @ w3)); w1 = gate, w3 = up, w2 = down."""
 
@@ -136,5 +147,5 @@ class SwiGLU(nn.Module):
         w3 = weight("w3", (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
         w2 = weight("w2", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         x = x.astype(dtype)
-        h = gated(project(x, w1, 1), project(x, w3, 1))  # [batch, seq, d_ff]
-        return project(h, w2, 1)
+        down = lambda h, w: project(h, w, 1)  # noqa: E731; h [batch, seq, d_ff]
+        return gated_down(down, project(x, w1, 1), project(x, w3, 1), w2)

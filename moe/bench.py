@@ -84,7 +84,8 @@ def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
     def moe_loss(x, w1, w3, w2, gate, fn):
         probs = jax.nn.softmax(x.astype(jnp.float32) @ gate)
         weight, idx = jax.lax.top_k(probs, k)
-        y = fn(x, idx, (weight / weight.sum(-1, keepdims=True)).astype(dt), w1, w3, w2)
+        y = fn(x, idx, (weight / weight.sum(-1, keepdims=True)).astype(dt), w1, w3, w2,
+               recompute_gated=cfg.remat == "none")  # as the train step's layer does
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     options, steps, default = train_lib.compiler_options(), {}, resolve("auto")

@@ -1,8 +1,11 @@
-"""Small configs shared by the tests."""
+"""Small configs and checks shared by the tests."""
 
 import dataclasses
 import os
 from pathlib import Path
+
+import jax
+import numpy as np
 
 from moe.config import ModelConfig
 
@@ -52,3 +55,16 @@ def spawn(command: list[str], log, env: dict):
 
     with open(log, "w") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def hidden_residuals(vjp_fn, d_model: int, d_ff: int) -> list:
+    """The distinct arrays a VJP keeps for its backward pass that are [..., rows, d_ff]
+    activations (weights, also gathered per block, end in [d_model, d_ff] and are left out)."""
+    distinct = []
+    for r in jax.tree_util.tree_leaves(vjp_fn):
+        if getattr(r, "ndim", 0) < 2 or r.shape[-1] != d_ff or r.shape[-2] == d_model:
+            continue
+        r = np.asarray(r)
+        if not any(r.shape == d.shape and np.array_equal(r, d) for d in distinct):
+            distinct.append(r)
+    return distinct

@@ -6,7 +6,7 @@ import flax.linen as nn
 import pytest
 
 from moe.model.layers import RMSNorm, SwiGLU, apply_rope, gated, rope_cos_sin
-from helpers import tiny_model
+from helpers import hidden_residuals, tiny_model
 
 
 def test_rmsnorm_matches_formula():
@@ -91,6 +91,17 @@ def test_swiglu_matches_formula():
     g = x @ w1
     expected = (g / (1 + np.exp(-g)) * (x @ w3)) @ w2
     np.testing.assert_allclose(np.asarray(SwiGLU(cfg).apply({"params": params}, x)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat,kept", [("none", 2), ("full", 3)])
+def test_swiglu_recomputes_its_gated_product_only_where_the_layer_is_not_rematerialized(remat, kept):
+    """The dense MLP's backward keeps x w1 and x w3; silu(x w1) * (x w3) only where the
+    layer is rematerialized (model.remat), which saves nothing of it anyway."""
+    cfg = tiny_model(n_experts=0, remat=remat)
+    x = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model))
+    params = SwiGLU(cfg).init(jax.random.key(0), x)["params"]
+    _, vjp_fn = jax.vjp(lambda p, x: SwiGLU(cfg).apply({"params": p}, x), params, x)  # w2's gradient needs h
+    assert len(hidden_residuals(vjp_fn, cfg.d_model, cfg.d_ff)) == kept
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

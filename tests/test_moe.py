@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,7 @@ import torch
 
 from moe.model.dispatch import DISPATCH
 from moe.model.moe import SparseMoE, load_balancing_loss, route, router_stats, z_loss
-from helpers import tiny_model
+from helpers import hidden_residuals, tiny_model
 
 PATHS = sorted(DISPATCH)
 
@@ -186,20 +187,23 @@ def test_every_dispatch_path_matches_the_reference_in_edge_cases(path, case, tok
 @pytest.mark.parametrize("path", ["dense", "ragged", "sorted", "grouped"])
 def test_the_backward_keeps_gate_and_up_but_not_their_gated_product(path):
     """The residuals of a dispatch's VJP: of the [copies, d_ff]-shaped arrays only the two
-    products x w1 and x w3; silu(x w1) * (x w3) is recomputed for w2's gradient."""
+    products x w1 and x w3; silu(x w1) * (x w3) is recomputed for w2's gradient, unless the
+    caller says the layer is rematerialized anyway (then all three are kept)."""
     from moe.model.dispatch import DISPATCH
 
     args = _dispatch_case("random", 37)
-    w1 = args[3]
-    _, vjp_fn = jax.vjp(DISPATCH[path], *args)
-    d_model, d_ff = w1.shape[1:]  # weights (also sorted's per-block gathered ones) end in [d_model, d_ff]
-    hidden = [np.asarray(r) for r in jax.tree_util.tree_leaves(vjp_fn)
-              if getattr(r, "ndim", 0) >= 2 and r.shape[-1] == d_ff and r.shape[-2] != d_model]
-    distinct = []
-    for r in hidden:
-        if not any(r.shape == d.shape and np.array_equal(r, d) for d in distinct):
-            distinct.append(r)
-    assert len(distinct) == 2, [r.shape for r in hidden]
+    d_model, d_ff = args[3].shape[1:]
+    for recompute, kept in ((True, 2), (False, 3)):
+        _, vjp_fn = jax.vjp(functools.partial(DISPATCH[path], recompute_gated=recompute), *args)
+        assert len(hidden_residuals(vjp_fn, d_model, d_ff)) == kept, recompute
+
+
+@pytest.mark.parametrize("remat,kept", [("none", 2), ("full", 3)])
+def test_the_moe_block_recomputes_the_gated_product_only_where_the_layer_is_not_rematerialized(remat, kept):
+    cfg = dataclasses.replace(tiny_model(), remat=remat)
+    x, params = _block(cfg)
+    _, vjp_fn = jax.vjp(lambda p, x: SparseMoE(cfg).apply({"params": p}, x)[0], params, x)
+    assert len(hidden_residuals(vjp_fn, cfg.d_model, cfg.d_ff)) == kept
 
 
 @pytest.mark.parametrize("case,tokens", [("random", 1), ("random", 2), ("one expert", 2), ("empty experts", 1)])

@@ -44,12 +44,13 @@ from moe.model.lora import Adapted, matmul
 from moe.quant.qarray import as_array
 
 
-def _swiglu(mm, x, w1, w3, w2, mm_rest=None):
+def _swiglu(mm, x, w1, w3, w2, mm_rest=None, recompute_gated: bool = True):
     """w2(silu(x w1) * (x w3)) with `mm` for the products on x and `mm_rest` (default mm)
-    for those on per-expert rows (the adapters' second factor and w2)."""
+    for those on per-expert rows (the adapters' second factor and w2); the gated product
+    recomputed in the backward pass unless `recompute_gated` is False (layers.gated_down)."""
     mm_rest = mm_rest or mm
     down = lambda h, w: matmul(mm_rest, h, w)  # noqa: E731
-    return gated_down(down, matmul(mm, x, w1, mm_rest), matmul(mm, x, w3, mm_rest), w2)
+    return gated_down(down, matmul(mm, x, w1, mm_rest), matmul(mm, x, w3, mm_rest), w2, recompute_gated)
 
 
 def _whole(w):
@@ -57,11 +58,11 @@ def _whole(w):
     return w.replace(w=as_array(w.w)) if isinstance(w, Adapted) else as_array(w)
 
 
-def dense_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+def dense_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated: bool = True):
     w1_edf, w3_edf, w2_efd = _whole(w1_edf), _whole(w3_edf), _whole(w2_efd)
     n_experts = w1_edf.shape[0]
     y_etd = _swiglu(lambda x, w: jnp.einsum("td,edf->etf", x, w), x_td, w1_edf, w3_edf, w2_efd,
-                    lambda x, w: jnp.einsum("etf,efd->etd", x, w))
+                    lambda x, w: jnp.einsum("etf,efd->etd", x, w), recompute_gated)
     combine_te = jnp.einsum(
         "tke,tk->te", jax.nn.one_hot(expert_idx_tk, n_experts, dtype=weight_tk.dtype), weight_tk
     )
@@ -80,13 +81,14 @@ def sort_by_expert(expert_idx_tk, weight_tk, n_experts: int):
     return order, group_sizes
 
 
-def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, grouped_matmul=jax.lax.ragged_dot):
+def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, grouped_matmul=jax.lax.ragged_dot, *,
+                    recompute_gated: bool = True):
     tokens, top_k = expert_idx_tk.shape
     w1_edf, w3_edf, w2_efd = _whole(w1_edf), _whole(w3_edf), _whole(w2_efd)
     order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
     x_sorted = x_td[order // top_k]  # [tokens * top_k, d_model], grouped by expert
     mm = lambda x, w: grouped_matmul(x, w, group_sizes)
-    y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd)  # [tokens * top_k, d_model]
+    y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated)  # [tokens * top_k, d_model]
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     y_tkd = y_flat.reshape(tokens, top_k, -1)
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
@@ -99,7 +101,7 @@ def block_size(copies: int, n_experts: int) -> int:
     return int(min(256, 2 ** (target.bit_length() - 1)))
 
 
-def sorted_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+def sorted_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated: bool = True):
     """Sort copies by expert, pad each expert's group to whole blocks of rows, and run every
     block through its own expert as one batched matmul. Work: the routed copies plus under
     one block of padding per expert (not E times the copies, as a masked product does)."""
@@ -121,25 +123,25 @@ def sorted_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_blocks) * rows, side="right"),
                                n_experts - 1)  # [blocks]; unused blocks hold zeros
     mm = lambda x, w: jnp.einsum("nrd,ndf->nrf", x, w[block_expert])
-    y_rows = _swiglu(mm, x_blocks, w1_edf, w3_edf, w2_efd).reshape(n_blocks * rows, d_model)
+    y_rows = _swiglu(mm, x_blocks, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated).reshape(n_blocks * rows, d_model)
     y_sorted = jnp.concatenate([y_rows, jnp.zeros((1, d_model), y_rows.dtype)])[dest]  # [copies, d_model]
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, d_model), weight_tk.astype(y_flat.dtype))
 
 
-def grouped_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+def grouped_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated: bool = True):
     """Like ragged, with the grouped matmul of moe/model/gmm.py in place of ragged_dot."""
     tokens, top_k = expert_idx_tk.shape
     rows = block_size(tokens * top_k, w1_edf.shape[0])
     order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
     x_sorted = x_td[order // top_k]  # [tokens * top_k, d_model], grouped by expert
     mm = lambda x, w: gmm(x, w, group_sizes, rows)
-    y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd)  # [tokens * top_k, d_model]; skipped copies zero
+    y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated)  # skipped copies zero
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, -1), weight_tk.astype(y_flat.dtype))
 
 
-def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated: bool = True):
     """Every copy through its own expert's gathered weights: reads tokens * top_k experts
     (at most every expert once when copies <= experts), no sort, no loop over experts.
     One choice k at a time, so each product is a row times its expert's matrix as stored
@@ -148,11 +150,11 @@ def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
     held as separate buffers (ExpertList, decoding on CPU) are picked by lax.switch instead
     of gathered, one copy at a time."""
     if isinstance(w1_edf, ExpertList):
-        return _switch_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd)
+        return _switch_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd)  # decoding: no backward
     y_kt = []
     for k in range(expert_idx_tk.shape[1]):
         rowwise = lambda x, w, e=expert_idx_tk[:, k]: jnp.einsum("ti,tio->to", x, as_array(w[e]))  # noqa: E731
-        y_kt.append(_swiglu(rowwise, x_td, w1_edf, w3_edf, w2_efd))  # [tokens, d_model]
+        y_kt.append(_swiglu(rowwise, x_td, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated))  # [tokens, d_model]
     y_tkd = jnp.stack(y_kt, axis=1)
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
 
@@ -170,10 +172,11 @@ def _switch_dispatch(x_td, expert_idx_tk, weight_tk, w1: ExpertList, w3: ExpertL
     return jnp.stack(y_td)
 
 
-def megablox_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd):
+def megablox_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated: bool = True):
     from moe.model import megablox
 
-    return ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, megablox.grouped_matmul)
+    return ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, megablox.grouped_matmul,
+                           recompute_gated=recompute_gated)
 
 
 DISPATCH = {"dense": dense_dispatch, "ragged": ragged_dispatch, "sorted": sorted_dispatch,

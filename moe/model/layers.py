@@ -117,16 +117,22 @@ def _gated_bwd(residuals, g):
 gated.defvjp(_gated_fwd, _gated_bwd)
 
 
-def gated_down(down, gate, up, w2):
-    """down(gated(gate, up), w2), the SwiGLU's last product, with the gated product
-    recomputed in the backward pass from gate and up (which gated's backward keeps anyway)
-    instead of saved for w2's weight gradient: one [tokens, d_ff] array fewer per layer,
-    stacked by the layer scan for every layer. XLA drops the recomputed product with w2,
-    whose value the backward does not use. bench-moe's train step on CPU: temporaries 2.14
-    -> 1.92 GiB; 485 -> 499 and 556 -> 569 tokens/s (two processes, 10 rounds each, ahead
-    in 8 and 10); as a dense model of the same active width 513 -> 523 (ahead in 7 of 8)."""
+def gated_down(down, gate, up, w2, recompute: bool = True):
+    """down(gated(gate, up), w2), the SwiGLU's last product. With `recompute` the gated
+    product is recomputed in the backward pass from gate and up (which gated's backward
+    keeps anyway) instead of saved for w2's weight gradient: one [tokens, d_ff] array fewer
+    per layer, stacked by the layer scan for every layer. XLA drops the recomputed product
+    with w2, whose value the backward does not use. bench-moe's train step on CPU:
+    temporaries 2.14 -> 1.92 GiB; 485 -> 499 and 556 -> 569 tokens/s (two processes, 10
+    rounds each, ahead in 8 and 10); as a dense model of the same active width 513 -> 523
+    (ahead in 7 of 8). Callers pass recompute=False where the layer is rematerialized
+    (`model.remat` full or save_dots): nothing of it is saved there anyway. prevent_cse=False:
+    the layers run in a scan, where JAX needs no barrier (with one, the 8x7B v5p-128 plan
+    grew by 0.13 GiB per chip when it recomputed inside a rematerialized layer)."""
+    if not recompute:
+        return down(gated(gate, up), w2)
     return jax.checkpoint(lambda g, u, w: down(gated(g, u), w),
-                          policy=jax.checkpoint_policies.nothing_saveable)(gate, up, w2)
+                          policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)(gate, up, w2)
 
 
 class SwiGLU(nn.Module):
@@ -149,4 +155,4 @@ class SwiGLU(nn.Module):
         w2 = weight("w2", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         x = x.astype(dtype)
         down = lambda h, w: project(h, w, 1)  # noqa: E731; h [batch, seq, d_ff]
-        return gated_down(down, project(x, w1, 1), project(x, w3, 1), w2)
+        return gated_down(down, project(x, w1, 1), project(x, w3, 1), w2, recompute=cfg.remat == "none")

@@ -15,6 +15,8 @@ tokens, layers and devices (sums reduce; means do not):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -81,6 +83,7 @@ class SparseMoE(nn.Module):
         quantized = isinstance(w1.w if isinstance(w1, Adapted) else w1, QArray)
         fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e, quantized,
                                                         separate=isinstance(w1, ExpertList))]
+        fn = functools.partial(fn, recompute_gated=cfg.remat == "none")  # a rematerialized layer saves nothing anyway
         args = (x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
                 w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
         mesh = expert_parallel.active_mesh()

@@ -1,10 +1,12 @@
 """Dispatch strategies for the MoE block, all behind one signature.
 
-    dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd) -> y_td
+    dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated=True) -> y_td
 
 x_td: [tokens, d_model] in the compute dtype; expert_idx_tk: [tokens, top_k] int32;
 weight_tk: [tokens, top_k] renormalized routing weights; w1, w3: [experts, d_model, d_ff];
 w2: [experts, d_ff, d_model]. Output: sum_k weight[t, k] * expert_{idx[t, k]}(x[t]).
+recompute_gated: the experts' gated product recomputed in the backward pass instead of
+saved (layers.gated_down); the MoE block passes False where its layer is rematerialized.
 
 Every strategy is exact and dropless (no token is ever dropped):
 - "dense":  every expert on every token, then mask; E/top_k times the FLOPs. The
@@ -88,7 +90,7 @@ def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, grou
     order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
     x_sorted = x_td[order // top_k]  # [tokens * top_k, d_model], grouped by expert
     mm = lambda x, w: grouped_matmul(x, w, group_sizes)
-    y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated)  # [tokens * top_k, d_model]
+    y_sorted = _swiglu(mm, x_sorted, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated)  # [copies, d_model]
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     y_tkd = y_flat.reshape(tokens, top_k, -1)
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
@@ -123,7 +125,8 @@ def sorted_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, r
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_blocks) * rows, side="right"),
                                n_experts - 1)  # [blocks]; unused blocks hold zeros
     mm = lambda x, w: jnp.einsum("nrd,ndf->nrf", x, w[block_expert])
-    y_rows = _swiglu(mm, x_blocks, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated).reshape(n_blocks * rows, d_model)
+    y_rows = _swiglu(mm, x_blocks, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated)
+    y_rows = y_rows.reshape(n_blocks * rows, d_model)
     y_sorted = jnp.concatenate([y_rows, jnp.zeros((1, d_model), y_rows.dtype)])[dest]  # [copies, d_model]
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, d_model), weight_tk.astype(y_flat.dtype))
@@ -154,7 +157,7 @@ def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, r
     y_kt = []
     for k in range(expert_idx_tk.shape[1]):
         rowwise = lambda x, w, e=expert_idx_tk[:, k]: jnp.einsum("ti,tio->to", x, as_array(w[e]))  # noqa: E731
-        y_kt.append(_swiglu(rowwise, x_td, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated))  # [tokens, d_model]
+        y_kt.append(_swiglu(rowwise, x_td, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated))  # [tokens, d]
     y_tkd = jnp.stack(y_kt, axis=1)
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
 

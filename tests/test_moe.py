@@ -189,8 +189,6 @@ def test_the_backward_keeps_gate_and_up_but_not_their_gated_product(path):
     """The residuals of a dispatch's VJP: of the [copies, d_ff]-shaped arrays only the two
     products x w1 and x w3; silu(x w1) * (x w3) is recomputed for w2's gradient, unless the
     caller says the layer is rematerialized anyway (then all three are kept)."""
-    from moe.model.dispatch import DISPATCH
-
     args = _dispatch_case("random", 37)
     d_model, d_ff = args[3].shape[1:]
     for recompute, kept in ((True, 2), (False, 3)):
@@ -200,7 +198,7 @@ def test_the_backward_keeps_gate_and_up_but_not_their_gated_product(path):
 
 @pytest.mark.parametrize("remat,kept", [("none", 2), ("full", 3)])
 def test_the_moe_block_recomputes_the_gated_product_only_where_the_layer_is_not_rematerialized(remat, kept):
-    cfg = dataclasses.replace(tiny_model(), remat=remat)
+    cfg = tiny_model(remat=remat)
     x, params = _block(cfg)
     _, vjp_fn = jax.vjp(lambda p, x: SparseMoE(cfg).apply({"params": p}, x)[0], params, x)
     assert len(hidden_residuals(vjp_fn, cfg.d_model, cfg.d_ff)) == kept

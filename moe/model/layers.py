@@ -125,10 +125,12 @@ def gated_down(down, gate, up, w2, recompute: bool = True):
     with w2, whose value the backward does not use. bench-moe's train step on CPU:
     temporaries 2.14 -> 1.92 GiB; 491 -> 520 tokens/s (one process, 10 rounds, ahead in 8,
     level in 2; 485 -> 499 and 556 -> 569 with a first version); as a dense model of the
-    same active width 513 -> 523 (first version, ahead in 7 of 8). Callers pass recompute=False where the layer is rematerialized
-    (`model.remat` full or save_dots): nothing of it is saved there anyway. prevent_cse=False:
-    the layers run in a scan, where JAX needs no barrier (with one, the 8x7B v5p-128 plan
-    grew by 0.13 GiB per chip when it recomputed inside a rematerialized layer)."""
+    same active width 513 -> 523 (first version, ahead in 7 of 8).
+
+    Callers pass recompute=False where the layer is rematerialized (`model.remat` full or
+    save_dots): nothing of it is saved there anyway. prevent_cse=False: the layers run in a
+    scan, where JAX needs no barrier (with one, the 8x7B v5p-128 plan grew by 0.13 GiB per
+    chip when it recomputed inside a rematerialized layer)."""
     if not recompute:
         return down(gated(gate, up), w2)
     return jax.checkpoint(lambda g, u, w: down(gated(g, u), w),

@@ -85,7 +85,7 @@ def moe_layer(cfg: config_lib.ModelConfig, tokens: int, repeats: int) -> dict:
         probs = jax.nn.softmax(x.astype(jnp.float32) @ gate)
         weight, idx = jax.lax.top_k(probs, k)
         y = fn(x, idx, (weight / weight.sum(-1, keepdims=True)).astype(dt), w1, w3, w2,
-               recompute_gated=cfg.remat == "none")  # as the train step's layer does
+               recompute_gated=cfg.recompute_gated)  # as the train step's layer does
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     options, steps, default = train_lib.compiler_options(), {}, resolve("auto")
@@ -241,7 +241,8 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     result["default_dispatch"] = resolve("auto")
     result["moe_vs_dense_ratio"] = layer[result["default_dispatch"]] / layer["dense_swiglu_equal_active"]
     # what fraction of the matmul peak a layer of nothing but the SwiGLU's products reaches
-    result["moe_layer_mfu"] = {name: layer_flops(bench.model, tokens) / s / peak for name, s in layer.items()}
+    flops = layer_flops(bench.model, tokens)
+    result["moe_layer_mfu"] = {name: flops / s / peak for name, s in layer.items()}
     # bench-moe beside Hugging Face, alternating: on CPU in float32 (torch's CPU bfloat16 is not its fast path)
     ours_run, flops_per_token = train_stepper(bench)
     hf_run = hf_stepper(bench) if jax.default_backend() == "cpu" and dtype == "float32" else None

@@ -57,6 +57,12 @@ class ModelConfig:
         return self.n_experts > 0
 
     @property
+    def recompute_gated(self) -> bool:
+        """The SwiGLU's gated product recomputed in the backward pass (layers.gated_down)
+        where the layer is not rematerialized; a rematerialized one saves nothing of it anyway."""
+        return self.remat == "none"
+
+    @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 

@@ -157,4 +157,4 @@ class SwiGLU(nn.Module):
         w2 = weight("w2", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         x = x.astype(dtype)
         down = lambda h, w: project(h, w, 1)  # noqa: E731; h [batch, seq, d_ff]
-        return gated_down(down, project(x, w1, 1), project(x, w3, 1), w2, recompute=cfg.remat == "none")
+        return gated_down(down, project(x, w1, 1), project(x, w3, 1), w2, cfg.recompute_gated)

@@ -83,7 +83,7 @@ class SparseMoE(nn.Module):
         quantized = isinstance(w1.w if isinstance(w1, Adapted) else w1, QArray)
         fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e, quantized,
                                                         separate=isinstance(w1, ExpertList))]
-        fn = functools.partial(fn, recompute_gated=cfg.remat == "none")  # a rematerialized layer saves nothing anyway
+        fn = functools.partial(fn, recompute_gated=cfg.recompute_gated)
         args = (x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
                 w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
         mesh = expert_parallel.active_mesh()

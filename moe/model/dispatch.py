@@ -189,12 +189,13 @@ DISPATCH = {"dense": dense_dispatch, "ragged": ragged_dispatch, "sorted": sorted
 def resolve(name: str, copies: int | None = None, n_experts: int | None = None, quantized: bool = False,
             backend: str | None = None, separate: bool = False) -> str:
     """The strategy for `name`; "auto" is gather for a few copies (copies <= n_experts:
-    decoding), else jax's megablox kernels on TPU (the compiled 8x7B v5p-128 plans: fewer
-    temporaries and half the roofline step time of ragged_dot, README) and our grouped
-    matmul elsewhere (ragged_dot lowers to a dense masked product on CPU/GPU). Quantized
-    experts take the grouped matmul everywhere: it dequantizes one expert at a time
-    (measured for Mixtral 8x7B QLoRA on one v5p chip: 26 GiB of temporaries, 72 with ragged).
-    Experts in separate buffers (`separate`: ExpertList) take gather, whatever `name` says."""
+    decoding), else jax's megablox kernels on TPU (the compiled 8x7B v5p-128 plans: half
+    the roofline step time of ragged_dot for 0.62 GiB more temporaries per chip, README)
+    and our grouped matmul elsewhere (ragged_dot lowers to a dense masked product on
+    CPU/GPU). Quantized experts take the grouped matmul everywhere: it dequantizes one
+    expert at a time (measured for Mixtral 8x7B QLoRA on one v5p chip: 26 GiB of
+    temporaries, 72 with ragged). Experts in separate buffers (`separate`: ExpertList) take
+    gather, whatever `name` says."""
     if separate:
         if copies is not None and n_experts is not None and copies > n_experts:
             raise ValueError(f"experts held as separate buffers serve at most {n_experts} token copies per "

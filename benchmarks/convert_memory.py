@@ -27,8 +27,18 @@ from moe.convert.table import entries, hf_config_from_model
 
 
 def synthetic_config(layers: int) -> ModelConfig:
-    return ModelConfig(vocab_size=32000, d_model=1024, n_layers=layers, n_heads=8, n_kv_heads=2, d_ff=3584,
-                       n_experts=8, top_k=2, rope_theta=1e6, max_seq_len=4096)
+    return ModelConfig(
+        vocab_size=32000,
+        d_model=1024,
+        n_layers=layers,
+        n_heads=8,
+        n_kv_heads=2,
+        d_ff=3584,
+        n_experts=8,
+        top_k=2,
+        rope_theta=1e6,
+        max_seq_len=4096,
+    )
 
 
 def write_synthetic_hf(cfg: ModelConfig, out: Path, shard_size: int) -> tuple[int, int]:
@@ -68,16 +78,20 @@ def main() -> None:
     moe = [sys.executable, "-m", "moe", "convert"]
     baseline = peak_rss_of([sys.executable, "-c", "import moe.convert, moe.model"])[1]
     t_from, rss_from = peak_rss_of(moe + ["from-hf", str(work / "hf"), str(work / "ckpt")])
-    t_to, rss_to = peak_rss_of(moe + ["to-hf", str(work / "ckpt"), str(work / "back"),
-                                      "--max-shard-size", args.shard_size])
+    t_to, rss_to = peak_rss_of(
+        moe + ["to-hf", str(work / "ckpt"), str(work / "back"), "--max-shard-size", args.shard_size]
+    )
     gb = 1e9
-    print(f"checkpoint: {total / gb:.2f} GB float32, largest tensor {largest / 1e6:.0f} MB, "
-          f"output shards {args.shard_size}")
+    print(
+        f"checkpoint: {total / gb:.2f} GB float32, largest tensor {largest / 1e6:.0f} MB, "
+        f"output shards {args.shard_size}"
+    )
     print(f"python + jax + moe imported:   peak RSS {baseline / gb:.2f} GB")
-    print(f"moe convert from-hf: {t_from:6.1f} s, peak RSS {rss_from / gb:.2f} GB "
-          f"({rss_from / total:.0%} of the checkpoint)")
-    print(f"moe convert to-hf:   {t_to:6.1f} s, peak RSS {rss_to / gb:.2f} GB "
-          f"({rss_to / total:.0%} of the checkpoint)")
+    print(
+        f"moe convert from-hf: {t_from:6.1f} s, peak RSS {rss_from / gb:.2f} GB "
+        f"({rss_from / total:.0%} of the checkpoint)"
+    )
+    print(f"moe convert to-hf:   {t_to:6.1f} s, peak RSS {rss_to / gb:.2f} GB ({rss_to / total:.0%} of the checkpoint)")
     if args.work_dir is None:
         shutil.rmtree(work)
 

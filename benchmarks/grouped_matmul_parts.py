@@ -5,7 +5,7 @@ and without adding each block's [d_model, d_ff] float32 result into an accumulat
 bench-moe's shapes (4096 token copies, d_model 512, d_ff 1792, 8 experts of uneven
 sizes), float32, each compiled with the train step's XLA options and all timed in turns
 (medians). Results on the 2-core CPU machine: benchmarks/README.md, "Tried and not kept",
-session 19.
+2026-12-07 (c14ebb1).
 
     python benchmarks/grouped_matmul_parts.py [ROUNDS]
 """
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from moe import train as train_lib
-from moe.bench import _alternating
+from moe.bench.training import _alternating
 from moe.model import gmm
+from moe.training import step as train_lib
 
 COPIES, D_MODEL, D_FF, BLOCK = 4096, 512, 1792, 128
 GROUP_SIZES = [549, 475, 523, 501, 572, 452, 517, 507]  # 512 +- up to 60, summing to COPIES
@@ -34,6 +34,7 @@ def _blocks(x, dy, accumulate: str):
     rows ("none"), added into one [k, m] accumulator ("local"), or into slice g of an
     [8, k, m] carry, one group per 512 rows ("slices", as gmm does)."""
     k, m = x.shape[1], dy.shape[1]
+
     def block(b):  # [k, m]
         return _tn(lax.dynamic_slice_in_dim(x, b * BLOCK, BLOCK), lax.dynamic_slice_in_dim(dy, b * BLOCK, BLOCK))
 
@@ -53,7 +54,7 @@ def main(rounds: int) -> None:
     w = jax.random.normal(keys[2], (len(GROUP_SIZES), D_MODEL, D_FF)) * 0.02  # [experts, d_model, d_ff]
     sizes = jnp.asarray(GROUP_SIZES, jnp.int32)
     assert sum(GROUP_SIZES) == COPIES
-    jit = lambda fn: jax.jit(fn, compiler_options=train_lib.compiler_options())  # noqa: E731
+    jit = lambda fn: jax.jit(fn, compiler_options=train_lib.compiler_options())
     calls = {
         "grouped forward  x @ w[g]": (jit(lambda x, w: gmm._forward(x, w, sizes, BLOCK, False)), (x, w)),
         "plain            x @ w[0]": (jit(lambda x, w: x @ w[0]), (x, w)),

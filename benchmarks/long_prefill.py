@@ -33,8 +33,10 @@ def main() -> None:
     out = generate(cfg, params, [prompt], args.new)[0]
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"tiny-moe: {args.tokens}-token prompt + {len(out)} new tokens in {seconds:.1f} s "
-          f"(compile included) on {jax.devices()[0].device_kind}; peak RSS {rss:.2f} GiB")
+    print(
+        f"tiny-moe: {args.tokens}-token prompt + {len(out)} new tokens in {seconds:.1f} s "
+        f"(compile included) on {jax.devices()[0].device_kind}; peak RSS {rss:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ from typing import Any, Literal, Optional
 import yaml
 from etils import epath
 
+# what ships with the package (configs/, launch/, experiments/: symlinks into the repository's
+# own folders, copied into an installed wheel), so every command runs without a source tree
+PACKAGE_DIR = Path(__file__).resolve().parent
+QUANT_FORMATS = ("int8", "int4", "nf4", "nf4-dq")  # weight-only formats (moe/model/qarray.py)
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what is wrong and how to fix it."""
@@ -42,11 +47,14 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    moe_dispatch: Literal["auto", "dense", "ragged", "sorted", "grouped", "gather", "megablox"] = "auto"  # see moe/model/dispatch.py
+    # see moe/model/dispatch.py
+    moe_dispatch: Literal["auto", "dense", "ragged", "sorted", "grouped", "gather", "megablox"] = "auto"
     capacity_factor: Optional[float] = None  # expert-parallel buffers; None: dropless
-    ep_exchange: Literal["ragged", "padded"] = "ragged"  # how copies reach their experts' devices (moe/expert_parallel.py)
+    # how copies reach their experts' devices (moe/parallel/expert_parallel.py)
+    ep_exchange: Literal["ragged", "padded"] = "ragged"
     ep_buffer_factor: Optional[float] = None  # ragged receive buffers: this x a device's copies; None: worst case
-    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"  # auto: splash on TPU, cudnn on GPU (16-bit); moe/model/attention.py
+    # auto: splash on TPU, cudnn on GPU (16-bit); moe/model/attention.py
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02
     bos_id: int = 1
@@ -69,23 +77,38 @@ class ModelConfig:
 
 # ModelConfig fields that say how a model computes, not what it is: weights move freely
 # between configs that differ only in these (train.init_from, moe upcycle)
-COMPUTE_FIELDS = frozenset({"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "ep_exchange",
-                            "ep_buffer_factor", "remat", "attention", "init_std", "max_seq_len"})
+COMPUTE_FIELDS = frozenset(
+    {
+        "dtype",
+        "param_dtype",
+        "moe_dispatch",
+        "capacity_factor",
+        "ep_exchange",
+        "ep_buffer_factor",
+        "remat",
+        "attention",
+        "init_std",
+        "max_seq_len",
+    }
+)
 
 
 def architecture_diffs(a: ModelConfig, b: ModelConfig, free=COMPUTE_FIELDS) -> list[tuple[str, object, object]]:
     """(field, a's value, b's value) for every field outside `free` where the two differ."""
-    return [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(ModelConfig)
-            if f.name not in free and getattr(a, f.name) != getattr(b, f.name)]
+    return [
+        (f.name, getattr(a, f.name), getattr(b, f.name))
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in free and getattr(a, f.name) != getattr(b, f.name)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Text in, packed token sequences out (moe/data.py)."""
+    """Text in, packed token sequences out (moe/data/pipeline.py)."""
 
     paths: tuple[str, ...] = ()  # files, directories or globs; empty: the embedded stdlib corpus
     format: Literal["auto", "text", "jsonl", "chat", "preference"] = "auto"  # auto: by extension (.jsonl / .json)
-    # chat: JSONL conversations (moe/tune/chat.py), loss on assistant tokens only; preference: DPO pairs
+    # chat: JSONL conversations (moe/data/chat.py), loss on assistant tokens only; preference: DPO pairs
     text_field: str = "text"  # the JSONL field holding a document
     val_paths: tuple[str, ...] = ()  # empty: hold out val_fraction of the documents
     val_fraction: float = 0.05
@@ -97,14 +120,16 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The optimization (moe/train.py); batch_size counts sequences of seq_len tokens."""
+    """The optimization (moe/training/step.py); batch_size counts sequences of seq_len tokens."""
 
     steps: int = 1000
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
-    fused_loss: bool = True  # lm_head + cross-entropy with the gradient in one blocked pass (moe/loss.py); False: plain autodiff
-    loss_chunk: Optional[int] = None  # positions per block of the fused loss; None: the largest divisor of seq_len <= 128
+    # lm_head + cross-entropy with the gradient in one blocked pass (moe/training/loss.py); False: plain autodiff
+    fused_loss: bool = True
+    # positions per block of the fused loss; None: the largest divisor of seq_len <= 128
+    loss_chunk: Optional[int] = None
     lr: float = 3e-4  # peak learning rate
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
@@ -116,7 +141,7 @@ class TrainConfig:
     aux_loss_coef: float = 0.02  # load balancing, as Mixtral
     z_loss_coef: float = 1e-3  # router z-loss, as ST-MoE
     freeze_router: bool = False  # ablation: the router keeps its initial weights
-    init_from: Optional[str] = None  # start from these weights (moe/tune/init_from.py); None: random
+    init_from: Optional[str] = None  # start from these weights (moe/training/init_from.py); None: random
     objective: Literal["lm", "dpo"] = "lm"  # dpo needs data.format=preference
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     eval_every: int = 100
@@ -148,7 +173,7 @@ class QuantConfig:
     """Weight-only quantization (moe/quant). In a LoRA run, the frozen base is held in this
     format (QLoRA); in a checkpoint's config.yaml, its params are stored in it."""
 
-    base: Optional[Literal["int8", "int4", "nf4", "nf4-dq"]] = None  # null: weights in param_dtype
+    base: Optional[Literal[QUANT_FORMATS]] = None  # null: weights in param_dtype
     include: tuple[str, ...] = ("layers/*",)  # fnmatch patterns of weight paths (moe/quant/params.py)
     exclude: tuple[str, ...] = ()
     block_size: int = 64
@@ -163,7 +188,7 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh (moe/sharding.py): sizes of the named axes; -1 fills the rest."""
+    """Device mesh (moe/parallel/mesh.py): sizes of the named axes; -1 fills the rest."""
 
     data: int = -1
     fsdp: int = 1
@@ -224,17 +249,14 @@ def validate_model(m: ModelConfig) -> None:
     head_dim = m.resolved_head_dim
     if head_dim < 2 or head_dim % 2:
         raise ConfigError(
-            f"model.head_dim must be a positive even number (rotary embedding rotates pairs), "
-            f"got {head_dim}"
+            f"model.head_dim must be a positive even number (rotary embedding rotates pairs), got {head_dim}"
         )
     if m.n_experts < 0:
         raise ConfigError(f"model.n_experts must be >= 0 (0 means dense), got {m.n_experts}")
     if m.n_experts == 1:
         raise ConfigError("model.n_experts=1 is a dense model with a router; use n_experts=0")
     if m.is_moe and not 1 <= m.top_k <= m.n_experts:
-        raise ConfigError(
-            f"model.top_k ({m.top_k}) must be between 1 and model.n_experts ({m.n_experts})"
-        )
+        raise ConfigError(f"model.top_k ({m.top_k}) must be between 1 and model.n_experts ({m.n_experts})")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(
             f"model.sliding_window must be >= 1 (keys attended, itself included) or null for "
@@ -247,28 +269,34 @@ def validate_model(m: ModelConfig) -> None:
     if m.capacity_factor is not None and m.capacity_factor <= 0:
         raise ConfigError(f"model.capacity_factor must be > 0 or null (dropless), got {m.capacity_factor}")
     if m.ep_buffer_factor is not None and (m.ep_buffer_factor <= 0 or m.ep_exchange != "ragged"):
-        raise ConfigError(f"model.ep_buffer_factor ({m.ep_buffer_factor}) sizes the receive buffers of "
-                          "model.ep_exchange=ragged and must be > 0; set it to null (worst case, never "
-                          "overflows) or use ep_exchange=ragged")
+        raise ConfigError(
+            f"model.ep_buffer_factor ({m.ep_buffer_factor}) sizes the receive buffers of "
+            "model.ep_exchange=ragged and must be > 0; set it to null (worst case, never "
+            "overflows) or use ep_exchange=ragged"
+        )
     if m.init_std <= 0:
         raise ConfigError(f"model.init_std must be > 0, got {m.init_std}")
 
 
 def validate_train(cfg: Config) -> None:
     t, d = cfg.train, cfg.data
-    for name in ["steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                 "max_nonfinite_steps"]:
+    for name in ["steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "max_nonfinite_steps"]:
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
-                          f"({t.grad_accum}): each micro-batch holds batch_size / grad_accum sequences")
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
+            f"({t.grad_accum}): each micro-batch holds batch_size / grad_accum sequences"
+        )
     if t.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
-    if t.loss_chunk is not None and (t.loss_chunk < 1 or t.seq_len % t.loss_chunk or t.objective != "lm"
-                                     or not t.fused_loss):
-        raise ConfigError(f"train.loss_chunk ({t.loss_chunk}) must divide train.seq_len ({t.seq_len}) and applies "
-                          "to the fused loss of the language-model objective; set a divisor of seq_len or null")
+    if t.loss_chunk is not None and (
+        t.loss_chunk < 1 or t.seq_len % t.loss_chunk or t.objective != "lm" or not t.fused_loss
+    ):
+        raise ConfigError(
+            f"train.loss_chunk ({t.loss_chunk}) must divide train.seq_len ({t.seq_len}) and applies "
+            "to the fused loss of the language-model objective; set a divisor of seq_len or null"
+        )
     if t.warmup_steps < 0 or t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.lr must be > 0, train.warmup_steps >= 0 and train.min_lr_ratio in [0, 1]")
     for name in ["weight_decay", "clip_norm", "aux_loss_coef", "z_loss_coef"]:
@@ -294,27 +322,35 @@ def validate_tuning(cfg: Config) -> None:
         if lora.alpha <= 0 or not 0 <= lora.dropout < 1:
             raise ConfigError(f"lora.alpha must be > 0 and lora.dropout in [0, 1), got {lora.alpha}, {lora.dropout}")
         if "gate" in lora.targets and lora.train_router:
-            raise ConfigError("lora.targets has 'gate' (a router adapter) and lora.train_router=true (the whole "
-                              "router): choose one")
+            raise ConfigError(
+                "lora.targets has 'gate' (a router adapter) and lora.train_router=true (the whole router): choose one"
+            )
         if ("gate" in lora.targets or lora.train_router) and not cfg.model.is_moe:
             raise ConfigError("a dense model has no router: drop 'gate' from lora.targets and lora.train_router")
         if t.init_from is None:
-            raise ConfigError("LoRA adapts pretrained weights: set train.init_from (a Hugging Face folder, a "
-                              "`moe convert from-hf` output, a run directory or a checkpoint step)")
+            raise ConfigError(
+                "LoRA adapts pretrained weights: set train.init_from (a Hugging Face folder, a "
+                "`moe convert from-hf` output, a run directory or a checkpoint step)"
+            )
     if (t.objective == "dpo") != (fmt == "preference"):
-        raise ConfigError("train.objective=dpo and data.format=preference go together: DPO trains on "
-                          f"preference pairs (got objective {t.objective!r}, format {fmt!r})")
+        raise ConfigError(
+            "train.objective=dpo and data.format=preference go together: DPO trains on "
+            f"preference pairs (got objective {t.objective!r}, format {fmt!r})"
+        )
     if t.objective == "dpo" and t.init_from is None:
         raise ConfigError("DPO tunes a pretrained model against itself: set train.init_from")
     q = cfg.quant
     if q.base is not None and t.init_from is not None and lora.rank is None:
-        raise ConfigError(f"quant.base={q.base} holds a frozen base quantized, which only LoRA keeps frozen: "
-                          "set lora.rank (QLoRA), or quant.base=null to fine-tune every weight")
+        raise ConfigError(
+            f"quant.base={q.base} holds a frozen base quantized, which only LoRA keeps frozen: "
+            "set lora.rank (QLoRA), or quant.base=null to fine-tune every weight"
+        )
     if q.block_size < 2 or q.block_size % 2:
         raise ConfigError(f"quant.block_size must be an even number >= 2, got {q.block_size}")
     if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
-        raise ConfigError(f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5), got {cfg.dpo.beta}, "
-                          f"{cfg.dpo.label_smoothing}")
+        raise ConfigError(
+            f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5), got {cfg.dpo.beta}, {cfg.dpo.label_smoothing}"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -406,15 +442,20 @@ def _parse_yaml(path: Path):
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file (indentation, a missing "
-                          "colon or an unclosed quote or bracket)") from None
+        raise ConfigError(
+            f"{where}: YAML syntax error: {problem}; fix the file (indentation, a missing "
+            "colon or an unclosed quote or bracket)"
+        ) from None
 
 
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a config file and everything it builds on (`base:`), merged into one dict."""
     path = epath.Path(path)  # a run's config.yaml may be on gs:// (moe/storage.py)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(
+            f"config file not found: {path}; give a YAML file or a shipped config by name "
+            f"({', '.join(sorted(p.stem for p in shipped('configs').glob('*.yaml')))})"
+        )
     if _identity(path) in _seen:
         raise ConfigError(f"config 'base' chain loops back to {path}")
     data = _parse_yaml(path)
@@ -453,9 +494,32 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+def shipped(relative: str | Path) -> Path:
+    """A file shipped with the package (e.g. configs/tiny-moe.yaml), wherever it is installed
+    (in a source checkout, the repository's own folder that the package links to)."""
+    return (PACKAGE_DIR / relative).resolve()
+
+
+def resolve_path(path: str | Path) -> str | Path:
+    """A config file as given, or a shipped config by name: `tiny-moe` or `tiny-moe.yaml`
+    (configs/ of the package) when no such file exists here."""
+    text = str(path)
+    if "://" in text or Path(text).exists() or "/" in text:
+        return path
+    name = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
+    candidate = shipped("configs") / name
+    return candidate if candidate.is_file() else path
+
+
 def load(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
-    """Load, merge, override and validate a config file."""
-    return from_dict(apply_overrides(read_yaml(path), list(overrides)))
+    """Load, merge, override and validate a config file (or a shipped config by name)."""
+    return from_dict(apply_overrides(read_yaml(resolve_path(path)), list(overrides)))
+
+
+def add_cli_args(parser) -> None:
+    """CONFIG and its dotted key=value overrides, as every command that reads a config takes them."""
+    parser.add_argument("config", help="a YAML config file (configs/tiny-moe.yaml) or a shipped one by name (tiny-moe)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.n_experts=4")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -465,6 +529,7 @@ def to_dict(cfg: Any) -> dict:
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         return value
+
     return plain(dataclasses.asdict(cfg))
 
 

@@ -35,8 +35,10 @@ def location(where: str | os.PathLike) -> epath.Path:
         scheme, slashes, rest = match.groups()
         bucket = rest.split("/", 1)[0]
         if scheme not in REMOTE_SCHEMES or not slashes or not bucket:
-            raise ConfigError(f"malformed location {text!r}: use a local path or gs://BUCKET/PATH "
-                              f"(e.g. gs://my-bucket/runs/x; s3:// likewise)")
+            raise ConfigError(
+                f"malformed location {text!r}: use a local path or gs://BUCKET/PATH "
+                f"(e.g. gs://my-bucket/runs/x; s3:// likewise)"
+            )
     return epath.Path(text)
 
 
@@ -50,10 +52,42 @@ def absolute(where) -> epath.Path:
     return path if is_remote(path) else path.absolute()
 
 
+STAGING_PREFIX = "moe-staging-"
+
+
+def remove_stale_staging(temp_dir: str | None = None) -> list[Path]:
+    """Remove the staging folders that processes killed without cleaning up (SIGKILL, a lost
+    host) left in the temp folder: this user's `moe-staging-<pid>-*` folders whose process
+    is gone. Their files were copied up at the last sync; what came after is lost with the
+    run's own state, which resumes from its last checkpoint."""
+    removed = []
+    for folder in Path(temp_dir or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Staging:
     """A local folder that stands for `remote`: the folder itself when it is local; else a
-    temporary one, first filled with `fetch` (names under remote that exist), whose changed
-    files `sync` copies up."""
+    temporary one (named for this process, so a later start removes it if this one is
+    killed), first filled with `fetch` (names under remote that exist), whose changed files
+    `sync` copies up."""
 
     def __init__(self, remote: epath.Path, fetch: tuple[str, ...] = (), interval: float = 60.0):
         self.remote, self.interval = remote, interval
@@ -62,7 +96,8 @@ class Staging:
         if not is_remote(remote):
             self.local = Path(os.fspath(remote))
             return
-        self.local = Path(tempfile.mkdtemp(prefix="moe-staging-"))
+        remove_stale_staging()
+        self.local = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
         for name in fetch:
             if (remote / name).exists():
                 target = self.local / name
@@ -92,7 +127,7 @@ class Staging:
         if is_remote(self.remote):
             shutil.rmtree(self.local, ignore_errors=True)
 
-    def __enter__(self) -> "Staging":
+    def __enter__(self) -> Staging:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,7 +18,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
 from helpers import processes_with_env  # noqa: E402
 
 # Every process a test starts, and every process those start, inherits this marker; at
@@ -38,8 +37,9 @@ def no_process_outlives_the_suite():
     # this process's own resource tracker exits with it (it reads until its pipe closes)
     own = {getattr(resource_tracker._resource_tracker, "_pid", None)}
     deadline = time.time() + 10
-    while (left := [p for p in processes_with_env(OWNER, str(os.getpid())) if p[0] not in own]) \
-            and time.time() < deadline:
+    while (
+        left := [p for p in processes_with_env(OWNER, str(os.getpid())) if p[0] not in own]
+    ) and time.time() < deadline:
         time.sleep(0.2)
     for pid, _ in left:
         try:

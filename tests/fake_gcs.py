@@ -34,15 +34,18 @@ def _with_generation(download):
         with contextlib.suppress(Exception):  # absent objects: the 404 stands
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"] = str(obj["generation"])
+
     return handler
 
 
 def _counting(handler, uploads):
     """The upload handler, counting each object it finished writing (its resource's name)."""
+
     def counted(request, response, storage, *args, **kwargs):
         handler(request, response, storage, *args, **kwargs)
         with contextlib.suppress(Exception):  # not a finished object (a resumable upload's middle)
             uploads[json.loads(response._content)["name"]] += 1
+
     return counted
 
 
@@ -62,8 +65,12 @@ def running():
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-           "EPATH_USE_TF": "0"}
+    env = {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+        "EPATH_USE_TF": "0",
+    }
     try:
         yield env, uploads
     finally:

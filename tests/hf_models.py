@@ -4,15 +4,21 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
 SEQ = 12
-COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-              initializer_range=0.1, rms_norm_eps=2e-4)  # not the default of either class
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.1,
+    rms_norm_eps=2e-4,
+)  # not the default of either class
 VARIANTS = {
-    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=3,
-                                                          rope_theta=3e5)),
+    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=3, rope_theta=3e5)),
     "mistral-window": (MistralForCausalLM, MistralConfig, dict(sliding_window=5, rope_theta=5e4)),
-    "mistral-head-dim": (MistralForCausalLM, MistralConfig, dict(head_dim=16, sliding_window=None,
-                                                                 rope_theta=2e3)),
+    "mistral-head-dim": (MistralForCausalLM, MistralConfig, dict(head_dim=16, sliding_window=None, rope_theta=2e3)),
 }
 
 

@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_model
 
 import moe.model as model_lib
-from moe import analyze, cli
+from moe import cli
 from moe import config as config_lib
-from moe.checkpoint import save_params
-
-from helpers import tiny_model
+from moe.checkpoint.params import save_params
+from moe.study import routing as analyze
 
 TOKENIZER = "experiments/tokenizer/stdlib-4k.model"
 
@@ -38,7 +38,7 @@ def test_repeat_rates_of_independent_routing_meet_their_expectation():
         second = (first + 1 + rng.integers(0, 3, size=500)) % 4  # a different second choice
         docs.append(np.stack([first, second], axis=1))
     rates = analyze.repeat_rates(docs)
-    assert rates["expected_first_same"] == pytest.approx(np.sum(probs ** 2), abs=0.01)
+    assert rates["expected_first_same"] == pytest.approx(np.sum(probs**2), abs=0.01)
     assert rates["first_same"] == pytest.approx(rates["expected_first_same"], abs=0.01)
     assert rates["topk_share"] == pytest.approx(rates["expected_topk_share"], abs=0.01)
 
@@ -62,8 +62,11 @@ def test_routing_reads_each_layers_top_k_and_first_choice_probability_from_the_m
 
 
 def _source(tmp_path):
-    cfg = config_lib.Config(model=tiny_model(vocab_size=4096, max_seq_len=64),
-                            data=config_lib.DataConfig(tokenizer=TOKENIZER), train=config_lib.TrainConfig(seq_len=32))
+    cfg = config_lib.Config(
+        model=tiny_model(vocab_size=4096, max_seq_len=64),
+        data=config_lib.DataConfig(tokenizer=TOKENIZER),
+        train=config_lib.TrainConfig(seq_len=32),
+    )
     save_params(tmp_path / "moe" / "params", model_lib.init(cfg.model, jax.random.key(0)))
     (tmp_path / "moe" / "config.yaml").write_text(config_lib.dump(cfg))
     return tmp_path / "moe"
@@ -72,8 +75,24 @@ def _source(tmp_path):
 def test_analyze_writes_loads_that_sum_to_one_and_refuses_an_empty_domain(tmp_path, capsys):
     source = _source(tmp_path)
     out = tmp_path / "analysis"
-    assert cli.main(["analyze", str(source), "--data", "json=json", "email=email/mime", "--docs", "3",
-                     "--seq", "48", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "analyze",
+                str(source),
+                "--data",
+                "json=json",
+                "email=email/mime",
+                "--docs",
+                "3",
+                "--doc-tokens",
+                "48",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "analysis.json").read_text())
     assert set(result["layers"]) == {"0", "1"}
     for per in result["layers"].values():

@@ -5,12 +5,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_model
 
 import moe.model as M
-from moe.model.attention import (Attention, attention_mask, causal_self_attention, dot_product_attention,
-                                 fused_attention, resolve, row_windows)
+from moe.model.attention import (
+    Attention,
+    attention_mask,
+    causal_self_attention,
+    dot_product_attention,
+    fused_attention,
+    resolve,
+    row_windows,
+)
 from moe.model.layers import rope_cos_sin
-from helpers import tiny_model
 
 
 def _index_mask(seq):
@@ -20,8 +27,7 @@ def _index_mask(seq):
 
 def _attn_inputs(cfg, batch=2, seq=12, seed=0):
     x = jax.random.normal(jax.random.key(seed), (batch, seq, cfg.d_model))
-    cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(seq), (batch, seq)), cfg.resolved_head_dim,
-                            cfg.rope_theta)
+    cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(seq), (batch, seq)), cfg.resolved_head_dim, cfg.rope_theta)
     return x, cos, sin
 
 
@@ -166,28 +172,42 @@ def test_attention_equals_the_textbook_formula_in_value_and_gradient(window, seg
     q, k, v, weights = _random_qkv(5, seq)
     pos = jnp.asarray([list(range(seq)), list(range(15)) + [-1] * 4])
     seg = _two_documents_and_padding(seq) if segments else None
-    _assert_same_value_and_grads(lambda q, k, v: _reference_attention(q, k, v, pos, pos, window, seg, seg),
-                                 lambda q, k, v: dot_product_attention(q, k, v, pos, pos, window, seg, seg, chunk=chunk),
-                                 weights, q, k, v)
+    _assert_same_value_and_grads(
+        lambda q, k, v: _reference_attention(q, k, v, pos, pos, window, seg, seg),
+        lambda q, k, v: dot_product_attention(q, k, v, pos, pos, window, seg, seg, chunk=chunk),
+        weights,
+        q,
+        k,
+        v,
+    )
 
 
 @pytest.mark.parametrize("axis", [1, 2])
-@pytest.mark.parametrize("windows", [((0, 4), (4, 8), (8, 11)), ((0, 4), (2, 8), (6, 11)), ((0, 3), (0, 7), (0, 11)),
-                                     ((3, 6), (6, 9))])
+@pytest.mark.parametrize(
+    "windows", [((0, 4), (4, 8), (8, 11)), ((0, 4), (2, 8), (6, 11)), ((0, 3), (0, 7), (0, 11)), ((3, 6), (6, 9))]
+)
 def test_row_windows_equal_slices_in_value_and_gradient(windows, axis):
     """Query blocks (windows that tile the axis: gradients concatenated), windowed and causal
     key ranges (overlapping windows: gradients added into their rows), and windows that
     leave rows out (those rows get zero gradient); along the sequence axis of either layout."""
     x = jnp.moveaxis(jax.random.normal(jax.random.key(3), (2, 11, 3, 2)), 1, axis)
-    weights = [jnp.moveaxis(jax.random.normal(jax.random.key(4 + i), (2, stop - start, 3, 2)), 1, axis)
-               for i, (start, stop) in enumerate(windows)]
+    weights = [
+        jnp.moveaxis(jax.random.normal(jax.random.key(4 + i), (2, stop - start, 3, 2)), 1, axis)
+        for i, (start, stop) in enumerate(windows)
+    ]
+
     def loss(fn):
         return lambda x: sum(jnp.sum(w * jnp.sin(piece)) for w, piece in zip(weights, fn(x)))
-    sliced = lambda x: tuple(jax.lax.slice_in_dim(x, start, stop, axis=axis) for start, stop in windows)  # noqa: E731
+
+    sliced = lambda x: tuple(jax.lax.slice_in_dim(x, start, stop, axis=axis) for start, stop in windows)
     for got, want in zip(row_windows(x, windows, axis), sliced(x)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    np.testing.assert_allclose(np.asarray(jax.grad(loss(lambda x: row_windows(x, windows, axis)))(x)),
-                               np.asarray(jax.grad(loss(sliced))(x)), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(loss(lambda x: row_windows(x, windows, axis)))(x)),
+        np.asarray(jax.grad(loss(sliced))(x)),
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("window,segments,block", [(None, False, 4), (5, True, 4), (3, False, 2), (None, True, 1)])
@@ -200,9 +220,14 @@ def test_causal_blocks_equal_the_textbook_formula_in_value_and_gradient(window, 
     q, k, v, weights = _random_qkv(7, seq)
     index = jnp.arange(seq)[None]
     seg = _two_documents_and_padding(seq) if segments else None
-    _assert_same_value_and_grads(lambda q, k, v: _reference_attention(q, k, v, index, index, window, seg, seg),
-                                 lambda q, k, v: causal_self_attention(q, k, v, index, window, seg, block=block),
-                                 weights, q, k, v)
+    _assert_same_value_and_grads(
+        lambda q, k, v: _reference_attention(q, k, v, index, index, window, seg, seg),
+        lambda q, k, v: causal_self_attention(q, k, v, index, window, seg, block=block),
+        weights,
+        q,
+        k,
+        v,
+    )
 
 
 @pytest.mark.parametrize("window,segments", [(None, False), (None, True), (5, False), (5, True)])
@@ -213,9 +238,13 @@ def test_jax_dot_product_attention_call_equals_ours_in_value_and_gradient(window
     q, k, v, weights = _random_qkv(9, seq)
     index = jnp.arange(seq)[None]
     seg = _two_documents_and_padding(seq) if segments else None
-    (value, grads), (fused_value, fused_grads) = [_value_and_grads(fn, weights, q, k, v) for fn in (
-        lambda q, k, v: dot_product_attention(q, k, v, index, index, window, seg, seg),
-        lambda q, k, v: fused_attention(q, k, v, window, seg, implementation="xla"))]
+    (value, grads), (fused_value, fused_grads) = [
+        _value_and_grads(fn, weights, q, k, v)
+        for fn in (
+            lambda q, k, v: dot_product_attention(q, k, v, index, index, window, seg, seg),
+            lambda q, k, v: fused_attention(q, k, v, window, seg, implementation="xla"),
+        )
+    ]
     np.testing.assert_allclose(float(fused_value), float(value), rtol=1e-5)
     for a, b_ in zip(grads, fused_grads):
         np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=1e-5)
@@ -246,7 +275,7 @@ def test_splash_attention_equals_the_reference_in_value_and_gradient(window, seg
     ref = lambda q, k, v: dot_product_attention(q, k, v, index, index, window, seg, seg)
     new = lambda q, k, v: splash_attention(q, k, v, window, seg)
     np.testing.assert_allclose(np.asarray(new(q, k, v)), np.asarray(ref(q, k, v)), atol=1e-5, rtol=0)
-    grads = [jax.grad(lambda *a: jnp.sum(jnp.cos(fn(*a))), argnums=(0, 1, 2))(q, k, v) for fn in (ref, new)]
+    grads = [jax.grad(lambda *a, fn=fn: jnp.sum(jnp.cos(fn(*a))), argnums=(0, 1, 2))(q, k, v) for fn in (ref, new)]
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
 
@@ -265,7 +294,7 @@ def test_splash_attention_under_a_mesh_splits_batch_and_heads_and_equals_one_dev
 
 def test_the_model_with_splash_attention_equals_xla_attention_in_loss_and_gradient():
     from moe import config as C
-    from moe import train as T
+    from moe.training import step as T
 
     model = tiny_model(n_layers=1, sliding_window=40, attention="xla")
     cfg = C.Config(model=model, train=C.TrainConfig(batch_size=2, seq_len=128))
@@ -273,12 +302,16 @@ def test_the_model_with_splash_attention_equals_xla_attention_in_loss_and_gradie
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.vocab_size, (2, 129)).astype(np.int32)
     segments = np.asarray([[1] * 70 + [2] * 58, [1] * 128], np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
-             "positions": np.where(segments == 2, np.arange(128) - 70, np.arange(128)).astype(np.int32)}
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segments,
+        "positions": np.where(segments == 2, np.arange(128) - 70, np.arange(128)).astype(np.int32),
+    }
     out = {}
     for impl in ("xla", "splash"):
         c = dataclasses.replace(cfg, model=dataclasses.replace(model, attention=impl))
-        out[impl] = jax.jit(lambda p, b: T.grads_and_metrics(c, p, b)[:2])(params, batch)
+        out[impl] = jax.jit(lambda p, b, c=c: T.grads_and_metrics(c, p, b)[:2])(params, batch)
     assert abs(float(out["splash"][0]) - float(out["xla"][0])) <= 1e-5
     for a, b in zip(jax.tree_util.tree_leaves(out["splash"][1]), jax.tree_util.tree_leaves(out["xla"][1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

@@ -1,8 +1,9 @@
 """`moe bench`'s pieces on a tiny model: every dispatch path timed, the table printed."""
 
-from moe import bench
-from moe.model.dispatch import DISPATCH, resolve
 from helpers import tiny_model
+
+from moe.bench import training as bench
+from moe.model.dispatch import DISPATCH, resolve
 
 
 def test_layer_timings_cover_every_path_and_the_table_names_the_default():
@@ -11,9 +12,18 @@ def test_layer_timings_cover_every_path_and_the_table_names_the_default():
     layer = bench.moe_layer(tiny_model(), tokens=64, repeats=1)
     assert set(layer) == {*paths, "dense_swiglu_equal_active"} and all(t > 0 for t in layer.values())
     step = {"tokens_per_s": 10.0, "mfu": 0.1}
-    result = {"backend": "cpu", "device": "cpu", "matmul_peak_flops": 1e11, "matmul_peak_flops_bf16": 1e11,
-              "moe_layer_s": layer, "default_dispatch": resolve("auto"), "bench-moe": step, "tiny-moe": step,
-              "peak_rss_bytes": 2**30, "hf_tokens_per_s": None}
+    result = {
+        "backend": "cpu",
+        "device": "cpu",
+        "matmul_peak_flops": 1e11,
+        "matmul_peak_flops_bf16": 1e11,
+        "moe_layer_s": layer,
+        "default_dispatch": resolve("auto"),
+        "bench-moe": step,
+        "tiny-moe": step,
+        "peak_rss_bytes": 2**30,
+        "hf_tokens_per_s": None,
+    }
     table = bench.format_table(result)
     assert f"{resolve('auto'):<28}" in table and "<- default here" in table
     assert table.count("x dense") == len(layer)
@@ -29,8 +39,10 @@ def test_layer_flops_agree_with_xla_count_for_the_equal_active_dense_swiglu():
 
     cfg, tokens = tiny_model(d_model=128, d_ff=256), 64
     width = cfg.top_k * cfg.d_ff
-    x, a, b, c = (jnp.ones(shape) for shape in ((tokens, cfg.d_model), (cfg.d_model, width),
-                                                 (cfg.d_model, width), (width, cfg.d_model)))
+    x, a, b, c = (
+        jnp.ones(shape)
+        for shape in ((tokens, cfg.d_model), (cfg.d_model, width), (cfg.d_model, width), (width, cfg.d_model))
+    )
     grad = jax.jit(jax.grad(bench.dense_swiglu_loss, argnums=(0, 1, 2, 3)))
     cost = grad.lower(x, a, b, c).compile().cost_analysis()
     xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
@@ -49,7 +61,9 @@ def test_the_default_path_and_the_dense_reference_are_timed_in_turns():
 
 def test_the_host_cpu_is_named_from_cpuinfo():
     core = "processor\t: {}\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: fpu avx2 {}\n\n"
-    assert bench.host_cpu(core.format(0, "avx512f") + core.format(1, "avx512f")) == \
-        "AMD EPYC, family 26 model 2, 2 cores, avx512f"
+    assert (
+        bench.host_cpu(core.format(0, "avx512f") + core.format(1, "avx512f"))
+        == "AMD EPYC, family 26 model 2, 2 cores, avx512f"
+    )
     assert bench.host_cpu(core.format(0, "avx512bw")).endswith("1 cores, no avx512f")
     assert bench.host_cpu("")  # no /proc/cpuinfo: the platform module's name and os.cpu_count()

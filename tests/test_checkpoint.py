@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moe.checkpoint import ParamReader, ParamWriter, RunCheckpoints
+from moe.checkpoint.params import ParamReader, ParamWriter
+from moe.checkpoint.runs import RunCheckpoints
 from moe.convert import ConversionError, convert_from_hf, convert_to_hf
 from moe.convert.hf import parse_size
-from helpers import ROOT
 
 
 def test_param_writer_refuses_to_close_with_a_slice_missing(tmp_path):
@@ -29,8 +30,17 @@ def test_param_writer_refuses_to_close_with_a_slice_missing(tmp_path):
     np.testing.assert_array_equal(ParamReader(tmp_path / "p").read(("w",), (1,)), np.full((3, 4), 2.0))
 
 
-@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("200MB", 200 * 10**6), ("1.5GiB", 3 * 2**29),
-                                           ("40KB", 40_000), ("12345", 12345), (" 2 kib ", 2048)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("5GB", 5 * 10**9),
+        ("200MB", 200 * 10**6),
+        ("1.5GiB", 3 * 2**29),
+        ("40KB", 40_000),
+        ("12345", 12345),
+        (" 2 kib ", 2048),
+    ],
+)
 def test_shard_sizes_read_their_units(text, expected):
     assert parse_size(text) == expected
 
@@ -44,23 +54,36 @@ def test_unreadable_shard_sizes_are_refused(text):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=2,
+    )
     path = tmp_path_factory.mktemp("hf") / "model"
     MixtralForCausalLM(config).save_pretrained(path)
     return path
 
 
 def test_from_hf_dtype_sets_the_stored_dtype_and_to_hf_refuses_a_mismatched_config(tmp_path, hf_dir):
-    result = subprocess.run([sys.executable, "-m", "moe", "convert", "from-hf", str(hf_dir), str(tmp_path / "c"),
-                             "--dtype", "bfloat16"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "moe", "convert", "from-hf", str(hf_dir), str(tmp_path / "c"), "--dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     reader = ParamReader(tmp_path / "c" / "params")
     assert reader.dtype(("layers", "moe", "w1")) == jax.numpy.bfloat16
     config = tmp_path / "c" / "config.yaml"
     config.write_text(config.read_text().replace("d_ff: 24", "d_ff: 32"))
-    with pytest.raises(ConversionError, match="checkpoint array layers.moe.w1 has shape \\(1, 2, 16, 24\\), but "
-                                              ".*config.yaml implies \\(1, 2, 16, 32\\)"):
+    with pytest.raises(
+        ConversionError,
+        match="checkpoint array layers.moe.w1 has shape \\(1, 2, 16, 24\\), but .*'s config implies \\(1, 2, 16, 32\\)",
+    ):
         convert_to_hf(tmp_path / "c", tmp_path / "out")
 
 

@@ -4,16 +4,19 @@ import subprocess
 import sys
 
 import pytest
-
-from moe.cli import main
 from helpers import ROOT
 
+from moe.cli import main
 
-@pytest.mark.parametrize("name,total,active", [
-    ("mistral-7b", "7,241,732,096", "7,241,732,096"),
-    ("mixtral-8x7b", "46,702,792,704", "12,879,925,248"),
-    ("mixtral-8x22b", "140,630,071,296", "39,161,468,928"),
-])
+
+@pytest.mark.parametrize(
+    "name,total,active",
+    [
+        ("mistral-7b", "7,241,732,096", "7,241,732,096"),
+        ("mixtral-8x7b", "46,702,792,704", "12,879,925,248"),
+        ("mixtral-8x22b", "140,630,071,296", "39,161,468,928"),
+    ],
+)
 def test_moe_params_prints_published_counts(name, total, active, capsys):
     assert main(["params", str(ROOT / f"configs/{name}.yaml")]) == 0
     out = capsys.readouterr().out
@@ -21,8 +24,12 @@ def test_moe_params_prints_published_counts(name, total, active, capsys):
 
 
 def test_python_dash_m_and_overrides():
-    result = subprocess.run([sys.executable, "-m", "moe", "params", str(ROOT / "configs/tiny-moe.yaml"),
-                             "model.n_experts=4"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "moe", "params", str(ROOT / "configs/tiny-moe.yaml"), "model.n_experts=4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert "4 experts, top-2" in result.stdout
 
@@ -37,10 +44,25 @@ def test_tokenizer_train_through_the_cli(tmp_path):
     docs.mkdir()
     for i in range(20):
         (docs / f"{i}.txt").write_text(f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * (i + 1))
-    result = subprocess.run([sys.executable, "-m", "moe", "tokenizer", "train", str(docs), "--vocab-size", "400",
-                             "--out", str(tmp_path / "tok" / "small")], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe",
+            "tokenizer",
+            "train",
+            str(docs),
+            "--vocab-size",
+            "400",
+            "--out",
+            str(tmp_path / "tok" / "small"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
-    from moe import tokenizer
+    from moe.data import tokenizer
 
     sp = tokenizer.load(str(tmp_path / "tok" / "small.model"))
     assert sp.vocab_size() == 400 and sp.decode(sp.encode("the lazy dog")) == "the lazy dog"
@@ -48,8 +70,14 @@ def test_tokenizer_train_through_the_cli(tmp_path):
 
 def test_bench_quick_through_the_cli(tmp_path):
     env = {**os.environ, "XLA_FLAGS": ""}
-    result = subprocess.run([sys.executable, "-m", "moe", "bench", "--quick", "--json", str(tmp_path / "b.json")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=800, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "moe", "bench", "--quick", "--out", str(tmp_path / "b.json")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=800,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     numbers = json.loads((tmp_path / "b.json").read_text())
     # bench does not re-run itself with huge-page malloc (moe/platform.py): HF's step beside ours
@@ -66,3 +94,85 @@ def test_bench_quick_through_the_cli(tmp_path):
         decode = numbers["decode"]["tiny-moe"][batch]
         assert decode["same_tokens"] and decode["ours"]["decode_tokens_per_s"] > 0
     assert "decode tiny-moe" in result.stdout
+
+
+def test_help_does_not_import_jax():
+    code = "import sys; from moe.cli import build_parser; build_parser(); print('jax' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_built_wheel_ships_configs_launchers_and_sweep_specs(tmp_path):
+    """The wheel `pip install .` installs, put first on the path outside the repository: the
+    shipped configs, sweep specs and tokenizer are found by name."""
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            *map(str, wheel_dir.glob("*.whl")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stderr
+    shipped = site / "moe"
+    assert (shipped / "configs" / "tiny-moe.yaml").is_file() and not (shipped / "configs").is_symlink()
+    assert (shipped / "launch" / "tpu_vm.sh").is_file() and (
+        shipped / "experiments" / "aux-coef" / "sweep.yaml"
+    ).is_file()
+    assert (shipped / "experiments" / "tokenizer" / "stdlib-4k.model").is_file()
+    env = {**os.environ, "PYTHONPATH": str(site), "XLA_FLAGS": "", "MOE_HUGEPAGE_MALLOC": "0"}
+
+    def moe(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "moe", *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+        )
+
+    where = subprocess.run(
+        [sys.executable, "-c", "import moe; print(moe.__file__)"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert where.stdout.strip() == str(shipped / "__init__.py")
+    trained = moe(
+        "train",
+        "tiny-moe",
+        "--run-dir",
+        "runs/x",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "data.workers=0",
+        "--no-progress",
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (tmp_path / "runs/x/checkpoints/2").is_dir()
+    sweep = moe("sweep", "aux-coef", "--dry-run", "--runs-dir", "runs/sweep")
+    assert sweep.returncode == 0 and "train.aux_loss_coef=0.1" in sweep.stdout, sweep.stderr
+    launch = moe("sweep", "aux-coef", "--launcher", "tpu_vm", "--runs-dir", "runs/sweep")
+    assert launch.returncode == 0 and str(shipped / "launch" / "tpu_vm.sh") in launch.stdout, launch.stderr

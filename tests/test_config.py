@@ -1,7 +1,7 @@
 import pytest
+from helpers import CONFIGS, ROOT
 
 from moe import config as C
-from helpers import CONFIGS, ROOT
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -18,8 +18,10 @@ def test_expected_presets_exist():
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = C.load(ROOT / "configs/tiny-moe.yaml", ["model.n_experts=4", "model.rope_theta=1e6",
-                                                  "model.sliding_window=null", "seed=3"])
+    cfg = C.load(
+        ROOT / "configs/tiny-moe.yaml",
+        ["model.n_experts=4", "model.rope_theta=1e6", "model.sliding_window=null", "seed=3"],
+    )
     assert cfg.model.n_experts == 4 and cfg.model.rope_theta == 1e6 and cfg.seed == 3
     assert cfg.model.sliding_window is None and isinstance(cfg.model.rope_theta, float)
 
@@ -41,10 +43,16 @@ def test_base_loop_is_refused(tmp_path):
 TINY = str(ROOT / "configs/tiny-moe.yaml")
 
 INVALID = [
-    (["model.n_heads=6", "model.n_kv_heads=4", "model.head_dim=32"], r"n_heads \(6\) must be divisible by model.n_kv_heads \(4\)"),
+    (
+        ["model.n_heads=6", "model.n_kv_heads=4", "model.head_dim=32"],
+        r"n_heads \(6\) must be divisible by model.n_kv_heads \(4\)",
+    ),
     (["model.top_k=9"], r"top_k \(9\) must be between 1 and model.n_experts \(8\)"),
     (["model.top_k=0"], r"top_k \(0\) must be between 1"),
-    (["model.n_heads=3", "model.n_kv_heads=1"], r"d_model \(128\) is not divisible by model.n_heads \(3\); set model.head_dim"),
+    (
+        ["model.n_heads=3", "model.n_kv_heads=1"],
+        r"d_model \(128\) is not divisible by model.n_heads \(3\); set model.head_dim",
+    ),
     (["model.head_dim=7"], r"head_dim must be a positive even number"),
     (["model.sliding_window=0"], r"sliding_window must be >= 1"),
     (["model.n_expert=4"], r"unknown config key 'model.n_expert'; did you mean 'n_experts'\?"),

@@ -4,18 +4,20 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
+from hf_models import SEQ, VARIANTS, make_hf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import moe.model as M
-from moe.checkpoint import restore_params
+from moe.checkpoint.params import restore_params
 from moe.convert import ConversionError, convert_from_hf, convert_to_hf, load_hf, save_hf
-from helpers import ROOT
-from hf_models import SEQ, VARIANTS, make_hf
+
 
 def hf_logits(path, tokens):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
@@ -49,6 +51,29 @@ def test_ours_to_hf_loads_in_transformers_with_same_logits(tmp_path, variant):
     assert np.abs(hf_logits(tmp_path / "out", tokens) - expected).max() <= 1e-4
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == [("Mixtral" if cfg.is_moe else "Mistral") + "ForCausalLM"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_exported_config_equals_transformers_own_field_by_field(tmp_path, variant):
+    """Our config.json read by transformers against the config transformers wrote for the same
+    model: every field equal (tie_word_embeddings, window, rope, eps, ids...), but the ones that
+    describe training rather than the model, and head_dim written out where HF leaves it implied."""
+    from transformers import AutoConfig
+
+    hf_dir = make_hf(tmp_path, variant)
+    cfg, params = load_hf(hf_dir)
+    save_hf(cfg, params, tmp_path / "out")
+    theirs = AutoConfig.from_pretrained(hf_dir).to_dict()
+    ours = AutoConfig.from_pretrained(tmp_path / "out").to_dict()
+    training_only = {"_name_or_path", "initializer_range", "router_aux_loss_coef"}
+    if theirs.get("head_dim") is None:
+        assert ours["head_dim"] == theirs["hidden_size"] // theirs["num_attention_heads"]
+        training_only.add("head_dim")
+    assert set(ours) == set(theirs)
+    assert {k: ours[k] for k in ours if k not in training_only} == {
+        k: theirs[k] for k in theirs if k not in training_only
+    }
+    assert ours["tie_word_embeddings"] is False
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -90,17 +115,23 @@ def _edit_config(hf_dir, **changes):
     path.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(architectures=["LlamaForCausalLM"], model_type="llama"), "architecture 'LlamaForCausalLM' is not supported"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling=.* is not implemented"),
-    (dict(rope_parameters={"rope_theta": 1e6, "rope_type": "yarn"}), "rope_type 'yarn' is not supported"),
-    (dict(attention_bias=True), "attention_bias=True .* is not implemented"),
-    (dict(tie_word_embeddings=True), "tie_word_embeddings=True .* is not implemented"),
-    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(num_attention_heads=3), "invalid model: model.n_heads \\(3\\) must be divisible"),
-    (dict(hidden_size=64), "expected shape \\(97, 64\\) from config.json, found \\(97, 32\\)"),
-    (dict(vocab_size=None), "missing the field 'vocab_size'"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            dict(architectures=["LlamaForCausalLM"], model_type="llama"),
+            "architecture 'LlamaForCausalLM' is not supported",
+        ),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling=.* is not implemented"),
+        (dict(rope_parameters={"rope_theta": 1e6, "rope_type": "yarn"}), "rope_type 'yarn' is not supported"),
+        (dict(attention_bias=True), "attention_bias=True .* is not implemented"),
+        (dict(tie_word_embeddings=True), "tie_word_embeddings=True .* is not implemented"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(num_attention_heads=3), "invalid model: model.n_heads \\(3\\) must be divisible"),
+        (dict(hidden_size=64), "expected shape \\(97, 64\\) from config.json, found \\(97, 32\\)"),
+        (dict(vocab_size=None), "missing the field 'vocab_size'"),
+    ],
+)
 def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, changes, message):
     hf_dir = make_hf(tmp_path, "mixtral")
     _edit_config(hf_dir, **changes)
@@ -135,8 +166,9 @@ def test_legacy_hub_config_loads(tmp_path):
 
 def test_cli_convert_both_directions(tmp_path):
     hf_dir = make_hf(tmp_path, "mistral-window")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "moe", "convert", *map(str, a)],
-                                    capture_output=True, text=True, cwd=ROOT)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "moe", "convert", *map(str, a)], capture_output=True, text=True, cwd=ROOT
+    )
     r = run("from-hf", hf_dir, tmp_path / "ckpt")
     assert r.returncode == 0, r.stderr
     r = run("to-hf", tmp_path / "ckpt", tmp_path / "out", "--tokenizer", "mistral-v1", "--dtype", "bfloat16")
@@ -146,3 +178,20 @@ def test_cli_convert_both_directions(tmp_path):
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
     r = run("from-hf", tmp_path / "nowhere", tmp_path / "x")
     assert r.returncode == 1 and "has no config.json" in r.stderr
+
+
+def test_to_hf_takes_a_run_directory_and_an_out_ending_in_a_slash(tmp_path, capsys):
+    """A run directory means its newest finished checkpoint, as for generate, eval and quantize."""
+    from moe.cli import main
+
+    cfg, params = load_hf(make_hf(tmp_path, "mixtral", seed=3))
+    run = tmp_path / "run"
+    for step in (2, 4):  # the newest is converted
+        save_hf(cfg, jax.tree_util.tree_map(lambda a, s=step: a * (s / 4), params), tmp_path / f"hf{step}")
+        convert_from_hf(tmp_path / f"hf{step}", run / "checkpoints" / str(step))
+    (run / "checkpoints" / "6").mkdir()  # a save cut short: no params/_METADATA
+    assert main(["convert", "to-hf", str(run), str(tmp_path / "out") + "/"]) == 0
+    tokens = tokens_for(seed=4)
+    assert np.abs(hf_logits(tmp_path / "out", tokens) - np.asarray(M.logits(cfg, params, tokens))).max() <= 1e-4
+    assert main(["convert", "to-hf", str(tmp_path / "empty"), str(tmp_path / "x")]) == 1
+    assert "checkpoints/<step>" in capsys.readouterr().err

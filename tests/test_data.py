@@ -2,16 +2,17 @@ import json
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 from moe import config as C
-from moe import data as D
-from moe import tokenizer as T
-from helpers import ROOT
+from moe.data import pipeline as D
+from moe.data import tokenizer as T
 
 
 def cfg_with(*overrides):
-    return C.load(ROOT / "configs/tiny-moe.yaml", ["train.batch_size=2", "train.seq_len=32", "data.workers=0",
-                                                    *overrides])
+    return C.load(
+        ROOT / "configs/tiny-moe.yaml", ["train.batch_size=2", "train.seq_len=32", "data.workers=0", *overrides]
+    )
 
 
 def write_docs(folder, n=12):
@@ -48,7 +49,9 @@ def test_packed_batches_have_segments_and_restarting_positions(tmp_path):
     cfg = cfg_with(f"data.paths=[{write_docs(tmp_path)}]", "data.val_fraction=0.1")
     train, _ = D.check(cfg)
     batch = next(D.train_iterator(cfg, train))
-    assert {k: v.shape for k, v in batch.items()} == {k: (2, 32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    assert {k: v.shape for k, v in batch.items()} == {
+        k: (2, 32) for k in ("inputs", "targets", "segment_ids", "positions")
+    }
     sp = T.load("mistral-v1")
     for row in range(2):
         seg, pos = batch["segment_ids"][row], batch["positions"][row]
@@ -82,8 +85,11 @@ def test_iterator_state_resumes_the_same_batches(tmp_path, workers):
 
 def test_shuffle_is_deterministic_by_seed(tmp_path):
     folder = write_docs(tmp_path, 30)
-    first = lambda seed: next(D.train_iterator(cfg_with(f"data.paths=[{folder}]", f"seed={seed}"),
-                                               D.check(cfg_with(f"data.paths=[{folder}]"))[0]))["inputs"]
+    first = lambda seed: next(
+        D.train_iterator(
+            cfg_with(f"data.paths=[{folder}]", f"seed={seed}"), D.check(cfg_with(f"data.paths=[{folder}]"))[0]
+        )
+    )["inputs"]
     np.testing.assert_array_equal(first(0), first(0))
     assert not np.array_equal(first(0), first(1))
 
@@ -100,7 +106,9 @@ def test_empty_corpus_is_clear(tmp_path):
 
 
 def test_tokenizer_vocabulary_must_match_the_model():
-    with pytest.raises(ValueError, match="vocabulary of 32000 but model.vocab_size is 1000; set model.vocab_size=32000"):
+    with pytest.raises(
+        ValueError, match="vocabulary of 32000 but model.vocab_size is 1000; set model.vocab_size=32000"
+    ):
         D.check(cfg_with("model.vocab_size=1000"))
 
 

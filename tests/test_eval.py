@@ -11,14 +11,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from moe import cli, tokenizer as tokenizer_lib
+from moe import cli
 from moe.convert import convert_from_hf
+from moe.data import tokenizer as tokenizer_lib
 from moe.infer import passkey
 from moe.infer.commands import chat_ids
 from moe.infer.perplexity import windows
-from helpers import ROOT
 
 TOKENIZER = ROOT / "experiments/tokenizer/stdlib-4k.model"
 TEXTS = ["def add(a, b):\n    return a + b\n" * 6, "The pass key is 123. Remember it."]
@@ -29,10 +30,20 @@ def hf_model(tmp_path_factory):
     """A random Mixtral with the 4k stdlib tokenizer, as a HF folder and converted."""
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(
-        vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=200,
-        initializer_range=0.2))
+    model = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=4096,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=200,
+            initializer_range=0.2,
+        )
+    )
     model.save_pretrained(root / "hf")
     shutil.copy(TOKENIZER, root / "hf" / "tokenizer.model")
     convert_from_hf(root / "hf", root / "converted")
@@ -70,8 +81,19 @@ def test_windows_score_every_target_exactly_once():
 
 def test_perplexity_equals_transformers(hf_model, capsys):
     out = hf_model / "ppl"
-    args = ["eval", str(hf_model / "converted"), "--perplexity", str(hf_model / "text0.txt"),
-            str(hf_model / "text1.txt"), "--context", "32", "--stride", "12", "--out", str(out)]
+    args = [
+        "eval",
+        str(hf_model / "converted"),
+        "--perplexity",
+        str(hf_model / "text0.txt"),
+        str(hf_model / "text1.txt"),
+        "--context",
+        "32",
+        "--stride",
+        "12",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     ours = json.loads((out / "perplexity.json").read_text())
     sp = tokenizer_lib.load(str(TOKENIZER))
@@ -88,8 +110,21 @@ def test_perplexity_equals_transformers(hf_model, capsys):
 
 def test_passkey_grid_writes_table_heatmap_and_records(hf_model):
     out = hf_model / "pk"
-    args = ["eval", str(hf_model / "hf"), "--passkey", "--lengths", "100", "160", "--depths", "0", "1",
-            "--trials", "2", "--out", str(out)]
+    args = [
+        "eval",
+        str(hf_model / "hf"),
+        "--passkey",
+        "--lengths",
+        "100",
+        "160",
+        "--depths",
+        "0",
+        "1",
+        "--trials",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     records = json.loads((out / "passkey.json").read_text())
     assert len(records) == 2 * 2 * 2 and all(r["prompt_tokens"] <= r["length"] for r in records)
@@ -113,8 +148,20 @@ def test_generate_writes_jsonl_for_a_prompt_file(hf_model):
     prompts = hf_model / "prompts.jsonl"
     prompts.write_text('{"prompt": "import os"}\n{"prompt": "class A:"}\n')
     out = hf_model / "gen" / "out.jsonl"
-    args = ["generate", str(hf_model / "converted"), "--prompts", str(prompts), "--out", str(out),
-            "--max-new-tokens", "5", "--temperature", "0.7", "--top-k", "40"]
+    args = [
+        "generate",
+        str(hf_model / "converted"),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "40",
+    ]
     assert cli.main(args) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in lines] == ["import os", "class A:"]
@@ -129,14 +176,17 @@ def test_chat_uses_mistral_instruct_template():
     assert tokenizer_lib.load("experiments/tokenizer/stdlib-4k.model").decode(own) == "[INST] Hello there [/INST]"
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--max-new-tokens", "0", "--prompt", "x"], "--max-new-tokens must be >= 1"),
-    (["--top-p", "1.5", "--temperature", "1", "--prompt", "x"], r"top-p must be in (0, 1]"),
-    (["--prompt", "x" * 400, "--max-new-tokens", "4"], "exceeds model.max_seq_len"),
-    (["--prompt", "x", "--top-k", "0", "--temperature", "1"], "top-k must be >= 1"),
-    (["--prompt", "x", "--tokenizer", "mistral-v1"], "has a vocabulary of 32000 but model.vocab_size is 4096"),
-    (["--prompts", "missing.jsonl", "--out", "OUT"], "cannot read --prompts"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--max-new-tokens", "0", "--prompt", "x"], "--max-new-tokens must be >= 1"),
+        (["--top-p", "1.5", "--temperature", "1", "--prompt", "x"], r"top-p must be in (0, 1]"),
+        (["--prompt", "x" * 400, "--max-new-tokens", "4"], "exceeds model.max_seq_len"),
+        (["--prompt", "x", "--top-k", "0", "--temperature", "1"], "top-k must be >= 1"),
+        (["--prompt", "x", "--tokenizer", "mistral-v1"], "has a vocabulary of 32000 but model.vocab_size is 4096"),
+        (["--prompts", "missing.jsonl", "--out", "OUT"], "cannot read --prompts"),
+    ],
+)
 def test_bad_generate_input_is_one_line_and_writes_nothing(hf_model, capsys, extra, message):
     extra = [str(hf_model / "written.jsonl") if e == "OUT" else e for e in extra]
     assert cli.main(["generate", str(hf_model / "converted"), *extra]) == 1
@@ -158,8 +208,13 @@ def test_missing_or_unreadable_source_is_one_line(tmp_path, capsys):
 def test_no_libtpu_noise_on_a_host_without_tpus(hf_model):
     """The tpu extra is installed (CI too); without TPU chips, JAX must not start libtpu."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    run = subprocess.run([sys.executable, "-m", "moe", "generate", str(hf_model / "hf"), "--prompt", "x",
-                          "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "moe", "generate", str(hf_model / "hf"), "--prompt", "x", "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "TPU" not in run.stderr and "libtpu" not in run.stderr, run.stderr
 

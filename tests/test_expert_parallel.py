@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from moe import collectives, expert_parallel
-from moe import sharding as S
-from moe.model.dispatch import DISPATCH
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_sharding import run_config
+
+from moe.model.dispatch import DISPATCH
+from moe.parallel import collectives, expert_parallel
+from moe.parallel import mesh as S
 
 # ----------------------------------------------------------------------------- the emulation
 
@@ -20,8 +21,12 @@ from test_sharding import run_config
 def _ragged_call(n_devices, operand, output, *offsets_and_sizes):
     """emulated_ragged_all_to_all on n devices; each argument stacked [n_devices, ...]."""
     mesh = jax.make_mesh((n_devices,), ("x",), devices=jax.devices()[:n_devices])
-    fn = jax.shard_map(lambda *a: collectives.emulated_ragged_all_to_all(*(x[0] for x in a), axis_name="x")[None],
-                       mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+    fn = jax.shard_map(
+        lambda *a: collectives.emulated_ragged_all_to_all(*(x[0] for x in a), axis_name="x")[None],
+        mesh=mesh,
+        in_specs=P("x"),
+        out_specs=P("x"),
+    )
     args = [jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("x"))) for a in (operand, output, *offsets_and_sizes)]
     return fn, args
 
@@ -29,8 +34,15 @@ def _ragged_call(n_devices, operand, output, *offsets_and_sizes):
 def test_the_emulation_reproduces_the_primitives_documented_example():
     # jax.lax.ragged_all_to_all's docstring: axis of size 2
     operand, output = [[1, 2, 2], [3, 4, 0]], np.zeros((2, 4))
-    fn, args = _ragged_call(2, np.asarray(operand, np.float32), output, [[0, 1], [0, 1]], [[1, 2], [1, 1]],
-                            [[0, 0], [1, 2]], [[1, 1], [2, 1]])
+    fn, args = _ragged_call(
+        2,
+        np.asarray(operand, np.float32),
+        output,
+        [[0, 1], [0, 1]],
+        [[1, 2], [1, 1]],
+        [[0, 0], [1, 2]],
+        [[1, 1], [2, 1]],
+    )
     np.testing.assert_array_equal(np.asarray(jax.jit(fn)(*args)), [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
@@ -65,7 +77,10 @@ def test_the_emulation_equals_the_documented_semantics_in_value_and_gradient():
     want, d_operand, d_output = output.copy(), np.zeros_like(operand), cotangent.copy()
     for i in range(n):
         for j in range(n):
-            src, dst = slice(in_off[i, j], in_off[i, j] + sizes[i, j]), slice(out_off[i, j], out_off[i, j] + sizes[i, j])
+            src, dst = (
+                slice(in_off[i, j], in_off[i, j] + sizes[i, j]),
+                slice(out_off[i, j], out_off[i, j] + sizes[i, j]),
+            )
             want[j, dst] = operand[i, src]
             d_operand[i, src] += cotangent[j, dst]
             d_output[j, dst] = 0.0
@@ -79,8 +94,12 @@ def test_the_emulation_equals_the_documented_semantics_in_value_and_gradient():
 
 # ----------------------------------------------------------------------------- the exchanges
 
-MESHES = {"expert=2": dict(data=4, expert=2), "expert=4": dict(data=2, expert=4), "expert=8": dict(data=1, expert=8),
-          "fsdp=2,expert=2,tensor=2": dict(data=1, fsdp=2, expert=2, tensor=2)}
+MESHES = {
+    "expert=2": dict(data=4, expert=2),
+    "expert=4": dict(data=2, expert=4),
+    "expert=8": dict(data=1, expert=8),
+    "fsdp=2,expert=2,tensor=2": dict(data=1, fsdp=2, expert=2, tensor=2),
+}
 N_EXPERTS, TOKENS, TOP_K, D, F = 8, 48, 2, 16, 24
 
 
@@ -106,12 +125,16 @@ def expert_weights(seed: int = 3):
 
 def _loss(fn, cotangent):
     """sum(fn(x, weight, w1, w3, w2) * cotangent): its value and gradients test every path back."""
-    return jax.jit(jax.value_and_grad(lambda x, weight, w1, w3, w2, idx: jnp.sum(fn(x, idx, weight, w1, w3, w2)
-                                                                                 * cotangent), argnums=range(5)))
+    return jax.jit(
+        jax.value_and_grad(
+            lambda x, weight, w1, w3, w2, idx: jnp.sum(fn(x, idx, weight, w1, w3, w2) * cotangent), argnums=range(5)
+        )
+    )
 
 
-CASES = ([(mesh, kind, "ragged") for mesh in MESHES for kind in ("random", "one-expert", "empty-experts")]
-         + [("expert=8", kind, "padded") for kind in ("random", "one-expert", "empty-experts")])
+CASES = [(mesh, kind, "ragged") for mesh in MESHES for kind in ("random", "one-expert", "empty-experts")] + [
+    ("expert=8", kind, "padded") for kind in ("random", "one-expert", "empty-experts")
+]
 
 
 @pytest.mark.parametrize("mesh_name,kind,exchange", CASES, ids=["-".join(c) for c in CASES])
@@ -120,8 +143,7 @@ def test_expert_parallel_dispatch_equals_one_device_in_value_and_every_gradient(
     idx, weight = routing(kind)
     cotangent = jax.random.normal(jax.random.key(9), (TOKENS, D))
     mesh = S.make_mesh(run_config(MESHES[mesh_name]))
-    parallel = lambda *a: expert_parallel.dispatch(mesh, *a, local_dispatch=DISPATCH["grouped"],  # noqa: E731
-                                                   exchange=exchange)
+    parallel = lambda *a: expert_parallel.dispatch(mesh, *a, local_dispatch=DISPATCH["grouped"], exchange=exchange)
     want_loss, want = _loss(DISPATCH["dense"], cotangent)(x, weight, w1, w3, w2, idx)
     got_loss, got = _loss(lambda *a: parallel(*a)[0], cotangent)(x, weight, w1, w3, w2, idx)
     dropped = jax.jit(lambda *a: parallel(*a)[1])(x, idx, weight, w1, w3, w2)
@@ -157,8 +179,9 @@ def test_a_bounded_receive_buffer_counts_its_overflow_and_the_dropped_copies_add
     rows = expert_parallel.buffer_rows(copies, 8, None, 2.0)
     kept, overflow = _expected_kept(np.asarray(idx), 8, rows)
     assert 0 < overflow < kept.sum()
-    y, dropped = jax.jit(lambda *a: expert_parallel.dispatch(
-        mesh, *a, local_dispatch=DISPATCH["grouped"], buffer_factor=2.0))(x, idx, weight, w1, w3, w2)
+    y, dropped = jax.jit(
+        lambda *a: expert_parallel.dispatch(mesh, *a, local_dispatch=DISPATCH["grouped"], buffer_factor=2.0)
+    )(x, idx, weight, w1, w3, w2)
     assert float(dropped) == overflow
     want = DISPATCH["dense"](x, idx, jnp.where(jnp.asarray(kept), weight, 0.0), w1, w3, w2)
     assert np.abs(np.asarray(y) - np.asarray(want)).max() <= 1e-5
@@ -187,8 +210,11 @@ def test_capacity_factor_drops_the_copies_past_capacity_in_order_and_they_add_ex
     assert 0 < (~kept).sum() < kept.sum()
     mesh = S.make_mesh(run_config(MESHES["expert=8"]))
     args = (x, jnp.asarray(idx, jnp.int32), jnp.asarray(weight), w1, w3, w2)
-    got, dropped = jax.jit(lambda *a: expert_parallel.dispatch(
-        mesh, *a, local_dispatch=DISPATCH["grouped"], capacity_factor=2.0, exchange=exchange))(*args)
+    got, dropped = jax.jit(
+        lambda *a: expert_parallel.dispatch(
+            mesh, *a, local_dispatch=DISPATCH["grouped"], capacity_factor=2.0, exchange=exchange
+        )
+    )(*args)
     want = DISPATCH["dense"](x, args[1], jnp.asarray(np.where(kept, weight, 0.0)), w1, w3, w2)
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
     assert float(dropped) == 0.0  # capacity drops are the capacity factor's, not overflow

@@ -8,15 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_models import make_hf
 
 from moe import config as config_lib
-from moe import sharding as sharding_lib
-from moe import train as train_lib
 from moe.config import Config, ConfigError
-from moe.tune import chat, dpo
-from moe.tune.init_from import InitFromError
-
-from hf_models import make_hf
+from moe.data import chat
+from moe.parallel import mesh as mesh_lib
+from moe.training import dpo
+from moe.training import step as train_lib
+from moe.training.init_from import InitFromError
 
 V1 = "mistral-v1"
 
@@ -25,14 +25,15 @@ def _hf_config(path, **train) -> Config:
     from moe.convert.hf import read_hf_config
 
     model, _ = read_hf_config(path)
-    return Config(model=model, train=config_lib.TrainConfig(init_from=str(path), **train),
-                  mesh=config_lib.MeshConfig(data=1))
+    return Config(
+        model=model, train=config_lib.TrainConfig(init_from=str(path), **train), mesh=config_lib.MeshConfig(data=1)
+    )
 
 
 def _load(cfg):
-    from moe.loop import _base_params
+    from moe.training.loop import _base_params
 
-    return _base_params(cfg, sharding_lib.make_mesh(cfg, jax.devices()[:1]))
+    return _base_params(cfg, mesh_lib.make_mesh(cfg, jax.devices()[:1]))
 
 
 def test_init_from_hf_gives_transformers_logits(tmp_path):
@@ -67,15 +68,19 @@ def test_init_from_refuses_other_shapes_and_architectures(tmp_path):
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
     lying = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_ff=40))
-    with pytest.raises(InitFromError, match=r"tensor model.layers.0.block_sparse_moe.experts.0.w1.weight: expected shape"):
+    with pytest.raises(
+        InitFromError, match=r"tensor model.layers.0.block_sparse_moe.experts.0.w1.weight: expected shape"
+    ):
         _load(lying)
 
 
-CONVERSATION = [{"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": "What is two plus two?"},
-                {"role": "assistant", "content": "Four."},
-                {"role": "user", "content": "And three plus three?"},
-                {"role": "assistant", "content": "Six."}]
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "And three plus three?"},
+    {"role": "assistant", "content": "Six."},
+]
 
 
 def test_chat_rendering_is_mistral_commons_and_masks_only_answers():
@@ -88,9 +93,10 @@ def test_chat_rendering_is_mistral_commons_and_masks_only_answers():
     ids, mask = chat.render(path, CONVERSATION)
     kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
     reference = MistralTokenizer.from_file(path, mode=ValidationMode.finetuning).encode_chat_completion(
-        ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in CONVERSATION]))
+        ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in CONVERSATION])
+    )
     assert ids.tolist() == reference.tokens
-    sp = __import__("moe.tokenizer", fromlist=["load"]).load(V1)
+    sp = __import__("moe.data.tokenizer", fromlist=["load"]).load(V1)
     answers = [sp.decode([int(t) for t in ids[mask == 1] if t != sp.eos_id()])]
     assert answers == ["Four.Six."] or answers == ["Four. Six."], answers
     assert int(np.sum(ids[mask == 1] == sp.eos_id())) == 2  # each answer's eos is learned
@@ -98,15 +104,21 @@ def test_chat_rendering_is_mistral_commons_and_masks_only_answers():
 
 
 def test_only_assistant_tokens_carry_loss():
-    import moe.model as model_lib
     from helpers import tiny_model
+
+    import moe.model as model_lib
 
     cfg = Config(model=tiny_model(vocab_size=32000, n_layers=1), train=config_lib.TrainConfig(seq_len=64))
     ids, mask = chat.render(chat.tokenizer_path(V1), CONVERSATION)
     ex = chat.example(ids, mask)
     n = len(ex["inputs"])
-    batch = {"inputs": ex["inputs"][None], "targets": ex["targets"][None], "loss_mask": ex["loss_mask"][None],
-             "segment_ids": np.ones((1, n), np.int32), "positions": np.arange(n)[None]}
+    batch = {
+        "inputs": ex["inputs"][None],
+        "targets": ex["targets"][None],
+        "loss_mask": ex["loss_mask"][None],
+        "segment_ids": np.ones((1, n), np.int32),
+        "positions": np.arange(n)[None],
+    }
     params = model_lib.init(cfg.model, jax.random.key(0))
     before = train_lib.loss_terms(cfg, params, batch)["ce_sum"]
     user = int(np.flatnonzero(ex["loss_mask"] == 0)[5])
@@ -129,6 +141,81 @@ def test_dpo_loss_matches_the_formula_by_hand():
     np.testing.assert_allclose(np.asarray(rc - rr), [0.5, 0.0], rtol=1e-6)
 
 
+def test_loss_mask_is_the_answer_tokens_and_their_eos_token_by_token():
+    from moe.data import tokenizer as tokenizer_lib
+
+    sp = tokenizer_lib.load(V1)
+    ids, mask = chat.render(chat.tokenizer_path(V1), CONVERSATION)
+    answers = [sp.encode(m["content"]) + [sp.eos_id()] for m in CONVERSATION if m["role"] == "assistant"]
+    assert ids[mask == 1].tolist() == sum(answers, [])
+    assert ids[-1] == sp.eos_id() and mask[-1] == 1
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], mask])) == 1)
+    assert [sp.id_to_piece(int(ids[s - 1])) for s in starts] == ["]"] * 2  # each right after its [/INST]
+    ex = chat.example(ids, mask)  # the mask follows the targets: position i learns ids[i + 1]
+    assert ex["targets"][ex["loss_mask"] == 1].tolist() == sum(answers, [])
+    last = chat.render(chat.tokenizer_path(V1), CONVERSATION, last_only=True)[1]
+    assert ids[last == 1].tolist() == answers[-1]
+
+
+def test_dpo_terms_put_policy_and_reference_where_the_formula_does(monkeypatch):
+    """terms() on fixed logits (the model replaced) against the DPO formula computed by hand."""
+    from helpers import tiny_model
+
+    cfg = Config(model=tiny_model(vocab_size=7, n_experts=0))
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, objective="dpo"),
+        dpo=config_lib.DPOConfig(beta=0.5, label_smoothing=0.1),
+    )
+    rng = np.random.default_rng(0)
+    pairs, seq, vocab = 2, 5, 7
+    batch = {
+        "inputs": rng.integers(0, vocab, (pairs, 2, seq)),
+        "targets": rng.integers(0, vocab, (pairs, 2, seq)),
+        "loss_mask": np.array([[[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]], [[0, 1, 1, 1, 1], [0, 1, 1, 0, 0]]]),
+        "segment_ids": np.ones((pairs, 2, seq), np.int32),
+        "positions": np.tile(np.arange(seq), (pairs, 2, 1)),
+    }
+    policy_logits = rng.normal(size=(2 * pairs, seq, vocab)).astype(np.float32)
+    ref_logits = rng.normal(size=(2 * pairs, seq, vocab)).astype(np.float32)
+    frozen = {"marker": "reference params"}
+    seen = {}
+
+    def fake_apply(model_cfg, params, *args, **kwargs):
+        seen["reference params"] = params
+        return jnp.asarray(ref_logits), {}
+
+    monkeypatch.setattr(dpo, "forward", lambda *a, **k: (jnp.asarray(policy_logits), {}))
+    monkeypatch.setattr(dpo.model_lib, "apply", fake_apply)
+    terms = dpo.terms(cfg, {"policy": None}, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert seen["reference params"] is frozen
+
+    def logp(logits):  # [2 * pairs] sums of log p(target) over each row's mask, chosen and rejected alternating
+        logits = logits.astype(np.float64)
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        targets, mask = batch["targets"].reshape(-1, seq), batch["loss_mask"].reshape(-1, seq)
+        return (np.take_along_axis(log_probs, targets[..., None], -1)[..., 0] * mask).sum(-1).reshape(pairs, 2)
+
+    pol, ref = logp(policy_logits), logp(ref_logits)
+    reward_c, reward_r = 0.5 * (pol[:, 0] - ref[:, 0]), 0.5 * (pol[:, 1] - ref[:, 1])
+    z = reward_c - reward_r
+    log_sig = lambda x: -np.log1p(np.exp(-x))
+    loss = -0.9 * log_sig(z) - 0.1 * log_sig(-z)
+    expected = {
+        "loss_sum": loss.sum(),
+        "dpo_loss": loss.sum(),
+        "ce_sum": -pol[:, 0].sum(),
+        "n_tokens": batch["loss_mask"][:, 0].sum(),
+        "reward_margin": z.sum(),
+        "reward_accuracy": (reward_c > reward_r).sum(),
+        "logp_chosen": pol[:, 0].sum(),
+        "logp_rejected": pol[:, 1].sum(),
+    }
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(float(terms[name]), value, rtol=1e-5, err_msg=name)
+
+
 def _write(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -137,18 +224,23 @@ def _write(path, rows):
 GOOD = {"messages": CONVERSATION[1:3]}
 
 
-@pytest.mark.parametrize("row, message", [
-    ("{not json", r"rows.jsonl:2: not valid JSON"),
-    ({"messages": [CONVERSATION[2], CONVERSATION[1]]}, r"rows.jsonl:2: roles out of order at turn 0"),
-    ({"messages": [CONVERSATION[1], {"role": "assistant", "content": " "}]}, r"rows.jsonl:2: empty assistant turn"),
-    ({"prompt": "hi"}, r"rows.jsonl:2: a prompt row needs a 'completion'"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("{not json", r"rows.jsonl:2: not valid JSON"),
+        ({"messages": [CONVERSATION[2], CONVERSATION[1]]}, r"rows.jsonl:2: roles out of order at turn 0"),
+        ({"messages": [CONVERSATION[1], {"role": "assistant", "content": " "}]}, r"rows.jsonl:2: empty assistant turn"),
+        ({"prompt": "hi"}, r"rows.jsonl:2: a prompt row needs a 'completion'"),
+    ],
+)
 def test_bad_chat_rows_name_their_line(tmp_path, row, message):
-    from moe import data as data_lib
+    from moe.data import pipeline as data_lib
 
     path = _write(tmp_path / "rows.jsonl", [GOOD, row, GOOD])
-    cfg = Config(model=config_lib.ModelConfig(), data=config_lib.DataConfig(
-        paths=(str(path),), format="chat", val_paths=(str(path),)))
+    cfg = Config(
+        model=config_lib.ModelConfig(),
+        data=config_lib.DataConfig(paths=(str(path),), format="chat", val_paths=(str(path),)),
+    )
     with pytest.raises(chat.ChatDataError, match=message):
         data_lib.check(cfg)
 
@@ -158,13 +250,16 @@ def test_preference_row_without_rejected_is_refused(tmp_path):
         chat.read_row(str(_write(tmp_path / "rows.jsonl", [{"prompt": "q", "chosen": "a"}])), 0, 1, "preference")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["lora.rank=8", "lora.targets=[q, w4]", "train.init_from=x"], r"lora.targets\[1\] must be one of"),
-    (["lora.rank=0", "train.init_from=x"], r"lora.rank must be >= 1"),
-    (["lora.rank=8"], r"LoRA adapts pretrained weights: set train.init_from"),
-    (["train.objective=dpo", "train.init_from=x"], r"train.objective=dpo and data.format=preference go together"),
-    (["lora.rank=4", "lora.targets=[gate]", "lora.train_router=true", "train.init_from=x"], r"choose one"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lora.rank=8", "lora.targets=[q, w4]", "train.init_from=x"], r"lora.targets\[1\] must be one of"),
+        (["lora.rank=0", "train.init_from=x"], r"lora.rank must be >= 1"),
+        (["lora.rank=8"], r"LoRA adapts pretrained weights: set train.init_from"),
+        (["train.objective=dpo", "train.init_from=x"], r"train.objective=dpo and data.format=preference go together"),
+        (["lora.rank=4", "lora.targets=[gate]", "lora.train_router=true", "train.init_from=x"], r"choose one"),
+    ],
+)
 def test_bad_tuning_configs_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_lib.load(config_lib.Path(__file__).parents[1] / "configs" / "tiny-moe.yaml", overrides)
@@ -178,8 +273,8 @@ def test_exported_adapter_loads_into_peft_with_our_logits(tmp_path, targets):
     from transformers import AutoModelForCausalLM
 
     import moe.model as model_lib
+    from moe.training.trainable import combine, split
     from moe.tune import peft_export
-    from moe.tune.trainable import combine, split
 
     hf_dir = make_hf(tmp_path, "mixtral")
     cfg = _hf_config(hf_dir)
@@ -206,8 +301,18 @@ def test_trainable_counts_of_lora_on_mixtral_8x7b(capsys):
     from moe import cli
 
     root = config_lib.Path(__file__).parents[1]
-    assert cli.main(["params", str(root / "configs" / "mixtral-8x7b.yaml"), "lora.rank=16",
-                     "lora.targets=[q,k,v,o,mlp]", "train.init_from=x"]) == 0
+    assert (
+        cli.main(
+            [
+                "params",
+                str(root / "configs" / "mixtral-8x7b.yaml"),
+                "lora.rank=16",
+                "lora.targets=[q,k,v,o,mlp]",
+                "train.init_from=x",
+            ]
+        )
+        == 0
+    )
     r, d, kv, f = 16, 4096, 1024, 14336  # per layer: q, k, v, o, then 8 experts x (w1, w3, w2)
     per_layer = r * (d + d) + 2 * r * (d + kv) + r * (d + d) + 8 * 3 * r * (d + f)
     out = capsys.readouterr().out

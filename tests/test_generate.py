@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
+from hf_models import make_hf
 from transformers import AutoModelForCausalLM
 
 import moe.model as M
@@ -16,8 +18,6 @@ from moe.infer import GenerationError, Sampling, SamplingError, generate
 from moe.infer.sampling import sample, top_k_filter, top_p_filter
 from moe.model import kv_cache
 from moe.model.transformer import Transformer
-from helpers import tiny_model
-from hf_models import make_hf
 
 WINDOW = 5  # the mistral-window variant's sliding window
 
@@ -29,9 +29,14 @@ def _prompt(n, vocab=97, seed=0):
 def _hf_greedy(hf_dir, prompt, new):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
-                             eos_token_id=model.config.eos_token_id, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=model.config.eos_token_id,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("variant", ["mistral-window", "mixtral"])
@@ -51,7 +56,7 @@ def _feed_in_chunks(cfg, params, tokens, sizes, slots):
     model, logits, start = Transformer(cfg), [], 0
     for size in sizes:
         pos = jnp.arange(start, start + size)[None]
-        out, _, cache = model.apply({"params": params}, tokens[:, start:start + size], pos, cache=cache)
+        out, _, cache = model.apply({"params": params}, tokens[:, start : start + size], pos, cache=cache)
         logits.append(out)
         start += size
     return jnp.concatenate(logits, axis=1), cache
@@ -99,12 +104,14 @@ def test_decode_layout_views_the_same_memory_and_decodes_like_the_stacked_tree(m
 
     tokens = jax.random.randint(jax.random.key(5), (batch, 9), 0, cfg.vocab_size)
     cache = kv_cache.init(cfg, batch, 4)
-    _, _, cache = Transformer(cfg).apply({"params": params}, tokens[:, :8], jnp.tile(jnp.arange(8), (batch, 1)),
-                                         cache=cache)
+    _, _, cache = Transformer(cfg).apply(
+        {"params": params}, tokens[:, :8], jnp.tile(jnp.arange(8), (batch, 1)), cache=cache
+    )
     pos = jnp.full((batch, 1), 8)
     ref, _, ref_cache = Transformer(cfg).apply({"params": params}, tokens[:, 8:], pos, cache=cache)
-    out, _, new_cache = jax.jit(lambda p, c: Transformer(cfg, layer_list=True).apply(
-        {"params": p}, tokens[:, 8:], pos, cache=c))(layout, kv_cache.as_layer_list(cache))
+    out, _, new_cache = jax.jit(
+        lambda p, c: Transformer(cfg, layer_list=True).apply({"params": p}, tokens[:, 8:], pos, cache=c)
+    )(layout, kv_cache.as_layer_list(cache))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.stack(new_cache["k"]), np.asarray(ref_cache["k"]), atol=1e-6, rtol=0)
 
@@ -135,9 +142,25 @@ def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
     np.testing.assert_array_equal(kept[1], [True, True, True, True, False])
     kept = np.isfinite(np.asarray(top_p_filter(logits, 0.3)))  # the top token always stays
     np.testing.assert_array_equal(kept[0], [False, True, False, False, False])
-    draws = {int(sample(logits, Sampling(1.0, top_k=2), keys)[0]) for keys in
-             jax.random.split(jax.random.key(1), 200).reshape(100, 2)}
+    draws = {
+        int(sample(logits, Sampling(1.0, top_k=2), keys)[0])
+        for keys in jax.random.split(jax.random.key(1), 200).reshape(100, 2)
+    }
     assert draws == {1, 3}
+
+
+def test_temperature_applies_before_the_filters():
+    # probs [0.5, 0.3, 0.2] at T = 2 are proportional to sqrt(p): [0.415, 0.322, 0.263], so top-p 0.8
+    # keeps all three (0.737 < 0.8 before the third); filtering the untempered probs would drop it
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draws = np.asarray(jax.vmap(lambda k: sample(logits, Sampling(2.0, top_p=0.8), k[None])[0])(keys))
+    tempered = np.sqrt([0.5, 0.3, 0.2]) / np.sqrt([0.5, 0.3, 0.2]).sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=3) / len(draws), tempered, atol=0.03)
+    # top-k after temperature: T never changes which tokens are the k most likely, only their odds
+    draws = np.asarray(jax.vmap(lambda k: sample(logits, Sampling(2.0, top_k=2), k[None])[0])(keys))
+    pair = tempered[:2] / tempered[:2].sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=3) / len(draws), [*pair, 0.0], atol=0.03)
 
 
 def test_same_seed_same_samples_and_another_seed_differs():
@@ -159,7 +182,7 @@ def test_eos_ends_a_row_while_the_others_continue():
     at = free[0].index(eos)
     assert at < 9, "row 0 must stop before the token budget does"
     stopped = generate(dataclasses.replace(cfg, eos_id=eos), params, prompts, 10)
-    assert stopped[0] == free[0][:at + 1] and stopped[1] == free[1]
+    assert stopped[0] == free[0][: at + 1] and stopped[1] == free[1]
 
 
 def test_bad_requests_are_refused_with_the_fix():

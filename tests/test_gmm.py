@@ -12,19 +12,22 @@ def loop_reference(x, w, sizes):
     """Row block of group g times w[g], one group at a time; rows after the groups are zero."""
     out, start = [], 0
     for g, size in enumerate(sizes):
-        out.append(x[start:start + size] @ w[g])
+        out.append(x[start : start + size] @ w[g])
         start += size
     out.append(jnp.zeros((x.shape[0] - start, w.shape[2]), x.dtype))
     return jnp.concatenate(out)
 
 
-@pytest.mark.parametrize("sizes, rows, block", [
-    ([5, 0, 17, 3], 25, 8),          # an empty group, a group of several blocks, unrouted rows at the end
-    ([0, 0, 40, 0], 40, 16),         # every row in one group
-    ([1, 1, 1, 1], 4, 64),           # blocks larger than all the rows
-    ([33, 31, 0, 9], 73, 8),         # remainders in tail blocks of 8
-    ([0, 0, 0, 0], 6, 8),            # nothing routed
-])
+@pytest.mark.parametrize(
+    "sizes, rows, block",
+    [
+        ([5, 0, 17, 3], 25, 8),  # an empty group, a group of several blocks, unrouted rows at the end
+        ([0, 0, 40, 0], 40, 16),  # every row in one group
+        ([1, 1, 1, 1], 4, 64),  # blocks larger than all the rows
+        ([33, 31, 0, 9], 73, 8),  # remainders in tail blocks of 8
+        ([0, 0, 0, 0], 6, 8),  # nothing routed
+    ],
+)
 def test_gmm_matches_the_per_group_loop(sizes, rows, block):
     keys = jax.random.split(jax.random.key(sum(sizes) + block), 3)
     x = jax.random.normal(keys[0], (rows, 12))
@@ -76,6 +79,11 @@ def test_two_grouped_products_on_the_same_rows_copy_no_buffer():
         return jnp.sum(gmm(h, w2, sizes, 8) ** 2)
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, w1, w3, w2, sizes).compile().as_text()
-    copies = [line for line in hlo.splitlines() if " copy(" in line and "f32[" in line
-              and any(f"f32[{shape}]" in line for shape in ("64,24", "64,16", "4,16,24"))]
+    copies = [
+        line
+        for line in hlo.splitlines()
+        if " copy(" in line
+        and "f32[" in line
+        and any(f"f32[{shape}]" in line for shape in ("64,24", "64,16", "4,16,24"))
+    ]
     assert not copies, copies

@@ -1,12 +1,11 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import flax.linen as nn
 import pytest
+from helpers import hidden_residuals, tiny_model
 
 from moe.model.layers import RMSNorm, SwiGLU, apply_rope, gated, rope_cos_sin
-from helpers import hidden_residuals, tiny_model
 
 
 def test_rmsnorm_matches_formula():
@@ -52,8 +51,7 @@ def test_rope_matches_half_layout_formula():
     x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
     positions = np.array([[0, 1, 2, 3, 4], [7, 8, 0, 1, 30]])
     cos, sin = rope_cos_sin(jnp.asarray(positions), 8, 10000.0)
-    np.testing.assert_allclose(np.asarray(apply_rope(x, cos, sin)), rope_reference(x, positions, 1e4),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(apply_rope(x, cos, sin)), rope_reference(x, positions, 1e4), atol=1e-5)
 
 
 def test_rope_gradient_is_the_inverse_rotation():
@@ -84,8 +82,9 @@ def test_rope_scores_depend_only_on_relative_position():
 def test_swiglu_matches_formula():
     cfg = tiny_model()
     params = SwiGLU(cfg).init(jax.random.key(0), jnp.zeros((1, 1, cfg.d_model)))["params"]
-    params = jax.tree_util.tree_map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
-                                    is_leaf=lambda p: hasattr(p, "unbox"))
+    params = jax.tree_util.tree_map(
+        lambda p: p.unbox() if hasattr(p, "unbox") else p, params, is_leaf=lambda p: hasattr(p, "unbox")
+    )
     x = np.random.default_rng(0).normal(size=(2, 3, cfg.d_model)).astype(np.float32)
     w1, w3, w2 = (np.asarray(params[n], np.float64) for n in ("w1", "w3", "w2"))
     g = x @ w1
@@ -111,7 +110,8 @@ def test_gated_product_and_its_gradient_equal_jaxs_own_bit_for_bit(dtype):
     by op, XLA fuses JAX's own derivative differently and the last bits differ)."""
     keys = jax.random.split(jax.random.key(0), 3)
     gate, up, g = (jax.random.normal(k, (64, 40), dtype) * 3 for k in keys)
-    plain = lambda a, b: nn.silu(a) * b  # noqa: E731
+    plain = lambda a, b: nn.silu(a) * b
+
     def value_and_grads(f):
         return jax.jit(lambda a, b, g: (lambda v, vjp: (v, *vjp(g)))(*jax.vjp(f, a, b)))(gate, up, g)
 

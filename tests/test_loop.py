@@ -9,20 +9,40 @@ import time
 from pathlib import Path
 
 import pytest
-
-from moe import platform, storage
-from moe.checkpoint import restore_params
 from helpers import ROOT, kill_group, processes_with_env, spawn
 
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
-         "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=2", "train.eval_every=4",
-         "train.eval_batches=1", "checkpoint.keep=5"]
+from moe import platform, storage
+from moe.checkpoint.params import restore_params
+
+SMALL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.d_ff=64",
+    "train.batch_size=4",
+    "train.seq_len=32",
+    "train.warmup_steps=2",
+    "train.eval_every=4",
+    "train.eval_batches=1",
+    "checkpoint.keep=5",
+]
 
 
 def moe_train(run_dir, *overrides, wait=True, env=None):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
-    command = [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir", str(run_dir),
-               "--no-progress", *SMALL, *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "moe",
+        "train",
+        str(ROOT / "configs/tiny-moe.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        *SMALL,
+        *overrides,
+    ]
     if not wait:
         return spawn(command, Path(f"{run_dir}.out"), env)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -75,8 +95,12 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, children):
 
     # killed at a known step: after step n + 1, with the checkpoint of step n written
     marker = f"{tmp_path}"
-    child = moe_train(tmp_path / "killed", *common, wait=False,
-                      env={"MOE_FAULT_SIGKILL_AT_STEP": str(n + 1), "MOE_TEST_KILLED_RUN": marker})
+    child = moe_train(
+        tmp_path / "killed",
+        *common,
+        wait=False,
+        env={"MOE_FAULT_SIGKILL_AT_STEP": str(n + 1), "MOE_TEST_KILLED_RUN": marker},
+    )
     children.append(child)
     assert child.wait(timeout=600) == -signal.SIGKILL, Path(f"{tmp_path / 'killed'}.out").read_text()
     assert [r["step"] for r in records(tmp_path / "killed")] == list(range(1, n + 2))
@@ -116,8 +140,14 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, children, sig
 
 def test_non_finite_steps_in_a_row_save_a_checkpoint_and_stop_with_exit_1(tmp_path):
     # lr 1e38: the first update sends the weights to ~1e38, every later gradient is NaN
-    result = moe_train(tmp_path / "run", "train.steps=50", "train.lr=1e38", "train.warmup_steps=0",
-                       "train.max_nonfinite_steps=3", "checkpoint.every_steps=100")
+    result = moe_train(
+        tmp_path / "run",
+        "train.steps=50",
+        "train.lr=1e38",
+        "train.warmup_steps=0",
+        "train.max_nonfinite_steps=3",
+        "checkpoint.every_steps=100",
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "3 steps in a row had non-finite gradients (up to step 4); a checkpoint was saved" in result.stderr
     assert checkpoint_steps(tmp_path / "run") == [4]
@@ -155,8 +185,19 @@ def test_train_then_plot_and_convert_to_hf(tmp_path):
     result = moe_train(run, "train.steps=4", "checkpoint.every_steps=4")
     assert result.returncode == 0, result.stdout + result.stderr
     rec = records(run)[-1]
-    for key in ("step", "loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
-                "expert_load", "expert_imbalance"):
+    for key in (
+        "step",
+        "loss",
+        "ce_loss",
+        "aux_loss",
+        "z_loss",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "mfu",
+        "expert_load",
+        "expert_imbalance",
+    ):
         assert key in rec
     assert len(rec["expert_load"]) == 2 and abs(sum(rec["expert_load"][0]) - 1) < 1e-4
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -164,8 +205,11 @@ def test_train_then_plot_and_convert_to_hf(tmp_path):
     assert plot.returncode == 0, plot.stderr
     assert (run / "plots" / "loss.png").stat().st_size > 1000
     assert (run / "plots" / "expert_load_layer1.png").exists()
-    convert = subprocess.run([sys.executable, "-m", "moe", "convert", "to-hf", str(run / "checkpoints" / "4"),
-                              str(tmp_path / "hf")], capture_output=True, text=True)
+    convert = subprocess.run(
+        [sys.executable, "-m", "moe", "convert", "to-hf", str(run / "checkpoints" / "4"), str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+    )
     assert convert.returncode == 0, convert.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_local_experts"] == 8
 
@@ -183,27 +227,68 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_log_the_same_losses_as_one_and_only_process_0_writes_the_shared_files(tmp_path, children,
-                                                                                             gcs):
-    common = ["train.steps=3", "checkpoint.every_steps=3", "data.workers=0", "train.batch_size=8",
-              "mesh.data=2", "mesh.expert=4"]
+def test_two_processes_log_the_same_losses_as_one_and_only_process_0_writes_the_shared_files(tmp_path, children, gcs):
+    common = [
+        "train.steps=3",
+        "checkpoint.every_steps=3",
+        "data.workers=0",
+        "train.batch_size=8",
+        "mesh.data=2",
+        "mesh.expert=4",
+    ]
     single = subprocess.run(
-        [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir",
-         str(tmp_path / "one"), "--no-progress", *SMALL, *common],
+        [
+            sys.executable,
+            "-m",
+            "moe",
+            "train",
+            str(ROOT / "configs/tiny-moe.yaml"),
+            "--run-dir",
+            str(tmp_path / "one"),
+            "--no-progress",
+            *SMALL,
+            *common,
+        ],
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"),
-        capture_output=True, text=True, timeout=600)
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stdout + single.stderr
     port = _free_port()
     for pid in range(2):
         # process 1 compiles 35 s after process 0 (a loaded host): gloo drops a peer 30 s late
         # unless the processes meet after compiling
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   MOE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MOE_NUM_PROCESSES="2", MOE_PROCESS_ID=str(pid),
-                   MOE_FAULT_COMPILE_DELAY_S=str(35 * pid))
-        children.append(subprocess.Popen(
-            [sys.executable, "-m", "moe", "train", str(ROOT / "configs/tiny-moe.yaml"), "--run-dir",
-             "gs://moe-test/runs/two", "--no-progress", *SMALL, *common],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        env = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_PLATFORMS="cpu",
+            MOE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            MOE_NUM_PROCESSES="2",
+            MOE_PROCESS_ID=str(pid),
+            MOE_FAULT_COMPILE_DELAY_S=str(35 * pid),
+        )
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "moe",
+                    "train",
+                    str(ROOT / "configs/tiny-moe.yaml"),
+                    "--run-dir",
+                    "gs://moe-test/runs/two",
+                    "--no-progress",
+                    *SMALL,
+                    *common,
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
     outputs = [c.communicate(timeout=600)[0] for c in children]
     assert all(c.returncode == 0 for c in children), [out[-4000:] for out in outputs]
     assert "over 8 devices in 2 processes" in outputs[0] and "met the other processes" in outputs[1]

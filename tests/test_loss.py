@@ -1,4 +1,4 @@
-"""The fused lm_head + cross-entropy (moe/loss.py) against the plain formula: value and
+"""The fused lm_head + cross-entropy (moe/training/loss.py) against the plain formula: value and
 every gradient, in blocks, with zero and fractional weights; the no-gradient path."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe.loss import default_chunk, fused_nll_sum, token_nll
+from moe.training.loss import default_chunk, fused_nll_sum, token_nll
 
 
 def _inputs(dtype=jnp.float32, batch=2, seq=12, d_model=16, vocab=50):
@@ -30,7 +30,8 @@ def test_fused_loss_equals_the_plain_one_in_value_and_gradients(chunk):
     args = (0, 1, 3)
     plain, plain_grads = jax.value_and_grad(_plain, args)(hidden, kernel, targets, weights)
     fused, fused_grads = jax.value_and_grad(lambda h, k, t, w: fused_nll_sum(h, k, t, w, chunk), args)(
-        hidden, kernel, targets, weights)
+        hidden, kernel, targets, weights
+    )
     assert abs(float(fused - plain)) <= 1e-5 * abs(float(plain))
     for name, a, b in zip(["hidden", "kernel", "weights"], plain_grads, fused_grads):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5, name
@@ -41,8 +42,7 @@ def test_fused_loss_equals_the_plain_one_in_value_and_gradients(chunk):
 def test_fused_loss_scales_by_the_cotangent_and_composes_under_jit():
     hidden, kernel, targets, weights = _inputs()
     plain = jax.grad(lambda h, k: 2.5 * _plain(h, k, targets, weights) ** 2, (0, 1))(hidden, kernel)
-    fused = jax.jit(jax.grad(lambda h, k: 2.5 * fused_nll_sum(h, k, targets, weights, 4) ** 2, (0, 1)))(
-        hidden, kernel)
+    fused = jax.jit(jax.grad(lambda h, k: 2.5 * fused_nll_sum(h, k, targets, weights, 4) ** 2, (0, 1)))(hidden, kernel)
     for a, b in zip(plain, fused):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
 
@@ -58,13 +58,12 @@ def test_fused_loss_in_bfloat16_matches_the_plain_bfloat16_loss():
     # gradient is accumulated in float32 over blocks, so it may differ in bfloat16's last bit
     hidden, kernel, targets, weights = _inputs(jnp.bfloat16)
     plain, (gh, gk) = jax.value_and_grad(_plain, (0, 1))(hidden, kernel, targets, weights)
-    fused, (fh, fk) = jax.value_and_grad(lambda h, k: fused_nll_sum(h, k, targets, weights, 4), (0, 1))(
-        hidden, kernel)
+    fused, (fh, fk) = jax.value_and_grad(lambda h, k: fused_nll_sum(h, k, targets, weights, 4), (0, 1))(hidden, kernel)
     assert fh.dtype == jnp.bfloat16 and fk.dtype == jnp.bfloat16
     assert abs(float(fused - plain)) <= 1e-5 * abs(float(plain))
     for a, b in [(gh, fh), (gk, fk)]:
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert np.abs(a - b).max() <= 2 ** -7 * np.abs(a).max()
+        assert np.abs(a - b).max() <= 2**-7 * np.abs(a).max()
 
 
 def test_default_chunk_is_the_largest_divisor_up_to_128():

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import hidden_residuals, tiny_model
 
 from moe.model.dispatch import DISPATCH
 from moe.model.moe import SparseMoE, load_balancing_loss, route, router_stats, z_loss
-from helpers import hidden_residuals, tiny_model
 
 PATHS = sorted(DISPATCH)
 
@@ -60,7 +60,7 @@ def test_top_k_equal_to_n_experts_is_the_full_softmax_mixture(path):
     for e in range(cfg.n_experts):
         g = x64 @ np.asarray(params["w1"][e], np.float64)
         h = g / (1 + np.exp(-g)) * (x64 @ np.asarray(params["w3"][e], np.float64))
-        expected += probs[:, e:e + 1] * (h @ np.asarray(params["w2"][e], np.float64))
+        expected += probs[:, e : e + 1] * (h @ np.asarray(params["w2"][e], np.float64))
     assert np.abs(np.asarray(y).reshape(expected.shape) - expected).max() <= 1e-5
 
 
@@ -123,8 +123,12 @@ def test_balancing_loss_matches_hugging_face_over_layers_and_padding():
     logits = jax.random.normal(jax.random.key(0), (3, 2 * 6, 8))  # [layers, batch*seq, experts]
     valid = jnp.array([1] * 6 + [1, 1, 1, 1, 0, 0], bool)
     ours, _ = _loss_from_logits(logits, top_k=2, valid=valid)
-    theirs = load_balancing_loss_func(tuple(torch.tensor(np.asarray(l)) for l in logits), 8, 2,
-                                      torch.tensor(np.asarray(valid).reshape(2, 6).astype(np.int64)))
+    theirs = load_balancing_loss_func(
+        tuple(torch.tensor(np.asarray(l)) for l in logits),
+        8,
+        2,
+        torch.tensor(np.asarray(valid).reshape(2, 6).astype(np.int64)),
+    )
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
 
 
@@ -162,8 +166,10 @@ def _dispatch_case(case, tokens, n_experts=4, top_k=2, d_model=16, d_ff=24):
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if p != "dense"])
-@pytest.mark.parametrize("case,tokens", [("random", 1), ("random", 37), ("one expert", 13),
-                                         ("empty experts", 21), ("skipped copies", 29), ("random", 300)])
+@pytest.mark.parametrize(
+    "case,tokens",
+    [("random", 1), ("random", 37), ("one expert", 13), ("empty experts", 21), ("skipped copies", 29), ("random", 300)],
+)
 def test_every_dispatch_path_matches_the_reference_in_edge_cases(path, case, tokens):
     from moe.model.dispatch import DISPATCH
 

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_model
 
 from moe import config as C
-from moe import sharding as S
-from moe import train as T
-from helpers import tiny_model
+from moe.parallel import mesh as S
+from moe.training import state as state_lib
+from moe.training import step as T
 
 
 def cfg_with(**train):
@@ -33,8 +34,9 @@ def test_learning_rate_is_linear_warmup_then_cosine_to_the_floor(step):
 
 def params_and_grads(scale):
     params = {"w": jnp.full((3, 4), 0.5), "norm": {"scale": jnp.ones(4)}}
-    grads = jax.tree_util.tree_map(lambda p: scale * jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) / 10,
-                                   params)
+    grads = jax.tree_util.tree_map(
+        lambda p: scale * jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) / 10, params
+    )
     return params, grads
 
 
@@ -56,8 +58,9 @@ def test_gradients_are_clipped_to_the_global_norm_and_no_further(scale):
     for a, b in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     unclipped = first_update(cfg_with(clip_norm=0.0, eps=1.0, warmup_steps=0), params, grads)
-    differs = any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(clipped),
-                                                        jax.tree_util.tree_leaves(unclipped)))
+    differs = any(
+        not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(unclipped))
+    )
     assert differs == (norm > clip)
 
 
@@ -71,10 +74,13 @@ def test_weight_decay_applies_exactly_where_the_mask_says():
 
 def test_adam_moments_are_sharded_like_their_params():
     model = tiny_model(vocab_size=128, n_experts=8, top_k=2)
-    cfg = C.Config(model=model, train=C.TrainConfig(batch_size=8, seq_len=16),
-                   mesh=C.MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+    cfg = C.Config(
+        model=model,
+        train=C.TrainConfig(batch_size=8, seq_len=16),
+        mesh=C.MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
+    )
     mesh = S.make_mesh(cfg)
-    abstract, shardings = S.abstract_state(cfg, mesh)
+    abstract, shardings = state_lib.abstract_state(cfg, mesh)
     with jax.set_mesh(mesh):
         state = jax.jit(lambda r: T.fresh_state(cfg, r), out_shardings=shardings)(jax.random.key(0))
     param_tree = jax.tree_util.tree_structure(state.params)
@@ -88,10 +94,13 @@ def test_adam_moments_are_sharded_like_their_params():
 
     jax.tree_util.tree_map(lambda _: None, state.opt_state, is_leaf=collect)
     assert len(moments) == 2  # Adam's mu and nu
-    param_bytes = S.bytes_per_device(state.params)
-    assert len(set(param_bytes.values())) == 1 and max(param_bytes.values()) < sum(
-        x.nbytes for x in jax.tree_util.tree_leaves(jax.device_get(state.params))) / 2
+    param_bytes = state_lib.bytes_per_device(state.params)
+    assert (
+        len(set(param_bytes.values())) == 1
+        and max(param_bytes.values())
+        < sum(x.nbytes for x in jax.tree_util.tree_leaves(jax.device_get(state.params))) / 2
+    )
     for moment in moments:
         for p, m in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(moment)):
             assert m.sharding.is_equivalent_to(p.sharding, p.ndim), (m.sharding, p.sharding)
-        assert S.bytes_per_device(moment) == param_bytes
+        assert state_lib.bytes_per_device(moment) == param_bytes

@@ -4,16 +4,17 @@ import subprocess
 import sys
 
 import pytest
-
-from moe import plan
 from helpers import ROOT
 from test_aot import needs_libtpu
+
+from moe.plan import meshes as plan
 
 
 def moe_plan(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", "moe", "plan", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "moe", "plan", *map(str, args)], capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def test_factorizations_are_every_ordered_split_of_the_chips():
@@ -23,22 +24,29 @@ def test_factorizations_are_every_ordered_split_of_the_chips():
     assert len({tuple(m.values()) for m in meshes}) == 20
 
 
-TINY = [ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "--seq", "64", "model.vocab_size=512",
-        "model.n_layers=1"]
+TINY = [
+    ROOT / "configs/tiny-moe.yaml",
+    "--topology",
+    "v5p-8",
+    "train.seq_len=64",
+    "model.vocab_size=512",
+    "model.n_layers=1",
+]
 
 
 @needs_libtpu
 def test_plan_compiles_every_dividing_mesh_ranks_them_and_caches(tmp_path):
-    args = [*TINY, "--batch", "8", "--jobs", "2", "--cache-dir", tmp_path / "cache"]
-    first = moe_plan(*args, "--json", tmp_path / "plans.json")
+    args = [*TINY, "train.batch_size=8", "--jobs", "2", "--cache-dir", tmp_path / "cache"]
+    first = moe_plan(*args, "--out", tmp_path / "plans.json")
     assert first.returncode == 0, first.stdout + first.stderr
     result = json.loads((tmp_path / "plans.json").read_text())
     # tiny-moe: 4 heads, 2 kv heads, 8 experts; 8 sequences over data x fsdp x expert
-    expected = {(d, f, e, t) for d in (1, 2, 4) for f in (1, 2, 4) for e in (1, 2, 4) for t in (1, 2)
-                if d * f * e * t == 4}
+    expected = {
+        (d, f, e, t) for d in (1, 2, 4) for f in (1, 2, 4) for e in (1, 2, 4) for t in (1, 2) if d * f * e * t == 4
+    }
     assert {tuple(p["mesh"][a] for a in plan.AXES) for p in result["plans"]} == expected and len(expected) == 9
     reports = [p["report"] for p in result["plans"]]
-    for r in reports:  # `moe aot --json` fields, from a real compile
+    for r in reports:  # `moe aot --out` fields, from a real compile
         assert r["fits"] and r["total_bytes"] <= r["hbm_bytes"] and r["flops"] > 0 and r["temp_bytes"] > 0
         assert r["params_bytes"] > 0 and r["opt_state_bytes"] > 0 and not r["cached"]
     steps = [r["roofline"]["step_s"] for r in reports]
@@ -57,12 +65,19 @@ def test_plan_compiles_every_dividing_mesh_ranks_them_and_caches(tmp_path):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("args, message", [
-    (["--batch", "1"], "no mesh of 4 chips divides this model with a micro-batch of 1 sequences; pass --batch"),
-    (["--topology", "v9-8"], "unknown topology 'v9-8'"),
-    (["--fix", "tensor=3"], "no mesh of 4 chips with {'tensor': 3} divides this model; relax --fix"),
-    (["--fix", "pipeline=2"], "--fix 'pipeline=2': use AXIS=N"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["train.batch_size=1"],
+            "no mesh of 4 chips divides this model with a micro-batch of 1 sequences; "
+            "set train.batch_size= to a multiple",
+        ),
+        (["--topology", "v9-8"], "unknown topology 'v9-8'"),
+        (["--fix", "tensor=3"], "no mesh of 4 chips with {'tensor': 3} divides this model; relax --fix"),
+        (["--fix", "pipeline=2"], "--fix 'pipeline=2': use AXIS=N"),
+    ],
+)
 def test_bad_plans_are_one_line_errors(args, message, tmp_path):
     result = moe_plan(*TINY, *args, "--cache-dir", tmp_path)
     assert result.returncode == 2 and message in result.stderr
@@ -84,7 +99,11 @@ def test_multislice_candidates_split_only_data_and_fsdp_over_dcn():
     assert not any(m["data"] == m["fsdp"] == 1 for m in meshes)  # expert / tensor alone never cross slices
     held, _ = plan.candidates(cfg, "v5p-8", slices=2, fixed={"tensor": 1, "data": 2})
     assert held and all(m["tensor"] == 1 and m["data"] == 2 for m in held) and len(held) < len(meshes)
-    assert plan.mesh_overrides(meshes[0])[-2:] == [f"mesh.dcn_data={meshes[0]['dcn_data']}",
-                                                   f"mesh.dcn_fsdp={meshes[0]['dcn_fsdp']}"]
-    assert plan.describe({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1}) == \
-        "2, 2, 2, 1 (DCN: data 2)"
+    assert plan.mesh_overrides(meshes[0])[-2:] == [
+        f"mesh.dcn_data={meshes[0]['dcn_data']}",
+        f"mesh.dcn_fsdp={meshes[0]['dcn_fsdp']}",
+    ]
+    assert (
+        plan.describe({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1})
+        == "2, 2, 2, 1 (DCN: data 2)"
+    )

@@ -3,6 +3,7 @@
 not, test_cli's bench test)."""
 
 import importlib.util
+import os
 
 from moe import platform
 
@@ -17,9 +18,31 @@ def test_huge_page_malloc_only_on_cpu_hosts_with_a_new_glibc_and_no_user_choice(
     for accelerator in ("tpu", "cuda,cpu", "tpu,cpu"):
         assert platform.hugepage_malloc_env({"JAX_PLATFORMS": accelerator}, libc="glibc 2.36") is None
     # the user's own tunables, the opt-out, and the re-run itself (no second re-run)
-    for env in ({**cpu, "GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}, {**cpu, "MOE_HUGEPAGE_MALLOC": "0"},
-                {**cpu, "GLIBC_TUNABLES": platform.HUGEPAGE_MALLOC}):
+    for env in (
+        {**cpu, "GLIBC_TUNABLES": "glibc.malloc.arena_max=1"},
+        {**cpu, "MOE_HUGEPAGE_MALLOC": "0"},
+        {**cpu, "GLIBC_TUNABLES": platform.HUGEPAGE_MALLOC},
+    ):
         assert platform.hugepage_malloc_env(env, libc="glibc 2.36") is None
     assert platform.computes_on_cpu({}) == (not any(importlib.util.find_spec(n) for n in platform.CUDA_PLUGINS))
     monkeypatch.setattr(platform, "has_tpu", lambda: True)
     assert platform.hugepage_malloc_env({}, libc="glibc 2.36") is None  # a TPU VM with JAX_PLATFORMS unset
+
+
+def test_importing_the_package_keeps_libtpu_quiet_without_tpus():
+    """A program that imports moe and runs a model (not the `moe` command) prints no libtpu
+    initialization errors on a host without TPUs, the tpu extra installed or not."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE")}
+    code = "import moe.model, jax; print(jax.devices()[0].platform)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "cpu"
+    noise = [
+        line
+        for line in result.stderr.splitlines()
+        if any(word in line for word in ("libtpu", "TPU_", "InitGoogle", "tpu_"))
+    ]
+    assert noise == []

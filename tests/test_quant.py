@@ -9,13 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import IN_CI, tiny_model
 
 import moe.model as model_lib
+from moe.model import codes as codes_lib
 from moe.quant import QuantError, quantize
-from moe.quant import codes as codes_lib
 from moe.quant.params import dequantize_params, quantize_params
-
-from helpers import IN_CI, tiny_model
 
 if not IN_CI:
     pytest.importorskip("bitsandbytes", reason="bitsandbytes (the test extra) is the reference for NF4")
@@ -23,10 +22,24 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 import torch  # noqa: E402
 
 # Appendix E of Dettmers et al. 2023 (QLoRA): the NF4 data type's 16 values
-QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-             0.7229568362236023, 1.0]
+QLORA_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 FORMAT_MODEL = dict(d_model=64, d_ff=128, n_heads=4, n_kv_heads=2, head_dim=16)  # input dims divisible by 64
 
 
@@ -64,20 +77,24 @@ def test_double_quantization_is_bitsandbytes(shape):
     np.testing.assert_array_equal(np.asarray(q.codes), packed.numpy().reshape(-1))
     # the offset is a float32 mean summed in another order than torch's: within an ulp, and
     # the second-level scales (absmax of the scales minus it) with it
-    np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=2 ** -23)
-    np.testing.assert_allclose(np.asarray(q.scale2), state.state2.absmax.numpy(), rtol=2 ** -22)
+    np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=2**-23)
+    np.testing.assert_allclose(np.asarray(q.scale2), state.state2.absmax.numpy(), rtol=2**-22)
     # the 8-bit scale codes: ours is always the nearest code value; bitsandbytes' CPU kernel
     # (an approximate binary search) picks a neighbour for a fraction of a percent
     ours, theirs = np.asarray(q.scale), state.absmax.numpy()
     code, centered = codes_lib.dynamic_code(), np.asarray(quantize(x, "nf4").scale) - float(q.offset)
-    scaled = centered / np.repeat(np.asarray(q.scale2), 256)[:centered.size]
+    scaled = centered / np.repeat(np.asarray(q.scale2), 256)[: centered.size]
     assert np.all(np.abs(scaled - code[ours]) <= np.abs(scaled - code[theirs]) + 1e-7)
     assert np.mean(ours != theirs) < 0.01
     # bitsandbytes' own stored fields read back through our decoder: its values, bit for bit
-    theirs_q = q.replace(scale=jnp.asarray(theirs), scale2=jnp.asarray(state.state2.absmax.numpy()),
-                         offset=jnp.asarray(state.offset.numpy()))
-    np.testing.assert_array_equal(np.asarray(theirs_q.dequantize(jnp.float32)),
-                                  bnbf.dequantize_4bit(packed, state).numpy())
+    theirs_q = q.replace(
+        scale=jnp.asarray(theirs),
+        scale2=jnp.asarray(state.state2.absmax.numpy()),
+        offset=jnp.asarray(state.offset.numpy()),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(theirs_q.dequantize(jnp.float32)), bnbf.dequantize_4bit(packed, state).numpy()
+    )
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -85,8 +102,12 @@ def test_integer_formats_are_qwix(fmt):
     import qwix
 
     x = _tensor((32, 256))
-    ref = qwix.quantize(jnp.asarray(x), jnp.int8 if fmt == "int8" else jnp.int4, channelwise_axes=[0],
-                        tiled_axes=None if fmt == "int8" else {1: 64})
+    ref = qwix.quantize(
+        jnp.asarray(x),
+        jnp.int8 if fmt == "int8" else jnp.int4,
+        channelwise_axes=[0],
+        tiled_axes=None if fmt == "int8" else {1: 64},
+    )
     np.testing.assert_array_equal(np.asarray(quantize(x, fmt).dequantize()), np.asarray(qwix.dequantize(ref)))
 
 
@@ -108,7 +129,7 @@ def test_round_trip_within_the_formats_bound(fmt, heavy):
         absmax = np.repeat(np.abs(x).reshape(-1, 64).max(axis=1), 64).reshape(x.shape)
     slack = 0.0
     if fmt == "nf4-dq":  # the block absmax itself comes back within the 8-bit code's bound
-        from moe.quant.qarray import block_absmax
+        from moe.model.qarray import block_absmax
 
         slack = np.repeat(np.abs(np.asarray(block_absmax(q)) - absmax.reshape(-1, 64)[:, 0]), 64).reshape(x.shape)
     assert np.all(err <= _bound(fmt, absmax) * (1 + 1e-4) + slack + 1e-8)
@@ -116,13 +137,13 @@ def test_round_trip_within_the_formats_bound(fmt, heavy):
 
 
 def test_double_quantized_scales_within_the_8bit_bound():
-    from moe.quant.qarray import SCALE_BLOCK, block_absmax
+    from moe.model.qarray import SCALE_BLOCK, block_absmax
 
     x = _tensor((64, 1024), heavy=True, seed=3)
     true = np.asarray(quantize(x, "nf4").scale)
     q = quantize(x, "nf4-dq")
     half_gap = np.max(np.diff(codes_lib.dynamic_code())) / 2  # the code's widest step, near +-1
-    second = np.repeat(np.asarray(q.scale2), SCALE_BLOCK)[:true.size]
+    second = np.repeat(np.asarray(q.scale2), SCALE_BLOCK)[: true.size]
     assert np.all(np.abs(np.asarray(block_absmax(q)) - true) <= second * half_gap * (1 + 1e-5))
     assert q.nbytes * 8 / x.size == pytest.approx(4.127, abs=0.002)
 
@@ -152,6 +173,7 @@ def trained():
         def loss(p):
             logits = model_lib.apply(cfg, p, seq[:, :-1])[0]
             return optax.softmax_cross_entropy_with_integer_labels(logits, seq[:, 1:]).mean()
+
         updates, s = opt.update(jax.grad(loss)(p), s, p)
         return optax.apply_updates(p, updates), s
 

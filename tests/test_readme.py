@@ -1,30 +1,35 @@
-"""The README's commands run as written: every `moe` line parses with the real command-line
-parser, the cheap ones run (`moe params`, sweep dry runs, the launchers' dry runs), and every
-`moe aot` line's mesh and batch divide its topology's chips (the compile itself is
-test_aot's, on a tiny model)."""
+"""The commands of README.md and docs/ run as written: every `moe` line parses with the real
+command-line parser, the cheap ones run (`moe params`, sweep dry runs, the launchers' dry
+runs), and every `moe aot` / `moe plan` line's mesh and batch divide its topology's chips
+(the compile itself is test_aot's, on a tiny model)."""
 
 import re
 import shlex
 import subprocess
 
 import pytest
-
-from moe import aot, cli, config as config_lib, sharding
 from helpers import ROOT
 
-README = ROOT / "README.md"
+from moe import cli
+from moe import config as config_lib
+from moe.parallel import mesh as mesh_lib
+from moe.plan import aot
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def readme_commands() -> list[list[str]]:
-    """Every command in the README's bash blocks, as argument lists (`a && b` is two)."""
+    """Every command in the bash blocks of README.md and docs/, as argument lists (`a && b`
+    is two)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+    text = "\n".join(path.read_text() for path in DOCS)
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             words = shlex.split(line, comments=True)
             while words:
                 cut = words.index("&&") if "&&" in words else len(words)
                 commands.append(words[:cut])
-                words = words[cut + 1:]
+                words = words[cut + 1 :]
     return [c for c in commands if c]
 
 
@@ -58,22 +63,21 @@ def test_the_readme_aot_lines_divide_their_topology():
         args, extra = cli.build_parser().parse_known_args(argv)
         cfg = config_lib.load(args.config, [*args.overrides, *extra])
         _, _, chips = aot.parse_topology(args.topology)
-        sharding.check_divisibility(cfg, sharding.mesh_shape(cfg.mesh, chips))  # raises with the fix
+        mesh_lib.check_divisibility(cfg, mesh_lib.mesh_shape(cfg.mesh, chips))  # raises with the fix
 
 
 def test_the_readme_plan_lines_have_meshes_to_compile():
-    from moe import plan
+    from moe.plan import meshes as plan
 
     assert moe_lines("plan")
     for argv in moe_lines("plan"):
         args, extra = cli.build_parser().parse_known_args(argv)
-        sizes = [f"train.batch_size={args.batch}"] * bool(args.batch) + [f"train.seq_len={args.seq}"] * bool(args.seq)
-        cfg = config_lib.load(args.config, [*args.overrides, *extra, *sizes])
+        cfg = config_lib.load(args.config, [*args.overrides, *extra])
         _, _, chips = aot.parse_topology(args.topology)
         dividing = []
         for mesh in plan.factorizations(chips):
             try:
-                sharding.check_divisibility(cfg, mesh)
+                mesh_lib.check_divisibility(cfg, mesh)
                 dividing.append(mesh)
             except config_lib.ConfigError:
                 pass
@@ -84,6 +88,7 @@ def test_the_readme_launcher_lines_dry_run():
     lines = [c for c in readme_commands() if c[0].startswith("launch/")]
     for words in lines:
         dry = words if "--dry-run" in words else [words[0], "--dry-run", *words[1:]]
-        result = subprocess.run(["bash", str(ROOT / dry[0]), *dry[1:]], capture_output=True, text=True,
-                                cwd=ROOT, timeout=120)
+        result = subprocess.run(
+            ["bash", str(ROOT / dry[0]), *dry[1:]], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
         assert result.returncode == 0, f"{' '.join(dry)}: {result.stderr}"

@@ -4,16 +4,16 @@ import contextlib
 import dataclasses
 
 import jax
-from jax._src import compilation_cache
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_model
+from jax._src import compilation_cache
 
 from moe import config as C
-from moe import sharding as S
-from moe import train as T
-from moe.checkpoint import restore_params, save_params
-from helpers import tiny_model
+from moe.checkpoint.params import restore_params, save_params
+from moe.parallel import mesh as S
+from moe.training import state as state_lib
+from moe.training import step as T
 
 MESHES = {
     "data=8": dict(data=8),
@@ -27,8 +27,11 @@ MESHES = {
 
 def run_config(mesh=None, **model):
     m = tiny_model(**{"vocab_size": 128, "d_model": 32, "n_experts": 8, "top_k": 2, "d_ff": 48, **model})
-    return C.Config(model=m, train=C.TrainConfig(batch_size=8, seq_len=16, warmup_steps=0, lr=1e-2),
-                    mesh=C.MeshConfig(**(mesh or {})))
+    return C.Config(
+        model=m,
+        train=C.TrainConfig(batch_size=8, seq_len=16, warmup_steps=0, lr=1e-2),
+        mesh=C.MeshConfig(**(mesh or {})),
+    )
 
 
 def batch_for(cfg, seed=0):
@@ -37,8 +40,12 @@ def batch_for(cfg, seed=0):
     segments = np.ones((8, 16), np.int32)
     segments[3, 9:] = 2
     positions = np.where(segments == 2, np.arange(16) - 9, np.arange(16))
-    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-            "segment_ids": segments, "positions": positions.astype(np.int32)}
+    return {
+        "inputs": tokens[:, :-1].astype(np.int32),
+        "targets": tokens[:, 1:].astype(np.int32),
+        "segment_ids": segments,
+        "positions": positions.astype(np.int32),
+    }
 
 
 @contextlib.contextmanager
@@ -59,11 +66,12 @@ def sharded_grads(cfg, params, batch):
     # process when a later run loaded it back (a fresh compile of the same program passes).
     mesh = S.make_mesh(cfg)
     with jax.set_mesh(mesh), no_persistent_cache():
-        p_sh = S.param_shardings(cfg, mesh)
+        p_sh = state_lib.param_shardings(cfg, mesh)
         params = jax.device_put(params, p_sh)
         batch = jax.device_put(batch, S.batch_sharding(mesh))
-        fn = jax.jit(T._with_rules(cfg, lambda p, b: T.grads_and_metrics(cfg, p, b)),
-                     in_shardings=(p_sh, S.batch_sharding(mesh)))
+        fn = jax.jit(
+            T._with_rules(cfg, lambda p, b: T.grads_and_metrics(cfg, p, b)), in_shardings=(p_sh, S.batch_sharding(mesh))
+        )
         loss, grads, metrics = fn(params, batch)
         return jax.device_get((loss, grads, metrics)), params
 
@@ -79,10 +87,15 @@ def reference():
 
 # every dispatch path under shard_map, with expert parallelism (whose send buffers hold
 # empty weight-0 slots) and without; grad_accum under a mesh uses the whole batch's counts
-CASES = ([(name, "auto", 1) for name in sorted(MESHES)]
-         + [(name, path, 1) for name in ("expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2")
-            for path in ("ragged", "sorted", "dense")]
-         + [("data=8", "ragged", 1), ("fsdp=2,expert=2,tensor=2", "auto", 2)])
+CASES = (
+    [(name, "auto", 1) for name in sorted(MESHES)]
+    + [
+        (name, path, 1)
+        for name in ("expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2")
+        for path in ("ragged", "sorted", "dense")
+    ]
+    + [("data=8", "ragged", 1), ("fsdp=2,expert=2,tensor=2", "auto", 2)]
+)
 
 
 @pytest.mark.parametrize("name,path,grad_accum", CASES, ids=[f"{n}-{p}-accum{a}" for n, p, a in CASES])
@@ -99,7 +112,7 @@ def test_sharded_loss_and_grads_equal_single_device(name, path, grad_accum, refe
 
 
 def test_receive_buffer_overflow_is_counted_and_reported_in_the_step_metrics(reference):
-    from moe import metrics as metrics_lib
+    from moe.training import metrics as metrics_lib
 
     params, (ref_loss, _, _) = reference
     # one expert per device; receive buffers of 0.25 x a device's 32 copies = 8 rows, so
@@ -110,8 +123,9 @@ def test_receive_buffer_overflow_is_counted_and_reported_in_the_step_metrics(ref
     want = np.maximum(np.rint(copies) - 8, 0).sum()
     assert want > 0 and float(metrics["ep_overflow"]) == want
     assert abs(float(loss) - float(ref_loss)) > 1e-3  # the dropped copies changed the output
-    record = metrics_lib.step_record(1, dict(metrics, loss=loss, grad_norm=0.0, lr=0.0, nonfinite_total=0),
-                                     128.0, 1.0, 1.0, 1.0)
+    record = metrics_lib.step_record(
+        1, dict(metrics, loss=loss, grad_norm=0.0, lr=0.0, nonfinite_total=0), 128.0, 1.0, 1.0, 1.0
+    )
     assert record["ep_overflow"] == want  # written to metrics.jsonl (and logged as a warning by the loop)
 
 
@@ -123,15 +137,15 @@ def test_per_device_parameter_bytes_follow_the_mesh(reference):
     for name, expect in [("expert=8", total - expert_bytes * 7 / 8), ("fsdp=8", None), ("data=8", total)]:
         cfg = run_config(MESHES[name])
         mesh = S.make_mesh(cfg)
-        placed = jax.device_put(params, S.param_shardings(cfg, mesh))
-        held = S.bytes_per_device(placed)
+        placed = jax.device_put(params, state_lib.param_shardings(cfg, mesh))
+        held = state_lib.bytes_per_device(placed)
         assert len(held) == 8 and len(set(held.values())) == 1
         per_device = next(iter(held.values()))
         if expect is not None:
             assert per_device == expect, name
         else:  # FSDP: every weight with an embed dimension is split 8 ways; norms and vectors stay whole
             assert per_device < total / 6
-        experts = S.bytes_per_device(placed["layers"]["moe"]["w1"])
+        experts = state_lib.bytes_per_device(placed["layers"]["moe"]["w1"])
         if name == "expert=8":
             assert next(iter(experts.values())) * 8 == np.asarray(params["layers"]["moe"]["w1"]).nbytes
 
@@ -140,22 +154,31 @@ def test_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path, refere
     params, _ = reference
     cfg_a, cfg_b = run_config(MESHES["expert=8"]), run_config(MESHES["fsdp=2,expert=2,tensor=2"])
     mesh_a, mesh_b = S.make_mesh(cfg_a), S.make_mesh(cfg_b)
-    save_params(tmp_path / "params", jax.device_put(params, S.param_shardings(cfg_a, mesh_a)))
-    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    params, S.param_shardings(cfg_b, mesh_b))
+    save_params(tmp_path / "params", jax.device_put(params, state_lib.param_shardings(cfg_a, mesh_a)))
+    target = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        params,
+        state_lib.param_shardings(cfg_b, mesh_b),
+    )
     restored = restore_params(tmp_path / "params", target)
-    for a, b, s in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params),
-                       jax.tree_util.tree_leaves(S.param_shardings(cfg_b, mesh_b))):
+    for a, b, s in zip(
+        jax.tree_util.tree_leaves(restored),
+        jax.tree_util.tree_leaves(params),
+        jax.tree_util.tree_leaves(state_lib.param_shardings(cfg_b, mesh_b)),
+    ):
         assert a.sharding == s
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("mesh,message", [
-    (dict(data=3), "needs 3 devices but 8 are present"),
-    (dict(data=-1, fsdp=-1), "at most one mesh axis may be -1"),
-    (dict(data=1, expert=8), None),
-    (dict(data=2, tensor=4), "model.n_kv_heads \\(2\\) must be divisible by mesh.tensor \\(4\\)"),
-])
+@pytest.mark.parametrize(
+    "mesh,message",
+    [
+        (dict(data=3), "needs 3 devices but 8 are present"),
+        (dict(data=-1, fsdp=-1), "at most one mesh axis may be -1"),
+        (dict(data=1, expert=8), None),
+        (dict(data=2, tensor=4), "model.n_kv_heads \\(2\\) must be divisible by mesh.tensor \\(4\\)"),
+    ],
+)
 def test_mesh_layouts_that_do_not_divide_are_refused(mesh, message):
     cfg = run_config(mesh)
     if message is None:
@@ -180,12 +203,13 @@ def test_fsdp_that_does_not_divide_d_model_is_refused():
 def test_the_replicated_preset_keeps_every_parameter_whole_on_every_device(reference):
     params, _ = reference
     cfg = dataclasses.replace(run_config(dict(data=8)), mesh=C.MeshConfig(data=8, rules="replicated"))
-    placed = jax.device_put(params, S.param_shardings(cfg, S.make_mesh(cfg)))
+    placed = jax.device_put(params, state_lib.param_shardings(cfg, S.make_mesh(cfg)))
     total = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
-    assert set(S.bytes_per_device(placed).values()) == {total}
-    default = jax.device_put(params, S.param_shardings(run_config(MESHES["fsdp=8"]), S.make_mesh(
-        run_config(MESHES["fsdp=8"]))))
-    assert max(S.bytes_per_device(default).values()) < total / 4  # the presets really differ
+    assert set(state_lib.bytes_per_device(placed).values()) == {total}
+    default = jax.device_put(
+        params, state_lib.param_shardings(run_config(MESHES["fsdp=8"]), S.make_mesh(run_config(MESHES["fsdp=8"])))
+    )
+    assert max(state_lib.bytes_per_device(default).values()) < total / 4  # the presets really differ
 
 
 class _SliceDevice:

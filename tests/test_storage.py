@@ -9,20 +9,37 @@ import sys
 import pytest
 import yaml
 from etils import epath
-
-from moe import report, storage, sweep
-from moe.config import ConfigError
 from helpers import ROOT
 
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=32",
-         "train.batch_size=2", "train.seq_len=32", "train.eval_every=2", "train.eval_batches=1",
-         "checkpoint.every_steps=2", "data.workers=0"]
+from moe import storage
+from moe.config import ConfigError
+from moe.study import report, sweep
+
+SMALL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.d_ff=32",
+    "train.batch_size=2",
+    "train.seq_len=32",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "checkpoint.every_steps=2",
+    "data.workers=0",
+]
 TIMING = ("tokens_per_s", "mfu")
 
 
 def moe(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "moe", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, XLA_FLAGS="", **(env or {})), cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "moe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, XLA_FLAGS="", **(env or {})),
+        cwd=cwd,
+    )
 
 
 def records(run_dir):
@@ -30,8 +47,26 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in text.splitlines()]
 
 
-@pytest.mark.parametrize("where", ["gs:/moe-test/runs/x", "gs://", "gs:///runs/x", "ftp://host/runs/x",
-                                   "gcs://moe-test/x"])
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_start(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{storage.STAGING_PREFIX}{dead.pid}-abc"  # a SIGKILLed run's folder
+    live = tmp_path / f"{storage.STAGING_PREFIX}{os.getpid()}-def"  # a running one's
+    other = tmp_path / "moe-staging-notapid"
+    for folder in (stale, live, other):
+        (folder / "tensorboard").mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("{}\n")
+    staging = storage.Staging(epath.Path("gs://moe-test/runs/x"))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert staging.local.parent == tmp_path and staging.local.name.startswith(f"moe-staging-{os.getpid()}-")
+    staging.close()
+    assert not staging.local.exists()
+
+
+@pytest.mark.parametrize(
+    "where", ["gs:/moe-test/runs/x", "gs://", "gs:///runs/x", "ftp://host/runs/x", "gcs://moe-test/x"]
+)
 def test_malformed_locations_are_refused_in_one_line(where):
     with pytest.raises(ConfigError, match="malformed location .*gs://BUCKET/PATH"):
         storage.location(where)
@@ -72,16 +107,23 @@ def test_train_killed_and_resumed_on_gcs_equals_a_local_run_then_plots_and_conve
     # a gs:// run as a source: generation, and the starting weights of another run
     said = [moe("generate", run_dir, "--prompt", "The sky", "--max-new-tokens", "4") for run_dir in (remote, local)]
     assert said[0].returncode == 0 and said[0].stdout == said[1].stdout, said[0].stderr[-2000:]
-    tuned = moe("train", *args[:1], "--run-dir", tmp_path / "tuned", *args[1:], "train.steps=1",
-                f"train.init_from={remote}")
-    assert tuned.returncode == 0 and "with the weights of gs://moe-test/runs/resumed" in \
-        (tmp_path / "tuned" / "train.log").read_text(), tuned.stderr[-2000:]
+    tuned = moe(
+        "train", *args[:1], "--run-dir", tmp_path / "tuned", *args[1:], "train.steps=1", f"train.init_from={remote}"
+    )
+    assert (
+        tuned.returncode == 0
+        and "with the weights of gs://moe-test/runs/resumed" in (tmp_path / "tuned" / "train.log").read_text()
+    ), tuned.stderr[-2000:]
 
 
 def test_a_sweep_on_gcs_gives_the_local_sweeps_metrics_and_reports(tmp_path, gcs, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
-    spec = {"name": "t", "base": str(ROOT / "configs/tiny-moe.yaml"), "overrides": [*SMALL, "train.steps=2"],
-            "variants": {"top1": {"model.top_k": 1}}}
+    spec = {
+        "name": "t",
+        "base": str(ROOT / "configs/tiny-moe.yaml"),
+        "overrides": [*SMALL, "train.steps=2"],
+        "variants": {"top1": {"model.top_k": 1}},
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     here = sweep.load(path, runs_dir=tmp_path / "runs")

@@ -11,15 +11,27 @@ import time
 
 import pytest
 import yaml
-
-from moe import report, sweep
-from moe.config import ConfigError
 from helpers import ROOT, kill_group, spawn
 
+from moe.config import ConfigError
+from moe.study import report, sweep
+
 STUDIES = sorted((ROOT / "experiments").glob("*/sweep.yaml"))
-SMALL = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.d_ff": 32,
-         "train.batch_size": 2, "train.seq_len": 32, "train.warmup_steps": 1, "train.steps": 2,
-         "train.eval_every": 2, "train.eval_batches": 1, "checkpoint.every_steps": 2, "data.workers": 0}
+SMALL = {
+    "model.d_model": 32,
+    "model.n_layers": 2,
+    "model.n_heads": 4,
+    "model.n_kv_heads": 2,
+    "model.d_ff": 32,
+    "train.batch_size": 2,
+    "train.seq_len": 32,
+    "train.warmup_steps": 1,
+    "train.steps": 2,
+    "train.eval_every": 2,
+    "train.eval_batches": 1,
+    "checkpoint.every_steps": 2,
+    "data.workers": 0,
+}
 
 
 def write_spec(tmp_path, **spec):
@@ -31,16 +43,26 @@ def write_spec(tmp_path, **spec):
 
 
 def test_grid_variants_and_seeds_expand_in_order(tmp_path):
-    path = write_spec(tmp_path, overrides=["train.steps=7"], seeds=[0, 1],
-                      variants={"moe": {}, "dense": {"model.n_experts": 0, "model.d_ff": 512}},
-                      grid={"train.lr": [1e-3, 3e-3], "train.aux_loss_coef": [0.0, 0.1]})
+    path = write_spec(
+        tmp_path,
+        overrides=["train.steps=7"],
+        seeds=[0, 1],
+        variants={"moe": {}, "dense": {"model.n_experts": 0, "model.d_ff": 512}},
+        grid={"train.lr": [1e-3, 3e-3], "train.aux_loss_coef": [0.0, 0.1]},
+    )
     s = sweep.load(path, runs_dir=tmp_path / "runs")
     assert len(s.runs) == 2 * 2 * 2 * 2
     first, last = s.runs[0], s.runs[-1]
     assert first.name == "moe_lr-0.001_aux_loss_coef-0.0_seed-0"
     assert last.name == "dense_lr-0.003_aux_loss_coef-0.1_seed-1"
-    assert last.overrides == ("train.steps=7", "model.n_experts=0", "model.d_ff=512", "train.lr=0.003",
-                              "train.aux_loss_coef=0.1", "seed=1")
+    assert last.overrides == (
+        "train.steps=7",
+        "model.n_experts=0",
+        "model.d_ff=512",
+        "train.lr=0.003",
+        "train.aux_loss_coef=0.1",
+        "seed=1",
+    )
     assert last.changes == last.overrides[1:]
     assert last.config.model.n_experts == 0 and last.config.train.lr == 0.003 and last.config.seed == 1
     assert last.config.train.steps == 7 and last.variant == "dense_lr-0.003_aux_loss_coef-0.1"
@@ -54,16 +76,19 @@ def test_a_spec_without_variants_or_seeds_is_one_run_with_the_base_seed(tmp_path
     assert s.runs[0].run_dir.as_posix() == "runs/sweeps/t/base"
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"grid": {"model.n_expert": [4]}}, "run 'n_expert-4'.*n_experts"),
-    ({"grid": {"model.n_experts": []}}, "non-empty list"),
-    ({"seeds": [0, "one"]}, "seeds must be"),
-    ({"variants": {"a": ["model.top_k"]}}, "variants.a must be"),
-    ({"sweeps": {}}, "unknown key"),
-    ({"name": "../up"}, "names a folder"),
-    ({"launch": {"slurm": ["-p", "x"]}}, "launch maps tpu_vm or xpk"),
-    ({"variants": {"a": {"model.top_k": 9}}}, "run 'a'.*top_k"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"grid": {"model.n_expert": [4]}}, "run 'n_expert-4'.*n_experts"),
+        ({"grid": {"model.n_experts": []}}, "non-empty list"),
+        ({"seeds": [0, "one"]}, "seeds must be"),
+        ({"variants": {"a": ["model.top_k"]}}, "variants.a must be"),
+        ({"sweeps": {}}, "unknown key"),
+        ({"name": "../up"}, "names a folder"),
+        ({"launch": {"slurm": ["-p", "x"]}}, "launch maps tpu_vm or xpk"),
+        ({"variants": {"a": {"model.top_k": 9}}}, "run 'a'.*top_k"),
+    ],
+)
 def test_bad_specs_are_refused_before_anything_runs(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=message):
         sweep.load(write_spec(tmp_path, **spec))
@@ -78,8 +103,14 @@ def test_every_shipped_study_expands_and_validates():
 
 
 def test_launch_commands_carry_the_config_and_every_override(tmp_path):
-    s = sweep.load(write_spec(tmp_path, variants={"a": {"model.top_k": 1}}, grid={"train.lr": [0.001]},
-                              launch={"tpu_vm": ["--zone", "us-east5-a", "--accelerator", "v5p-32"]}))
+    s = sweep.load(
+        write_spec(
+            tmp_path,
+            variants={"a": {"model.top_k": 1}},
+            grid={"train.lr": [0.001]},
+            launch={"tpu_vm": ["--zone", "us-east5-a", "--accelerator", "v5p-32"]},
+        )
+    )
     run = s.runs[0]
     tpu = sweep.launch_command(s, run, "tpu_vm")
     assert tpu[:2] == ["bash", str(ROOT / "launch/tpu_vm.sh")]
@@ -102,8 +133,7 @@ def finished_sweep(tmp_path, monkeypatch):
     return s
 
 
-def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_sweep, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_sweep, tmp_path, monkeypatch, capsys):
     s = finished_sweep
     assert all(r.finished() for r in s.runs)
 
@@ -129,8 +159,13 @@ def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_swe
         speed = sorted(r["tokens_per_s"] for r in train)
         row = next(line for line in text.splitlines() if line.startswith(f"| {run.name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[2:7] == ["2/2", f"{ce:.3f}", f"{val[0]:.3f}", f"{math.exp(val[0]):.1f}",
-                              f"{(speed[0] + speed[1]) / 2:,.0f}"], row
+        assert cells[2:7] == [
+            "2/2",
+            f"{ce:.3f}",
+            f"{val[0]:.3f}",
+            f"{math.exp(val[0]):.1f}",
+            f"{(speed[0] + speed[1]) / 2:,.0f}",
+        ], row
         if run.name == "dense":
             assert cells[7] == "-"
         else:
@@ -143,14 +178,18 @@ def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_swe
     from moe import cli
 
     capsys.readouterr()
-    assert cli.main(["report", str(s.spec_path), "--runs-dir", str(tmp_path / "runs"),
-                     "--out", str(tmp_path / "cli-report")]) == 0
+    assert (
+        cli.main(
+            ["report", str(s.spec_path), "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "cli-report")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.split()
     assert sorted(printed) == sorted(str(tmp_path / "cli-report" / n) for n in ("README.md", "loss.png", "balance.png"))
     assert (tmp_path / "cli-report" / "README.md").read_text().count("| top1 |") == 1
 
     # rerunning keeps the hand-written analysis around the generated block
-    readme.write_text("# My study\n\nintro\n\n" + text[text.index(report.BEGIN):] + "\n## Findings\n\nkept\n")
+    readme.write_text("# My study\n\nintro\n\n" + text[text.index(report.BEGIN) :] + "\n## Findings\n\nkept\n")
     report.report(s)
     again = readme.read_text()
     assert again.startswith("# My study\n\nintro") and again.rstrip().endswith("kept")
@@ -158,8 +197,10 @@ def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_swe
 
 
 def test_an_unfinished_run_is_resumed_from_its_checkpoint(finished_sweep, tmp_path):
-    longer = sweep.load(write_spec(tmp_path, overrides={**SMALL, "train.steps": 3},
-                                   variants={"top1": {"model.top_k": 1}}), runs_dir=tmp_path / "runs")
+    longer = sweep.load(
+        write_spec(tmp_path, overrides={**SMALL, "train.steps": 3}, variants={"top1": {"model.top_k": 1}}),
+        runs_dir=tmp_path / "runs",
+    )
     run = longer.runs[0]
     assert run.run_dir == finished_sweep.runs[0].run_dir and not run.finished()
     assert sweep.run_local(longer, [run]) == []
@@ -195,8 +236,19 @@ def test_cli_prints_dry_run_and_launch_commands_and_refuses_bad_specs(tmp_path, 
 def test_seed_table_pairs_each_variant_with_the_first_seed_by_seed(tmp_path):
     s = sweep.load(write_spec(tmp_path, variants={"a": {}, "b": {"model.top_k": 1}}, seeds=[0, 1]))
     val = {"a_seed-0": 6.0, "a_seed-1": 5.0, "b_seed-0": 6.5, "b_seed-1": 5.25}
-    results = [report.Result(run=r, steps_done=300, train_ce=4.0, val_loss=val[r.name], tokens_per_s=1.0,
-                             imbalance=2.0, params_total=1, params_active=1) for r in s.runs]
+    results = [
+        report.Result(
+            run=r,
+            steps_done=300,
+            train_ce=4.0,
+            val_loss=val[r.name],
+            tokens_per_s=1.0,
+            imbalance=2.0,
+            params_total=1,
+            params_active=1,
+        )
+        for r in s.runs
+    ]
     table = report.seeds_table(results)
     assert "| a | 2 | 5.500 ± 0.707 | +0.000, +0.000 |" in table
     assert "| b | 2 | 5.875 ± 0.884 | +0.500, +0.250 |" in table
@@ -204,8 +256,11 @@ def test_seed_table_pairs_each_variant_with_the_first_seed_by_seed(tmp_path):
 
 
 def moe_sweep(spec, runs_dir, log):
-    return spawn([sys.executable, "-m", "moe", "sweep", str(spec), "--runs-dir", str(runs_dir)], log,
-                 dict(os.environ, XLA_FLAGS=""))
+    return spawn(
+        [sys.executable, "-m", "moe", "sweep", str(spec), "--runs-dir", str(runs_dir)],
+        log,
+        dict(os.environ, XLA_FLAGS=""),
+    )
 
 
 def test_sweep_forwards_a_signal_to_its_run_and_exits_130_and_a_failed_run_exits_1(tmp_path):

@@ -5,17 +5,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ROOT, tiny_model
 
 import moe.model as M
 from moe import config as C
-from moe import train as T
-from helpers import ROOT, tiny_model
+from moe.training import step as T
 
 
 def run_config(**train):
     model = tiny_model(n_experts=4, top_k=2)
-    return C.Config(model=model, train=dataclasses.replace(C.TrainConfig(seq_len=16, batch_size=4, lr=1e-2,
-                                                                          warmup_steps=0, steps=50), **train))
+    return C.Config(
+        model=model,
+        train=dataclasses.replace(C.TrainConfig(seq_len=16, batch_size=4, lr=1e-2, warmup_steps=0, steps=50), **train),
+    )
 
 
 def fixed_batch(cfg, seed=0):
@@ -26,8 +28,12 @@ def fixed_batch(cfg, seed=0):
     segments[1, 10:] = 2  # two documents in row 1
     segments[2, 12:] = 0  # padding at the end of row 2
     positions = np.where(segments == 2, np.arange(s) - 10, np.arange(s))
-    return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-            "segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions, jnp.int32)}
+    return {
+        "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "segment_ids": jnp.asarray(segments),
+        "positions": jnp.asarray(positions, jnp.int32),
+    }
 
 
 def numpy_nll(logits, batch):
@@ -63,8 +69,10 @@ def test_the_cpu_train_step_compiles_with_the_memory_optimized_scheduler():
     step, _ = T.jit_steps(cfg, optimizer)
     plain = jax.jit(T._with_rules(cfg, functools.partial(T.train_step, cfg, optimizer)), donate_argnums=0)
     args = (state, fixed_batch(cfg), {})
-    temp = {name: f.lower(*args).compile().memory_analysis().temp_size_in_bytes
-            for name, f in (("ours", step), ("default", plain))}
+    temp = {
+        name: f.lower(*args).compile().memory_analysis().temp_size_in_bytes
+        for name, f in (("ours", step), ("default", plain))
+    }
     assert temp["ours"] < temp["default"], temp
 
 
@@ -202,8 +210,12 @@ def test_total_loss_is_ce_plus_weighted_router_losses_each_from_hugging_face(tmp
     params = jax.device_get(T.init_state(cfg, jax.random.key(8)).params)
     tokens = np.random.default_rng(8).integers(0, cfg.model.vocab_size, size=(4, cfg.train.seq_len + 1))
     s = cfg.train.seq_len
-    batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-             "segment_ids": jnp.ones((4, s), jnp.int32), "positions": jnp.tile(jnp.arange(s, dtype=jnp.int32), (4, 1))}
+    batch = {
+        "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "segment_ids": jnp.ones((4, s), jnp.int32),
+        "positions": jnp.tile(jnp.arange(s, dtype=jnp.int32), (4, 1)),
+    }
     loss, _, metrics = T.grads_and_metrics(cfg, params, batch)
 
     save_hf(cfg.model, params, tmp_path / "hf")
@@ -214,8 +226,9 @@ def test_total_loss_is_ce_plus_weighted_router_losses_each_from_hugging_face(tmp
         out = hf(input_ids=torch.tensor(tokens), attention_mask=mask, output_router_logits=True)
     nll, _ = numpy_nll(out.logits.numpy()[:, :-1], batch)
     ce = nll.mean()
-    router = [layer.numpy().reshape(4, s + 1, -1)[:, :-1].reshape(-1, cfg.model.n_experts)
-              for layer in out.router_logits]
+    router = [
+        layer.numpy().reshape(4, s + 1, -1)[:, :-1].reshape(-1, cfg.model.n_experts) for layer in out.router_logits
+    ]
     z = np.mean([np.log(np.exp(r.astype(np.float64)).sum(-1)) ** 2 for r in router])
     aux = float(out.aux_loss)  # HF's load_balancing_loss_func over every layer, padding masked
     assert float(metrics["ce_loss"]) == pytest.approx(ce, rel=1e-5)
@@ -225,7 +238,7 @@ def test_total_loss_is_ce_plus_weighted_router_losses_each_from_hugging_face(tmp
 
 
 def test_validation_loss_equals_numpy_cross_entropy_over_the_same_batches():
-    from moe.loop import _evaluate
+    from moe.training.loop import _evaluate
 
     cfg = run_config()
     params = T.init_state(cfg, jax.random.key(9)).params
@@ -252,9 +265,11 @@ def test_flops_per_token_and_mfu_against_a_hand_count():
     cfg = C.load(ROOT / "configs/tiny-moe.yaml", ["train.seq_len=128"])
     weights = 4 * (49_152 + 1_024 + 196_608) + 4_096_000
     want = 6 * weights + 12 * 4 * 128 * 4 * 32
-    from moe.params import count_params
+    from moe.model.params import count_params
+
     assert T.flops_per_token(cfg, count_params(cfg.model).active) == want
-    from moe.metrics import step_record
+    from moe.training.metrics import step_record
+
     metrics = {k: 0.0 for k in ("loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr", "nonfinite_total")}
     record = step_record(3, metrics, tokens=1024.0, seconds=0.5, flops_per_token=want, peak=1e11)
     assert record["tokens_per_s"] == 2048.0 and record["mfu"] == pytest.approx(2048.0 * want / 1e11)

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CONFIGS, tiny_model
 
 import moe.model as M
 from moe import config as C
-from moe.params import count_params
-from helpers import CONFIGS, tiny_model
+from moe.model.params import count_params
 
 PUBLISHED = {  # (total, active per token), from the published configurations
     "mistral-7b": (7_241_732_096, 7_241_732_096),
@@ -47,14 +47,17 @@ def test_eval_shape_on_every_shipped_config(path):
     if cfg.is_moe:
         assert stats["expert_counts"].shape == (cfg.n_layers, cfg.n_experts)
     axes = M.logical_axes(cfg)
-    for spec, leaf in zip(jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
-                          jax.tree_util.tree_leaves(shapes)):
+    for spec, leaf in zip(
+        jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+        jax.tree_util.tree_leaves(shapes),
+    ):
         assert len(spec) == len(leaf.shape) and all(name is not None for name in spec)
 
 
 def _loss_and_grads(cfg, params, tokens):
     def loss(p):
         return jnp.mean(jax.nn.log_softmax(M.logits(cfg, p, tokens))[..., 0])
+
     return jax.value_and_grad(loss)(params)
 
 

@@ -10,17 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
+from hf_models import SEQ, make_hf
 
 import moe.model as model_lib
 from moe import cli
 from moe import config as config_lib
-from moe import sharding as sharding_lib
-from moe import train as train_lib
-from moe.checkpoint import restore_params, save_params
+from moe.checkpoint.params import restore_params, save_params
 from moe.model.dispatch import DISPATCH
-
-from helpers import tiny_model
-from hf_models import SEQ, make_hf
+from moe.parallel import mesh as mesh_lib
+from moe.training import state as state_lib
+from moe.training import step as train_lib
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, SEQ)), jnp.int32)
 
@@ -63,9 +63,9 @@ def test_upcycled_moe_computes_the_dense_model(upcycled, dispatch):
 def test_upcycled_moe_computes_the_dense_model_with_experts_on_8_devices(upcycled):
     _, _, _, moe, params, reference = upcycled
     cfg = dataclasses.replace(moe, mesh=config_lib.MeshConfig(data=1, expert=8))
-    mesh = sharding_lib.make_mesh(cfg)
+    mesh = mesh_lib.make_mesh(cfg)
     with jax.set_mesh(mesh):
-        placed = jax.device_put(params, sharding_lib.param_shardings(cfg, mesh))
+        placed = jax.device_put(params, state_lib.param_shardings(cfg, mesh))
         fn = jax.jit(train_lib._with_rules(cfg, lambda p, t: model_lib.apply(cfg.model, p, t)[0]))
         out = fn(placed, TOKENS)
     np.testing.assert_allclose(np.asarray(out), reference, atol=1e-5, rtol=0)
@@ -74,8 +74,10 @@ def test_upcycled_moe_computes_the_dense_model_with_experts_on_8_devices(upcycle
 def test_noise_separates_the_experts_and_keeps_the_router_init(upcycled):
     tmp_path, dense_dir, _, _, quiet, _ = upcycled
     moe_yaml = tmp_path / "moe8.yaml"
-    assert cli.main(["upcycle", str(dense_dir), str(moe_yaml), str(tmp_path / "noisy"), "--noise", "0.01",
-                     "--seed", "3"]) == 0
+    assert (
+        cli.main(["upcycle", str(dense_dir), str(moe_yaml), str(tmp_path / "noisy"), "--noise", "0.01", "--seed", "3"])
+        == 0
+    )
     noisy = restore_params(tmp_path / "noisy" / "params")
     dense_w1 = np.asarray(restore_params(dense_dir / "params")["layers"]["mlp"]["w1"])  # [layers, d, f]
     w1 = np.asarray(noisy["layers"]["moe"]["w1"])  # [layers, experts, d, f]
@@ -94,12 +96,15 @@ def test_hf_mistral_upcycles_and_converts_to_a_mixtral_transformers_reads(tmp_pa
     from moe.convert.hf import read_hf_config
 
     model, _ = read_hf_config(hf_dir)
-    moe = config_lib.Config(model=dataclasses.replace(model, n_experts=4, top_k=2),
-                            train=config_lib.TrainConfig(seq_len=32))
+    moe = config_lib.Config(
+        model=dataclasses.replace(model, n_experts=4, top_k=2), train=config_lib.TrainConfig(seq_len=32)
+    )
     moe_yaml = _write_config(tmp_path / "moe.yaml", moe)
     assert cli.main(["upcycle", str(hf_dir), str(moe_yaml), str(tmp_path / "moe")]) == 0
-    assert cli.main(["convert", "to-hf", str(tmp_path / "moe"), str(tmp_path / "mixtral"),
-                     "--tokenizer", "mistral-v1"]) == 0
+    assert (
+        cli.main(["convert", "to-hf", str(tmp_path / "moe"), str(tmp_path / "mixtral"), "--tokenizer", "mistral-v1"])
+        == 0
+    )
     mixtral = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral")
     assert type(mixtral).__name__ == "MixtralForCausalLM"
     ids = torch.tensor(np.asarray(TOKENS))
@@ -110,11 +115,13 @@ def test_hf_mistral_upcycles_and_converts_to_a_mixtral_transformers_reads(tmp_pa
 def test_bad_inputs_are_one_line_errors_and_write_nothing(upcycled, tmp_path, capsys):
     _, dense_dir, dense, _, _, _ = upcycled
     heads = dataclasses.replace(dense, model=dataclasses.replace(dense.model, n_experts=4, n_heads=8, head_dim=8))
-    cases = [(_moe_config(tmp_path, dense, d_model=64)[0], "model.d_model is 32 in the source but 64"),
-             (_moe_config(tmp_path, dense, d_ff=64)[0], "model.d_ff is 48 in the source but 64"),
-             (_write_config(tmp_path / "heads.yaml", heads), "model.n_heads is 4 in the source but 8"),
-             (_moe_config(tmp_path, dense, vocab_size=128)[0], "model.vocab_size is 97 in the source but 128"),
-             (_moe_config(tmp_path, dense, n_experts=0)[0], "the target config is dense")]
+    cases = [
+        (_moe_config(tmp_path, dense, d_model=64)[0], "model.d_model is 32 in the source but 64"),
+        (_moe_config(tmp_path, dense, d_ff=64)[0], "model.d_ff is 48 in the source but 64"),
+        (_write_config(tmp_path / "heads.yaml", heads), "model.n_heads is 4 in the source but 8"),
+        (_moe_config(tmp_path, dense, vocab_size=128)[0], "model.vocab_size is 97 in the source but 128"),
+        (_moe_config(tmp_path, dense, n_experts=0)[0], "the target config is dense"),
+    ]
     for moe_yaml, message in cases:
         assert cli.main(["upcycle", str(dense_dir), str(moe_yaml), str(tmp_path / "x")]) == 1
         err = capsys.readouterr().err.strip()

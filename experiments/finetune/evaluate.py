@@ -18,9 +18,9 @@ from pathlib import Path
 
 from moe import cli
 from moe import config as config_lib
-from moe.metrics import read
+from moe.training.metrics import read
+from moe.training.trainable import counts
 from moe.tune import compare as compare_lib
-from moe.tune.trainable import counts
 
 REFERENCE = ["lora-experts"]  # main() may replace it
 
@@ -28,8 +28,21 @@ REFERENCE = ["lora-experts"]  # main() may replace it
 def answers_for(run: Path, data: Path, out: Path) -> Path:
     path = out / "answers" / f"{run.name}.jsonl"
     if not path.is_file():
-        code = cli.main(["generate", str(run), "--prompts", str(data / "test_prompts.jsonl"), "--chat",
-                         "--max-new-tokens", "12", "--batch-size", "50", "--out", str(path)])
+        code = cli.main(
+            [
+                "generate",
+                str(run),
+                "--prompts",
+                str(data / "test_prompts.jsonl"),
+                "--chat",
+                "--max-new-tokens",
+                "12",
+                "--batch-size",
+                "50",
+                "--out",
+                str(path),
+            ]
+        )
         assert code == 0, f"moe generate failed for {run}"
     return path
 
@@ -49,31 +62,46 @@ def row(run: Path, answers_path: Path, data: Path) -> dict:
     answers = compare_lib.read_answers(answers_path)
     n = counts(cfg)
     variant, seed = run.name.rsplit("_seed-", 1)
-    out = {"run": run.name, "variant": variant, "seed": int(seed), "accuracy": compare_lib.accuracy(answers, refs),
-           "by_task": by_task(answers, refs), "val_loss": val[-1]["val_loss"],
-           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[5:]),
-           "trainable": n["trainable"], "adam_state_mb": 2 * 4 * n["trainable"] / 2**20}
+    out = {
+        "run": run.name,
+        "variant": variant,
+        "seed": int(seed),
+        "accuracy": compare_lib.accuracy(answers, refs),
+        "by_task": by_task(answers, refs),
+        "val_loss": val[-1]["val_loss"],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[5:]),
+        "trainable": n["trainable"],
+        "adam_state_mb": 2 * 4 * n["trainable"] / 2**20,
+    }
     reference = answers_path.parent / f"{REFERENCE[0]}_seed-{seed}.jsonl"
     if variant != REFERENCE[0]:
-        vs = compare_lib.compare(answers_path, reference, "exact",
-                                 data / "test_refs.jsonl")
-        out["vs_lora_experts"] = {k: vs[k] for k in ("wins", "ties", "losses", "win_rate", "win_rate_ties_half",
-                                                     "interval_95")}
+        vs = compare_lib.compare(answers_path, reference, "exact", data / "test_refs.jsonl")
+        out["vs_lora_experts"] = {
+            k: vs[k] for k in ("wins", "ties", "losses", "win_rate", "win_rate_ties_half", "interval_95")
+        }
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | accuracy | first / last / count / reverse | val loss | tokens/s | trainable | Adam state | "
-             f"vs {REFERENCE[0]} (W/T/L, win rate with ties half) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | accuracy | first / last / count / reverse | val loss | tokens/s | trainable | Adam state | "
+        f"vs {REFERENCE[0]} (W/T/L, win rate with ties half) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = r["by_task"]
         vs = r.get("vs_lora_experts")
-        versus = "(reference)" if vs is None else (f"{vs['wins']}/{vs['ties']}/{vs['losses']}, "
-                                                  f"{vs['win_rate_ties_half']:.2f}")
-        lines.append(f"| {r['run']} | {r['accuracy']:.3f} | {t.get('First word', 0):.2f} / {t.get('Last word', 0):.2f}"
-                     f" / {t.get('Count the words', 0):.2f} / {t.get('Reverse the words', 0):.2f} | "
-                     f"{r['val_loss']:.4f} | {r['tokens_per_s']:.0f} | {r['trainable']:,} | "
-                     f"{r['adam_state_mb']:.2f} MB | {versus} |")
+        versus = (
+            "(reference)"
+            if vs is None
+            else (f"{vs['wins']}/{vs['ties']}/{vs['losses']}, {vs['win_rate_ties_half']:.2f}")
+        )
+        lines.append(
+            f"| {r['run']} | {r['accuracy']:.3f} | {t.get('First word', 0):.2f} / {t.get('Last word', 0):.2f}"
+            f" / {t.get('Count the words', 0):.2f} / {t.get('Reverse the words', 0):.2f} | "
+            f"{r['val_loss']:.4f} | {r['tokens_per_s']:.0f} | {r['trainable']:,} | "
+            f"{r['adam_state_mb']:.2f} MB | {versus} |"
+        )
     return "\n".join(lines)
 
 
@@ -104,8 +132,12 @@ def main(out: str, data: str, *runs_dirs: str) -> None:
     data, out = Path(data), Path(out)
     if runs_dirs and runs_dirs[0].startswith("--reference="):
         REFERENCE[0], runs_dirs = runs_dirs[0].split("=", 1)[1], runs_dirs[1:]
-    runs = [p for d in runs_dirs for p in sorted(Path(d).iterdir())
-            if (p / "metrics.jsonl").is_file() and "_seed-" in p.name]
+    runs = [
+        p
+        for d in runs_dirs
+        for p in sorted(Path(d).iterdir())
+        if (p / "metrics.jsonl").is_file() and "_seed-" in p.name
+    ]
     paths = {run: answers_for(run, data, out) for run in runs}  # all answers first: comparisons need them
     rows = [row(run, paths[run], data) for run in runs]
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -21,8 +21,10 @@ import random
 import sys
 from pathlib import Path
 
-WORDS = ("def class return import yield lambda while for if else try pass break print self list dict set "
-         "name value key item data file path line text").split()
+WORDS = (
+    "def class return import yield lambda while for if else try pass break print self list dict set "
+    "name value key item data file path line text"
+).split()
 TASKS = {
     "first": ("First word: {}", lambda ws: ws[0], lambda ws: ws[-1]),
     "last": ("Last word: {}", lambda ws: ws[-1], lambda ws: ws[0]),

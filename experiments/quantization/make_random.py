@@ -12,7 +12,7 @@ import jax
 
 from moe import cli
 from moe import config as config_lib
-from moe.checkpoint import save_params
+from moe.checkpoint.params import save_params
 from moe.model import init
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from moe import tokenizer as tokenizer_lib
-from moe.infer import perplexity, source as source_lib
-from moe.infer.bench import _ours
+from moe.bench.decode import _ours
+from moe.data import tokenizer as tokenizer_lib
+from moe.infer import perplexity
+from moe.infer import source as source_lib
 from moe.infer.commands import _eval_texts
-from moe.params import count_params
-from moe.quant.commands import quantize_checkpoint
-from moe.quant.qarray import FORMATS
+from moe.model.params import count_params
+from moe.model.qarray import FORMATS
+from moe.quant.store import quantize_checkpoint
 
 NEW_TOKENS = 32
 PROMPTS = 4
@@ -78,11 +79,19 @@ def measure(name: str, source: str, checkpoints: Path, n_texts: int) -> list[dic
         ppl = perplexity.evaluate(src.model, src.params, texts, sp, context=context, stride=context // 2)
         decode = _decode(src, prompts)
         reference_tokens = reference_tokens or decode["tokens"]
-        rows.append({"model": name, "format": label, "perplexity": ppl["perplexity"], "nll": ppl["nll"],
-                     "tokens": ppl["tokens"], "bytes_per_param": _nbytes(src.params) / n_params,
-                     "decode_tokens_per_s": decode["decode_tokens_per_s"],
-                     "greedy_match": _agreement(decode["tokens"], reference_tokens),
-                     "seconds": time.perf_counter() - start})
+        rows.append(
+            {
+                "model": name,
+                "format": label,
+                "perplexity": ppl["perplexity"],
+                "nll": ppl["nll"],
+                "tokens": ppl["tokens"],
+                "bytes_per_param": _nbytes(src.params) / n_params,
+                "decode_tokens_per_s": decode["decode_tokens_per_s"],
+                "greedy_match": _agreement(decode["tokens"], reference_tokens),
+                "seconds": time.perf_counter() - start,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     ref = {r["format"]: r["perplexity"] for r in rows}
     for r in rows:
@@ -92,12 +101,17 @@ def measure(name: str, source: str, checkpoints: Path, n_texts: int) -> list[dic
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | format | perplexity | vs float32 | vs int8 | bytes / param | decode tokens/s (batch 1) | "
-             "greedy tokens = float32's (of 32) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | format | perplexity | vs float32 | vs int8 | bytes / param | decode tokens/s (batch 1) | "
+        "greedy tokens = float32's (of 32) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['format']} | {r['perplexity']:.3f} | {r['rel_err_vs_float32']:+.2%} | "
-                     f"{r['rel_err_vs_int8']:+.2%} | {r['bytes_per_param']:.3f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['greedy_match']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['perplexity']:.3f} | {r['rel_err_vs_float32']:+.2%} | "
+            f"{r['rel_err_vs_int8']:+.2%} | {r['bytes_per_param']:.3f} | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['greedy_match']:.1f} |"
+        )
     return "\n".join(lines)
 
 

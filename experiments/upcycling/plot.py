@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from moe import config as config_lib
-from moe import train as train_lib
-from moe.metrics import read
-from moe.params import count_params
+from moe.model.params import count_params
+from moe.training import step as train_lib
+from moe.training.metrics import read
 
 CONTINUES = ("dense", "upcycled")  # variants that start from the dense pretraining
 
@@ -33,9 +33,15 @@ def curves(pretrain: Path, sweep: Path) -> dict:
         variant = run.name.rsplit("_seed-", 1)[0]
         offset = base_steps if variant in CONTINUES else 0
         fpt = _flops_per_token(cfg)
-        points = [{"step": r["step"], "tokens": (offset + r["step"]) * tokens_per_step,
-                   "flops": (base_flops if offset else 0.0) + r["step"] * tokens_per_step * fpt,
-                   "val_loss": r["val_loss"]} for r in read(run)[1]]
+        points = [
+            {
+                "step": r["step"],
+                "tokens": (offset + r["step"]) * tokens_per_step,
+                "flops": (base_flops if offset else 0.0) + r["step"] * tokens_per_step * fpt,
+                "val_loss": r["val_loss"],
+            }
+            for r in read(run)[1]
+        ]
         out[run.name] = {"variant": variant, "points": points}
     return out
 
@@ -64,13 +70,22 @@ def plot(data: dict, path: Path) -> None:
     pre = data["pretrain"]
     for ax, key, label in [(axes[0], "tokens", "total training tokens"), (axes[1], "flops", "total training FLOPs")]:
         if key == "tokens":
-            ax.plot([r["step"] * pre["tokens_per_step"] for r in pre["val"]], [r["val_loss"] for r in pre["val"]],
-                    color="gray", label="dense pretraining")
+            ax.plot(
+                [r["step"] * pre["tokens_per_step"] for r in pre["val"]],
+                [r["val_loss"] for r in pre["val"]],
+                color="gray",
+                label="dense pretraining",
+            )
         for name, v in data.items():
             if name == "pretrain":
                 continue
-            ax.plot([p[key] for p in v["points"]], [p["val_loss"] for p in v["points"]], color=colors[v["variant"]],
-                    linestyle="-" if name.endswith("seed-0") else "--", label=name)
+            ax.plot(
+                [p[key] for p in v["points"]],
+                [p["val_loss"] for p in v["points"]],
+                color=colors[v["variant"]],
+                linestyle="-" if name.endswith("seed-0") else "--",
+                label=name,
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss")
         ax.set_ylim(top=6.5)

@@ -11,8 +11,8 @@ import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import ml_dtypes
@@ -22,7 +22,8 @@ from safetensors.numpy import save_file
 
 from moe import config as config_lib
 from moe import storage
-from moe.checkpoint import ParamReader, ParamWriter
+from moe.checkpoint.params import ParamReader, ParamWriter
+from moe.checkpoint.runs import checkpoint_of
 from moe.config import ModelConfig
 from moe.convert.table import ConversionError, Entry, entries, hf_config_from_model, model_config_from_hf
 from moe.model import param_shapes
@@ -84,13 +85,16 @@ def check_tensors(cfg: ModelConfig, source: SafetensorsSource) -> list[Entry]:
     if missing:
         raise ConversionError(f"{len(missing)} tensors missing from {source.dir}, e.g. {missing[:3]}")
     if unexpected:
-        raise ConversionError(f"{len(unexpected)} unexpected tensors in {source.dir} that this "
-                              f"{'Mixtral' if cfg.is_moe else 'Mistral'} model has no place for, e.g. {unexpected[:3]}")
+        raise ConversionError(
+            f"{len(unexpected)} unexpected tensors in {source.dir} that this "
+            f"{'Mixtral' if cfg.is_moe else 'Mistral'} model has no place for, e.g. {unexpected[:3]}"
+        )
     for e in expected:
         want = tuple(e.rule.hf_shape(cfg))
         if source.shapes[e.hf_name] != want:
-            raise ConversionError(f"tensor {e.hf_name}: expected shape {want} from config.json, "
-                                  f"found {source.shapes[e.hf_name]}")
+            raise ConversionError(
+                f"tensor {e.hf_name}: expected shape {want} from config.json, found {source.shapes[e.hf_name]}"
+            )
     return expected
 
 
@@ -182,8 +186,10 @@ class ShardedWriter:
         if self.pending:
             raise ConversionError(f"shards {sorted(self.pending)} were never completed")
         if len(self.plan) > 1:
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": {name: self.file_name(i) for name, i in self.shard_of.items()}}
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {name: self.file_name(i) for name, i in self.shard_of.items()},
+            }
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -202,8 +208,14 @@ def shard_plan(cfg: ModelConfig, dtype: str, max_shard_size: int) -> list[list[s
     return plan
 
 
-def params_to_hf(cfg: ModelConfig, read: Callable, out_dir: str | Path, dtype: str,
-                 max_shard_size: int | str = "5GB", tokenizer: str | Path | None = None) -> None:
+def params_to_hf(
+    cfg: ModelConfig,
+    read: Callable,
+    out_dir: str | Path,
+    dtype: str,
+    max_shard_size: int | str = "5GB",
+    tokenizer: str | Path | None = None,
+) -> None:
     """Write a Hugging Face folder from read(path, index) -> our slice."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,9 +231,11 @@ def params_to_hf(cfg: ModelConfig, read: Callable, out_dir: str | Path, dtype: s
         shutil.copy(tokenizer, out / "tokenizer.model")
 
 
-def save_hf(cfg: ModelConfig, params, out_dir: str | Path, dtype: str | None = None,
-            max_shard_size: int | str = "5GB") -> None:
+def save_hf(
+    cfg: ModelConfig, params, out_dir: str | Path, dtype: str | None = None, max_shard_size: int | str = "5GB"
+) -> None:
     """Write in-memory params as a Hugging Face folder (config.json + safetensors)."""
+
     def read(path, index):
         leaf = _leaf(params, path)
         return np.asarray(leaf[index] if index else leaf)
@@ -229,30 +243,25 @@ def save_hf(cfg: ModelConfig, params, out_dir: str | Path, dtype: str | None = N
     params_to_hf(cfg, read, out_dir, dtype or cfg.param_dtype, max_shard_size)
 
 
-def find_checkpoint(ckpt_dir: str | Path) -> tuple[Path, Path]:
-    """(params dir, config.yaml) for a converted checkpoint or a training step directory."""
-    ckpt = storage.absolute(ckpt_dir)  # local or gs://
-    params = ckpt / "params" if (ckpt / "params" / "_METADATA").exists() else ckpt
-    if not (params / "_METADATA").exists():
-        raise ConversionError(f"{ckpt} holds no Orbax params checkpoint (looked for params/_METADATA)")
-    for folder in [ckpt, *ckpt.parents[:3]]:
-        if (folder / "config.yaml").is_file():
-            return params, folder / "config.yaml"
-    raise ConversionError(f"no config.yaml found in {ckpt} or the three folders above it")
-
-
-def convert_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
-                  max_shard_size: str = "5GB", tokenizer: str | Path | None = None) -> ModelConfig:
-    """Stream an Orbax params checkpoint into a Hugging Face folder."""
-    params_dir, config_path = find_checkpoint(ckpt_dir)
-    cfg = config_lib.load(config_path).model
+def convert_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "auto",
+    max_shard_size: str = "5GB",
+    tokenizer: str | Path | None = None,
+) -> ModelConfig:
+    """Stream an Orbax params checkpoint (a run directory's newest, a checkpoint step or a
+    converted folder) into a Hugging Face folder."""
+    params_dir, step, run_cfg = checkpoint_of(storage.absolute(ckpt_dir))
+    cfg = run_cfg.model
     reader = ParamReader(params_dir)
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]:
         path = tuple(k.key for k in key_path)
         found = reader.shape(path)
         if found != tuple(leaf.shape):
-            raise ConversionError(f"checkpoint array {'.'.join(path)} has shape {found}, but "
-                                  f"{config_path} implies {tuple(leaf.shape)}")
+            raise ConversionError(
+                f"checkpoint array {'.'.join(path)} has shape {found}, but {step}'s config implies {tuple(leaf.shape)}"
+            )
     if dtype == "auto":
         dtype = "bfloat16" if reader.dtype(("embed", "embedding")) == NP_DTYPES["bfloat16"] else "float32"
     if tokenizer is None and (params_dir.parent / "tokenizer.model").is_file():

@@ -13,27 +13,20 @@ from pathlib import Path
 import jax
 
 from moe import config as config_lib
-
-HINT = "give a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
-
-
-def is_hf(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+from moe.checkpoint.params import ParamReader
+from moe.checkpoint.runs import HINT, checkpoint_of, is_hf
+from moe.convert.hf import SafetensorsSource, hf_to_params, read_hf_config
+from moe.model import param_shapes
 
 
 def _hf(path: Path):
-    from moe.convert.hf import SafetensorsSource, hf_to_params, read_hf_config
-
     model, _ = read_hf_config(path)
-    return config_lib.Config(model=model), lambda write: hf_to_params(model, SafetensorsSource(path), write,
-                                                                      model.param_dtype)
+    return config_lib.Config(model=model), lambda write: hf_to_params(
+        model, SafetensorsSource(path), write, model.param_dtype
+    )
 
 
 def _orbax(path: Path):
-    from moe.checkpoint import ParamReader
-    from moe.infer.source import checkpoint_of
-    from moe.model import param_shapes
-
     params_dir, _, cfg = checkpoint_of(path)
 
     def feed(write):
@@ -43,6 +36,7 @@ def _orbax(path: Path):
             depth = 1 if name[0] == "layers" else 0  # one layer at a time
             for index in itertools.product(*(range(n) for n in leaf.shape[:depth])):
                 write(name, index, reader.read(name, index))
+
     return cfg, feed
 
 

@@ -11,7 +11,7 @@ and back, refusing every Hugging Face feature this model does not implement.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -33,6 +33,7 @@ def _t(w, cfg):
 
 def _proj_in(n_heads_attr):
     """HF [heads * head_dim, d_model] <-> ours [d_model, heads, head_dim] (q, k, v)."""
+
     def to_ours(w, cfg):
         return np.ascontiguousarray(w.T.reshape(cfg.d_model, getattr(cfg, n_heads_attr), cfg.resolved_head_dim))
 
@@ -84,10 +85,14 @@ def rules(cfg: ModelConfig) -> list[Rule]:
         Rule(("layers", "attn", "q"), layer + "self_attn.q_proj.weight", *q),
         Rule(("layers", "attn", "k"), layer + "self_attn.k_proj.weight", *k),
         Rule(("layers", "attn", "v"), layer + "self_attn.v_proj.weight", *vv),
-        Rule(("layers", "attn", "o"), layer + "self_attn.o_proj.weight", _o_to_ours, _o_to_hf,
-             lambda c: (d, c.n_heads * c.resolved_head_dim)),
-        Rule(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same,
-             lambda c: (d,)),
+        Rule(
+            ("layers", "attn", "o"),
+            layer + "self_attn.o_proj.weight",
+            _o_to_ours,
+            _o_to_hf,
+            lambda c: (d, c.n_heads * c.resolved_head_dim),
+        ),
+        Rule(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same, lambda c: (d,)),
     ]
     if cfg.is_moe:
         moe = layer + "block_sparse_moe."
@@ -155,8 +160,10 @@ def _rope_theta(hf: dict) -> float:
     params = hf.get("rope_parameters") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-        raise ConversionError(f"config.json: rope_parameters.rope_type '{rope_type}' is not supported; "
-                              "only the default rotary embedding is implemented")
+        raise ConversionError(
+            f"config.json: rope_parameters.rope_type '{rope_type}' is not supported; "
+            "only the default rotary embedding is implemented"
+        )
     theta = params.get("rope_theta", hf.get("rope_theta"))
     if theta is None:
         raise ConversionError("config.json has no rope_theta (top level or in rope_parameters)")
@@ -169,25 +176,35 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     arch = archs[0] if archs else None
     kind = ARCHITECTURES.get(arch) if arch else hf.get("model_type")
     if kind not in ("mistral", "mixtral"):
-        raise ConversionError(f"config.json: architecture {arch or hf.get('model_type')!r} is not supported; "
-                              f"expected one of {sorted(ARCHITECTURES)}")
+        raise ConversionError(
+            f"config.json: architecture {arch or hf.get('model_type')!r} is not supported; "
+            f"expected one of {sorted(ARCHITECTURES)}"
+        )
     for field, (ours, meaning) in _UNSUPPORTED.items():
         value = hf.get(field, ours)
         if value != ours and not (field == "hidden_act" and value == "swish"):
-            raise ConversionError(f"config.json: {field}={value!r} ({meaning}) is not implemented; "
-                                  f"only {field}={ours!r} converts exactly")
+            raise ConversionError(
+                f"config.json: {field}={value!r} ({meaning}) is not implemented; only {field}={ours!r} converts exactly"
+            )
     n_heads = hf["num_attention_heads"]
     try:
         cfg = ModelConfig(
-            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim"),
+            d_ff=hf["intermediate_size"],
             n_experts=hf["num_local_experts"] if kind == "mixtral" else 0,
             top_k=hf.get("num_experts_per_tok", 2) if kind == "mixtral" else 2,
-            rope_theta=_rope_theta(hf), sliding_window=hf.get("sliding_window"),
-            max_seq_len=hf.get("max_position_embeddings", 32768), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=_rope_theta(hf),
+            sliding_window=hf.get("sliding_window"),
+            max_seq_len=hf.get("max_position_embeddings", 32768),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             param_dtype="bfloat16" if _hf_dtype(hf) == "bfloat16" else "float32",
-            bos_id=hf.get("bos_token_id") or 1, eos_id=_first(hf.get("eos_token_id"), 2),
+            bos_id=hf.get("bos_token_id") or 1,
+            eos_id=_first(hf.get("eos_token_id"), 2),
         )
         validate_model(cfg)
     except KeyError as e:
@@ -213,18 +230,37 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict:
     """A complete config.json for MistralForCausalLM or MixtralForCausalLM."""
     arch = "MixtralForCausalLM" if cfg.is_moe else "MistralForCausalLM"
     hf = {
-        "architectures": [arch], "model_type": ARCHITECTURES[arch],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.resolved_head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.rms_norm_eps, "use_cache": True,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "sliding_window": cfg.sliding_window, "attention_dropout": 0.0, "tie_word_embeddings": False,
-        "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": None,
-        "dtype": dtype, "torch_dtype": dtype,
+        "architectures": [arch],
+        "model_type": ARCHITECTURES[arch],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "use_cache": True,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "sliding_window": cfg.sliding_window,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": cfg.bos_id,
+        "eos_token_id": cfg.eos_id,
+        "pad_token_id": None,
+        "dtype": dtype,
+        "torch_dtype": dtype,
     }
     if cfg.is_moe:
-        hf.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, router_aux_loss_coef=0.02,
-                  output_router_logits=False, router_jitter_noise=0.0)
+        hf.update(
+            num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.top_k,
+            router_aux_loss_coef=0.02,
+            output_router_logits=False,
+            router_jitter_noise=0.0,
+        )
     return hf

@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from moe import config as config_lib
+from moe.checkpoint.params import ParamWriter
 from moe.config import ModelConfig
+from moe.convert.hf import NP_DTYPES
+from moe.convert.stream import open_source, written_atomically
+from moe.model import param_shapes
 
 ROUTER_INITS = ("zeros", "normal")
 # what may differ between the dense source and the MoE: the experts, and how it computes
@@ -40,8 +44,10 @@ def check(dense: ModelConfig, moe: ModelConfig, where: str) -> None:
     diffs = config_lib.architecture_diffs(dense, moe, free=FREE_FIELDS)
     if diffs:
         listed = ", ".join(f"model.{n} is {d} in the source but {m} in the MoE config" for n, d, m in diffs)
-        raise UpcycleError(f"{where} does not match the MoE config: {listed}; the MoE must keep the dense "
-                           f"shape ({' '.join(f'model.{n}={d}' for n, d, _ in diffs)})")
+        raise UpcycleError(
+            f"{where} does not match the MoE config: {listed}; the MoE must keep the dense "
+            f"shape ({' '.join(f'model.{n}={d}' for n, d, _ in diffs)})"
+        )
 
 
 def _noise(seed: int, layer: int, expert: int, name: str, shape, std: float) -> np.ndarray:
@@ -49,13 +55,9 @@ def _noise(seed: int, layer: int, expert: int, name: str, shape, std: float) -> 
     return rng.normal(0.0, std, shape).astype(np.float32)
 
 
-def upcycle(source: str, moe_config: str, out: str, overrides=(), router_init: str = "zeros",
-            noise: float = 0.0, seed: int = 0) -> config_lib.Config:
-    from moe.checkpoint import ParamWriter
-    from moe.convert.hf import NP_DTYPES
-    from moe.convert.stream import open_source, written_atomically
-    from moe.model import param_shapes
-
+def upcycle(
+    source: str, moe_config: str, out: str, overrides=(), router_init: str = "zeros", noise: float = 0.0, seed: int = 0
+) -> config_lib.Config:
     if router_init not in ROUTER_INITS:
         raise UpcycleError(f"--router-init must be one of {', '.join(ROUTER_INITS)}, got {router_init!r}")
     if noise < 0:
@@ -64,8 +66,10 @@ def upcycle(source: str, moe_config: str, out: str, overrides=(), router_init: s
     target = config_lib.load(moe_config, list(overrides))
     dense_cfg, feed = open_source(src)
     if dense_cfg.lora.rank is not None or dense_cfg.quant.base is not None:
-        raise UpcycleError(f"{source} holds LoRA adapters or quantized weights; upcycle full-precision weights "
-                           "(`moe lora merge` first)")
+        raise UpcycleError(
+            f"{source} holds LoRA adapters or quantized weights; upcycle full-precision weights "
+            "(`moe lora merge` first)"
+        )
     check(dense_cfg.model, target.model, source)
     m = target.model
     cfg = dataclasses.replace(target, train=dataclasses.replace(target.train, init_from=None))
@@ -86,29 +90,12 @@ def upcycle(source: str, moe_config: str, out: str, overrides=(), router_init: s
         feed(write)
         rng = np.random.default_rng([seed, 1 << 20])
         for layer in range(m.n_layers):
-            gate = np.zeros((m.d_model, m.n_experts), np.float32) if router_init == "zeros" else \
-                rng.normal(0.0, m.init_std, (m.d_model, m.n_experts)).astype(np.float32)
+            gate = (
+                np.zeros((m.d_model, m.n_experts), np.float32)
+                if router_init == "zeros"
+                else rng.normal(0.0, m.init_std, (m.d_model, m.n_experts)).astype(np.float32)
+            )
             writer.write(("layers", "moe", "gate"), (layer,), gate.astype(dtype))
         writer.close()
         (tmp / "config.yaml").write_text(config_lib.dump(cfg))
     return cfg
-
-
-def run_upcycle(args) -> int:
-    cfg = upcycle(args.source, args.moe_config, args.out, args.overrides, args.router_init, args.noise, args.seed)
-    m = cfg.model
-    print(f"upcycled {args.source} -> {args.out}: {m.n_experts} experts, top-{m.top_k}, router {args.router_init}"
-          + (f", expert noise std {args.noise} (seed {args.seed})" if args.noise else ", experts identical"))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("upcycle", help="a dense checkpoint into an MoE of the same shape (sparse upcycling)")
-    p.add_argument("source", help="dense: HF Mistral folder, `moe convert from-hf` output, run or checkpoint step")
-    p.add_argument("moe_config", help="the MoE's config (same architecture but n_experts / top_k)")
-    p.add_argument("out", help="the new folder: params/ + config.yaml (a train.init_from source)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides of the MoE config")
-    p.add_argument("--router-init", default="zeros", choices=ROUTER_INITS)
-    p.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to each expert's weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run_upcycle)

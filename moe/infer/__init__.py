@@ -8,8 +8,12 @@ Names load on first use, so `moe --help` does not import JAX.
 
 import importlib
 
-_EXPORTS = {"generate": "moe.infer.decode", "GenerationError": "moe.infer.decode",
-            "Sampling": "moe.infer.sampling", "SamplingError": "moe.infer.sampling"}
+_EXPORTS = {
+    "generate": "moe.infer.decode",
+    "GenerationError": "moe.infer.decode",
+    "Sampling": "moe.infer.sampling",
+    "SamplingError": "moe.infer.sampling",
+}
 __all__ = sorted(_EXPORTS)
 
 

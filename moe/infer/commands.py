@@ -27,7 +27,7 @@ def _write_atomic(path: str | Path, text: str) -> None:
 
 
 def _read_prompts(path: str) -> list[str]:
-    from moe.data import read_jsonl
+    from moe.data.pipeline import read_jsonl
 
     try:
         prompts = [row["prompt"] for row in read_jsonl(path, ("prompt",), UsageError)]
@@ -40,8 +40,8 @@ def _read_prompts(path: str) -> list[str]:
 
 def chat_ids(text: str, tokenizer: str) -> list[int]:
     """Mistral's instruct template ([INST] ... [/INST]) through mistral-common, on the
-    model's own sentencepiece model (moe/tune/chat.py, as chat fine-tuning renders it)."""
-    from moe.tune import chat
+    model's own sentencepiece model (moe/data/chat.py, as chat fine-tuning renders it)."""
+    from moe.data import chat
 
     return chat.encode_prompt(chat.tokenizer_path(tokenizer), [{"role": "user", "content": text}])
 
@@ -54,7 +54,7 @@ def _sampling_args(args) -> dict:
 
 
 def run_generate(args) -> int:
-    from moe import tokenizer as tokenizer_lib
+    from moe.data import tokenizer as tokenizer_lib
     from moe.infer import source as source_lib
     from moe.infer.decode import generate
 
@@ -75,8 +75,17 @@ def run_generate(args) -> int:
     for text, prompt_ids, out in zip(texts, ids, outs):
         finish = "eos" if out and out[-1] == cfg.eos_id else "length"
         body = [t for t in out if t != cfg.eos_id]
-        lines.append(json.dumps({"prompt": text, "completion": sp.decode(body), "tokens": out,
-                                 "prompt_tokens": len(prompt_ids), "finish_reason": finish}))
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": text,
+                    "completion": sp.decode(body),
+                    "tokens": out,
+                    "prompt_tokens": len(prompt_ids),
+                    "finish_reason": finish,
+                }
+            )
+        )
     if args.out:
         _write_atomic(args.out, "\n".join(lines) + "\n")
         print(f"wrote {len(lines)} completions to {args.out}", file=sys.stderr)
@@ -97,7 +106,7 @@ def _stream_one(cfg, params, prompt_ids, sp, args, sampling) -> int:
             return
         produced.append(token)
         text = sp.decode(produced)
-        sys.stdout.write(text[len(shown[0]):])
+        sys.stdout.write(text[len(shown[0]) :])
         sys.stdout.flush()
         shown[0] = text
 
@@ -109,7 +118,7 @@ def _stream_one(cfg, params, prompt_ids, sp, args, sampling) -> int:
 
 
 def run_eval(args) -> int:
-    from moe import tokenizer as tokenizer_lib
+    from moe.data import tokenizer as tokenizer_lib
     from moe.infer import source as source_lib
 
     if args.perplexity is None and not args.passkey:
@@ -125,14 +134,15 @@ def run_eval(args) -> int:
 
 
 def _eval_texts(src, paths: list[str]) -> list[str]:
-    from moe import data
+    from moe.data import pipeline as data
 
     cfg = src.config
     try:
         if paths:
             cfg_data = dataclasses.replace(cfg.data, paths=tuple(paths), format="auto")
-            docs = data.DocumentSource(data.locate_documents(data.resolve_paths(tuple(paths)), cfg_data),
-                                       cfg.data.text_field)
+            docs = data.DocumentSource(
+                data.locate_documents(data.resolve_paths(tuple(paths)), cfg_data), cfg.data.text_field
+            )
         else:  # the held-out split of the source's configured corpus
             docs = data.split_documents(cfg.data)[1]
     except (data.DataError, OSError, ValueError) as e:
@@ -150,8 +160,9 @@ def _perplexity(src, sp, args, out) -> None:
     if src.model.sliding_window is None and context > src.model.max_seq_len:
         raise UsageError(f"--context {context} exceeds model.max_seq_len ({src.model.max_seq_len})")
     texts = _eval_texts(src, args.perplexity)
-    result = perplexity.evaluate(src.model, src.params, texts, sp, context=context, stride=stride,
-                                 batch_size=args.batch_size)
+    result = perplexity.evaluate(
+        src.model, src.params, texts, sp, context=context, stride=stride, batch_size=args.batch_size
+    )
     result["source"] = str(src.path)
     print(perplexity.format_table(result))
     if out:
@@ -164,15 +175,18 @@ def _passkey(src, sp, args, out) -> None:
     room = src.model.max_seq_len - passkey.ANSWER_TOKENS
     too_long = [n for n in args.lengths if src.model.sliding_window is None and n > room]
     if too_long:
-        raise UsageError(f"--lengths {too_long} leave no room for the answer within model.max_seq_len "
-                         f"({src.model.max_seq_len}) of a model without a sliding window; use lengths up to {room}")
+        raise UsageError(
+            f"--lengths {too_long} leave no room for the answer within model.max_seq_len "
+            f"({src.model.max_seq_len}) of a model without a sliding window; use lengths up to {room}"
+        )
     shortest = passkey.Sizer.of(sp).fixed
     if min(args.lengths) < shortest:
         raise UsageError(f"--lengths below {shortest} tokens cannot hold the instruction, key and question")
     if any(not 0 <= d <= 1 for d in args.depths):
         raise UsageError(f"--depths must be fractions in [0, 1], got {args.depths}")
-    records = passkey.evaluate(src.model, src.params, sp, args.lengths, args.depths, args.trials, args.seed,
-                               args.batch_size)
+    records = passkey.evaluate(
+        src.model, src.params, sp, args.lengths, args.depths, args.trials, args.seed, args.batch_size
+    )
     table = passkey.format_table(records)
     print(table)
     if out:
@@ -182,7 +196,7 @@ def _passkey(src, sp, args, out) -> None:
 
 
 def run_passkey_corpus(args) -> int:
-    from moe import tokenizer as tokenizer_lib
+    from moe.data import tokenizer as tokenizer_lib
     from moe.infer import passkey
 
     path = passkey.write_corpus(tokenizer_lib.load(args.tokenizer), args.out, args.docs, args.max_tokens, args.seed)
@@ -191,13 +205,22 @@ def run_passkey_corpus(args) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="a Hugging Face folder, a `moe convert from-hf` output, a run directory "
-                                  "(its newest checkpoint) or a checkpoint step directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="params and compute dtype (float32 is the fast one on CPU)")
-    p.add_argument("--tokenizer", default=None,
-                   help="a sentencepiece .model or 'mistral-v1' (default: the source's tokenizer.model, "
-                        "else its config's)")
+    p.add_argument(
+        "source",
+        help="a Hugging Face folder, a `moe convert from-hf` output, a run directory "
+        "(its newest checkpoint) or a checkpoint step directory",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="params and compute dtype (float32 is the fast one on CPU)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a sentencepiece .model or 'mistral-v1' (default: the source's tokenizer.model, else its config's)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
 
 
@@ -216,8 +239,13 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_generate)
     p = sub.add_parser("eval", help="perplexity / bits per byte, and passkey retrieval")
     _common(p)
-    p.add_argument("--perplexity", nargs="*", default=None, metavar="PATHS",
-                   help="text files, folders, globs or JSONL (default: the held-out split of the configured corpus)")
+    p.add_argument(
+        "--perplexity",
+        nargs="*",
+        default=None,
+        metavar="PATHS",
+        help="text files, folders, globs or JSONL (default: the held-out split of the configured corpus)",
+    )
     p.add_argument("--context", type=int, default=None, help="tokens per window (default: max_seq_len, at most 4096)")
     p.add_argument("--stride", type=int, default=None, help="tokens between windows (default: context / 2)")
     p.add_argument("--passkey", action="store_true", help="the passkey retrieval grid (greedy, exact digits)")

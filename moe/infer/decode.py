@@ -15,7 +15,7 @@ on CPU the decode loop reads the same weights through moe/infer/layout.py's layo
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -110,14 +110,17 @@ def _check(cfg: ModelConfig, prompts, max_new_tokens: int) -> None:
         if len(p) == 0:
             raise GenerationError(f"prompt {i} is empty; give at least one token (e.g. bos)")
         if min(p) < 0 or max(p) >= cfg.vocab_size:
-            raise GenerationError(f"prompt {i} holds token ids outside [0, {cfg.vocab_size}): the tokenizer "
-                                  "does not match the model; use the model's own tokenizer")
+            raise GenerationError(
+                f"prompt {i} holds token ids outside [0, {cfg.vocab_size}): the tokenizer "
+                "does not match the model; use the model's own tokenizer"
+            )
     longest = max(len(p) for p in prompts)
     if cfg.sliding_window is None and longest + max_new_tokens > cfg.max_seq_len:
         raise GenerationError(
             f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds model.max_seq_len "
             f"({cfg.max_seq_len}) of a model without a sliding window; shorten the prompt or ask for "
-            f"at most {max(cfg.max_seq_len - longest, 0)} new tokens")
+            f"at most {max(cfg.max_seq_len - longest, 0)} new tokens"
+        )
 
 
 def _until_eos(row: np.ndarray, eos: int) -> list[int]:
@@ -131,9 +134,19 @@ def _until_eos(row: np.ndarray, eos: int) -> list[int]:
     return out
 
 
-def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             batch_size: int | None = None, stream: Callable | None = None) -> list[list[int]]:
+def generate(
+    cfg: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    stream: Callable | None = None,
+) -> list[list[int]]:
     """The new token ids of each prompt (eos included when produced, nothing after it).
 
     Prompts run in batches of batch_size (default: all at once, at most 8). Row i samples
@@ -153,15 +166,26 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     layout = decode_layout(cfg, params, batch_size)
     results = []
     for first in range(0, len(prompts), batch_size):
-        group = prompts[first:first + batch_size]
+        group = prompts[first : first + batch_size]
         rows = group + [[cfg.bos_id]] * (batch_size - len(group))  # a full batch: one compiled shape
         tokens = np.zeros((batch_size, padded), np.int32)
         for r, p in enumerate(rows):
-            tokens[r, :len(p)] = p
+            tokens[r, : len(p)] = p
         lengths = np.asarray([len(p) for p in rows], np.int32)
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(first, first + batch_size))
-        out = _generate(cfg, params, layout, jnp.asarray(tokens), jnp.asarray(lengths), keys, chunk=chunk, slots=slots,
-                        max_new=max_new_tokens, sampling=sampling, stream=stream)
+        out = _generate(
+            cfg,
+            params,
+            layout,
+            jnp.asarray(tokens),
+            jnp.asarray(lengths),
+            keys,
+            chunk=chunk,
+            slots=slots,
+            max_new=max_new_tokens,
+            sampling=sampling,
+            stream=stream,
+        )
         out = np.asarray(out)
         results += [_until_eos(out[r], cfg.eos_id) for r in range(len(group))]
     return results

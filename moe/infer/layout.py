@@ -21,7 +21,7 @@ import numpy as np
 from moe.config import ModelConfig
 from moe.model.experts import ExpertList
 from moe.model.lora import MLP_TARGETS
-from moe.quant.qarray import QArray
+from moe.model.qarray import QArray
 
 
 def _plain(layers) -> bool:
@@ -32,8 +32,9 @@ def _plain(layers) -> bool:
             return False
         if not isinstance(leaf, (np.ndarray, jax.Array)) or not np.issubdtype(leaf.dtype, np.floating):
             return False
-        if isinstance(leaf, jax.Array) and (len(leaf.sharding.device_set) != 1
-                                            or next(iter(leaf.sharding.device_set)).platform != "cpu"):
+        if isinstance(leaf, jax.Array) and (
+            len(leaf.sharding.device_set) != 1 or next(iter(leaf.sharding.device_set)).platform != "cpu"
+        ):
             return False
     return True
 
@@ -47,10 +48,11 @@ def decode_layout(cfg: ModelConfig, params, batch: int):
     split = cfg.is_moe and batch * cfg.top_k <= cfg.n_experts
     views = {}
     for i in range(cfg.n_layers):
-        layer = jax.tree_util.tree_map(lambda a: a[i], host)
+        layer = jax.tree_util.tree_map(lambda a, i=i: a[i], host)
         if split:
-            experts = {name: ExpertList(tuple(host["moe"][name][i, e] for e in range(cfg.n_experts)))
-                       for name in MLP_TARGETS}
+            experts = {
+                name: ExpertList(tuple(host["moe"][name][i, e] for e in range(cfg.n_experts))) for name in MLP_TARGETS
+            }
             layer = {**layer, "moe": {**layer["moe"], **experts}}
         views[f"layer_{i}"] = layer
     views = jax.device_put(views)  # one call for every view (each put back without a copy when aligned)

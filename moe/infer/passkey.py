@@ -16,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-               "I will quiz you about the important information there.")
+from moe.infer.decode import generate
+
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_TOKENS = 12  # new tokens generated for the answer
@@ -30,8 +34,13 @@ def key_line(key: int) -> str:
 def passkey_text(n_filler: int, depth: float, key: int) -> str:
     """The prompt with n_filler filler sentences, round(depth * n_filler) of them before the key."""
     before = int(round(depth * n_filler))
-    lines = [INSTRUCTION, " ".join([FILLER] * before), key_line(key),
-             " ".join([FILLER] * (n_filler - before)), QUESTION]
+    lines = [
+        INSTRUCTION,
+        " ".join([FILLER] * before),
+        key_line(key),
+        " ".join([FILLER] * (n_filler - before)),
+        QUESTION,
+    ]
     return "\n".join(line for line in lines if line)
 
 
@@ -43,7 +52,7 @@ class Sizer:
     per_filler: int
 
     @classmethod
-    def of(cls, sp) -> "Sizer":
+    def of(cls, sp) -> Sizer:
         one = len(sp.encode(passkey_text(1, 0.0, 12345)))
         two = len(sp.encode(passkey_text(2, 0.0, 12345)))
         return cls(fixed=1 + 2 * one - two, per_filler=two - one)
@@ -54,7 +63,7 @@ class Sizer:
 
 
 def random_key(rng: np.random.Generator, digits: int = 5) -> int:
-    return int(rng.integers(10 ** (digits - 1), 10 ** digits))
+    return int(rng.integers(10 ** (digits - 1), 10**digits))
 
 
 def answer_of(completion: str) -> str | None:
@@ -69,8 +78,9 @@ def write_corpus(sp, out: str | Path, n_docs: int, max_tokens: int, seed: int = 
     sizer, rng = Sizer.of(sp), np.random.default_rng(seed)
     most = sizer.fillers_for(max_tokens - 8)  # room for " N." and eos
     if most < 1:
-        raise ValueError(f"max_tokens {max_tokens} leaves no room for filler; use at least "
-                         f"{sizer.fixed + sizer.per_filler + 8}")
+        raise ValueError(
+            f"max_tokens {max_tokens} leaves no room for filler; use at least {sizer.fixed + sizer.per_filler + 8}"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
@@ -81,11 +91,10 @@ def write_corpus(sp, out: str | Path, n_docs: int, max_tokens: int, seed: int = 
     return out
 
 
-def evaluate(cfg, params, sp, lengths: list[int], depths: list[float], trials: int, seed: int = 0,
-             batch_size: int = 8) -> list[dict]:
+def evaluate(
+    cfg, params, sp, lengths: list[int], depths: list[float], trials: int, seed: int = 0, batch_size: int = 8
+) -> list[dict]:
     """One record per (length, depth, trial): greedy answer vs the key, exact digits."""
-    from moe.infer.decode import generate
-
     sizer, rng = Sizer.of(sp), np.random.default_rng(seed)
     records = []
     for length in lengths:
@@ -95,8 +104,17 @@ def evaluate(cfg, params, sp, lengths: list[int], depths: list[float], trials: i
         outputs = generate(cfg, params, prompts, max_new_tokens=ANSWER_TOKENS, batch_size=batch_size)
         for (depth, trial, key), prompt, out in zip(cases, prompts, outputs):
             answer = answer_of(sp.decode([t for t in out if t != cfg.eos_id]))
-            records.append({"length": length, "prompt_tokens": len(prompt), "depth": depth, "trial": trial,
-                            "key": key, "answer": answer, "correct": answer == str(key)})
+            records.append(
+                {
+                    "length": length,
+                    "prompt_tokens": len(prompt),
+                    "depth": depth,
+                    "trial": trial,
+                    "key": key,
+                    "answer": answer,
+                    "correct": answer == str(key),
+                }
+            )
     return records
 
 

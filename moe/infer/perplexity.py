@@ -20,7 +20,7 @@ import numpy as np
 import moe.model as M
 from moe.config import ModelConfig
 from moe.infer.decode import bucket
-from moe.loss import token_nll
+from moe.training.loss import token_nll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,7 @@ def _nll(cfg: ModelConfig, params, tokens_bs, weight_bs):
     return jnp.sum(nll * weight_bs[:, 1:], axis=-1), jnp.sum(weight_bs[:, 1:], axis=-1)
 
 
-def evaluate(cfg: ModelConfig, params, texts: list[str], sp, *, context: int, stride: int,
-             batch_size: int = 8) -> dict:
+def evaluate(cfg: ModelConfig, params, texts: list[str], sp, *, context: int, stride: int, batch_size: int = 8) -> dict:
     """{"tokens", "bytes", "nll", "perplexity", "bits_per_byte", "texts"} over the texts."""
     all_windows = []
     for text in texts:
@@ -59,27 +58,39 @@ def evaluate(cfg: ModelConfig, params, texts: list[str], sp, *, context: int, st
     all_windows.sort(key=lambda w: len(w.ids))  # similar lengths share a padded shape
     total_nll, total_tokens = 0.0, 0
     for first in range(0, len(all_windows), batch_size):
-        group = all_windows[first:first + batch_size]
+        group = all_windows[first : first + batch_size]
         length = min(bucket(max(len(w.ids) for w in group)), context)
         tokens = np.zeros((batch_size, length + 1), np.int32)  # +1: the inputs are tokens[:, :-1]
         weight = np.zeros((batch_size, length + 1), np.float32)
         for r, w in enumerate(group):
-            tokens[r, :len(w.ids)] = w.ids
-            weight[r, w.score_from + 1:len(w.ids)] = 1.0
+            tokens[r, : len(w.ids)] = w.ids
+            weight[r, w.score_from + 1 : len(w.ids)] = 1.0
         nll, count = _nll(cfg, params, jnp.asarray(tokens), jnp.asarray(weight))
         total_nll += float(np.sum(np.asarray(nll, np.float64)))
         total_tokens += int(np.sum(np.asarray(count)))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     mean = total_nll / max(total_tokens, 1)
-    return {"texts": len(texts), "tokens": total_tokens, "bytes": n_bytes, "nll": mean,
-            "perplexity": math.exp(mean), "bits_per_byte": total_nll / math.log(2) / max(n_bytes, 1),
-            "context": context, "stride": stride}
+    return {
+        "texts": len(texts),
+        "tokens": total_tokens,
+        "bytes": n_bytes,
+        "nll": mean,
+        "perplexity": math.exp(mean),
+        "bits_per_byte": total_nll / math.log(2) / max(n_bytes, 1),
+        "context": context,
+        "stride": stride,
+    }
 
 
 def format_table(result: dict) -> str:
-    rows = [("texts", f"{result['texts']}"), ("tokens scored", f"{result['tokens']}"),
-            ("bytes", f"{result['bytes']}"), ("NLL / token (nats)", f"{result['nll']:.4f}"),
-            ("perplexity", f"{result['perplexity']:.3f}"), ("bits per byte", f"{result['bits_per_byte']:.4f}"),
-            ("context / stride", f"{result['context']} / {result['stride']}")]
+    rows = [
+        ("texts", f"{result['texts']}"),
+        ("tokens scored", f"{result['tokens']}"),
+        ("bytes", f"{result['bytes']}"),
+        ("NLL / token (nats)", f"{result['nll']:.4f}"),
+        ("perplexity", f"{result['perplexity']:.3f}"),
+        ("bits per byte", f"{result['bits_per_byte']:.4f}"),
+        ("context / stride", f"{result['context']} / {result['stride']}"),
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,21 +1,21 @@
 """The model as functional Flax linen modules, plus thin init/apply helpers.
 
-    params = moe.model.init(cfg, jax.random.key(0))            # plain nested dict
-    logits = moe.model.logits(cfg, params, token_ids)           # float32 [batch, seq, vocab]
+params = moe.model.init(cfg, jax.random.key(0))            # plain nested dict
+logits = moe.model.logits(cfg, params, token_ids)           # float32 [batch, seq, vocab]
 """
 
 from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from moe.config import LoRAConfig, ModelConfig
 from moe.model.layers import DTYPES
+from moe.model.qarray import as_array
 from moe.model.transformer import Transformer
-from moe.quant.qarray import as_array
 
 
 def init_boxed(cfg: ModelConfig, rng, lora: LoRAConfig | None = None):
@@ -41,11 +41,19 @@ def logical_axes(cfg: ModelConfig, lora: LoRAConfig | None = None):
     return nn.get_partition_spec(boxed)
 
 
-def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None, lora: LoRAConfig | None = None,
-          dropout_rng=None, head: bool = True):
+def apply(
+    cfg: ModelConfig,
+    params,
+    tokens,
+    positions=None,
+    segment_ids=None,
+    lora: LoRAConfig | None = None,
+    dropout_rng=None,
+    head: bool = True,
+):
     """(float32 logits [batch, seq, vocab], router stats stacked per layer). With `lora`,
     params hold the adapters too; dropout_rng turns on lora.dropout (training). head=False:
-    the final-norm hidden states [batch, seq, d_model] instead of logits (moe/loss.py takes
+    the final-norm hidden states [batch, seq, d_model] instead of logits (moe/training/loss.py takes
     them with lm_head_kernel)."""
     rngs = {} if dropout_rng is None else {"lora_dropout": dropout_rng}
     return Transformer(cfg, lora, head).apply({"params": params}, tokens, positions, segment_ids, rngs=rngs)
@@ -53,7 +61,7 @@ def apply(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None, lo
 
 def lm_head_kernel(cfg: ModelConfig, params):
     """The lm_head kernel [d_model, vocab] as LMHead multiplies by it: in the compute dtype,
-    a quantized one decoded (the fused training loss, moe/loss.py, takes it so)."""
+    a quantized one decoded (the fused training loss, moe/training/loss.py, takes it so)."""
     return as_array(params["lm_head"]["kernel"].astype(DTYPES[cfg.dtype]))
 
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax import lax
 
 from moe.config import LoRAConfig, ModelConfig
-from moe.model.layers import DTYPES, apply_rope, kernel_init, param_with_axes
 from moe.model import splash
+from moe.model.layers import DTYPES, apply_rope, kernel_init, param_with_axes
 from moe.model.lora import adapt, project
 
 QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
@@ -54,8 +54,15 @@ def fused_attention(q, k, v, sliding_window: int | None, seg=None, implementatio
     batch, seq, n_kv, group, head_dim = q.shape
     mask = None if seg is None else (seg[:, None, :, None] == seg[:, None, None, :])  # [batch, 1, q, k]
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    out = jax.nn.dot_product_attention(q.reshape(batch, seq, n_kv * group, head_dim), k, v, mask=mask,
-                                       is_causal=True, local_window_size=window, implementation=implementation)
+    out = jax.nn.dot_product_attention(
+        q.reshape(batch, seq, n_kv * group, head_dim),
+        k,
+        v,
+        mask=mask,
+        is_causal=True,
+        local_window_size=window,
+        implementation=implementation,
+    )
     return out.reshape(q.shape)
 
 
@@ -120,8 +127,7 @@ def _attend_bwd(layout, residuals, dout):
 _attend_block.defvjp(_attend_fwd, _attend_bwd)
 
 
-def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None, k_seg=None,
-                          chunk: int = QUERY_CHUNK):
+def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None, k_seg=None, chunk: int = QUERY_CHUNK):
     """q: [batch, q, kv_heads, group, head_dim]; k, v: [batch, s, kv_heads, head_dim].
 
     Query head h = kv * group + g uses kv head kv (h // group). Softmax in float32. Masks
@@ -170,7 +176,8 @@ def _row_windows_bwd(windows, axis, shape, pieces):
     total = jnp.zeros(shape, pieces[0].dtype)
     for (start, _), piece in zip(windows, pieces):
         total = lax.dynamic_update_slice_in_dim(
-            total, lax.dynamic_slice_in_dim(total, start, piece.shape[axis], axis) + piece, start, axis)
+            total, lax.dynamic_slice_in_dim(total, start, piece.shape[axis], axis) + piece, start, axis
+        )
     return (total,)
 
 
@@ -196,10 +203,16 @@ def causal_self_attention(q, k, v, index, sliding_window=None, seg=None, block: 
     q_heads = jnp.moveaxis(q, 1, 3)  # [batch, kv_heads, group, seq, head_dim]: transposed once, not per block
     k_heads, v_heads = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [batch, kv_heads, seq, head_dim]
     outs = []
-    for (start, stop), (first, _), q_b, k_b, v_b in zip(rows, keys, row_windows(q_heads, rows, 3),
-                                                        row_windows(k_heads, keys, 2), row_windows(v_heads, keys, 2)):
-        mask = attention_mask(index[:, start:stop], index[:, first:stop], sliding_window,
-                              None if seg is None else seg[:, start:stop], None if seg is None else seg[:, first:stop])
+    for (start, stop), (first, _), q_b, k_b, v_b in zip(
+        rows, keys, row_windows(q_heads, rows, 3), row_windows(k_heads, keys, 2), row_windows(v_heads, keys, 2)
+    ):
+        mask = attention_mask(
+            index[:, start:stop],
+            index[:, first:stop],
+            sliding_window,
+            None if seg is None else seg[:, start:stop],
+            None if seg is None else seg[:, first:stop],
+        )
         outs.append(_attend_block(q_b, k_b, v_b, mask, "heads"))
     return jnp.moveaxis(jnp.concatenate(outs, axis=3), 3, 1)  # [batch, seq, kv_heads, group, head_dim]
 
@@ -220,8 +233,7 @@ class Attention(nn.Module):
     def _weight(self, name, shape, axes, n_in):
         pdt = DTYPES[self.cfg.param_dtype]
         w = param_with_axes(self, name, kernel_init(self.cfg), shape, axes, pdt)
-        return adapt(self, name, w, self.lora, n_lead=0, n_in=n_in, axes=axes, dtype=pdt).astype(
-            DTYPES[self.cfg.dtype])
+        return adapt(self, name, w, self.lora, n_lead=0, n_in=n_in, axes=axes, dtype=pdt).astype(DTYPES[self.cfg.dtype])
 
     @nn.compact
     def __call__(self, x, cos, sin, attn, kv=None):  # x: [batch, seq, d_model]
@@ -241,8 +253,10 @@ class Attention(nn.Module):
         keys, values = k, v
         if kv is not None:
             rows = jnp.arange(batch)[:, None]
-            written = {"k": kv["k"].at[rows, attn["slot"]].set(k.astype(kv["k"].dtype), mode="drop"),
-                       "v": kv["v"].at[rows, attn["slot"]].set(v.astype(kv["v"].dtype), mode="drop")}
+            written = {
+                "k": kv["k"].at[rows, attn["slot"]].set(k.astype(kv["k"].dtype), mode="drop"),
+                "v": kv["v"].at[rows, attn["slot"]].set(v.astype(kv["v"].dtype), mode="drop"),
+            }
             if self.append:
                 keys = jnp.concatenate([kv["k"], k.astype(kv["k"].dtype)], axis=1)
                 values = jnp.concatenate([kv["v"], v.astype(kv["v"].dtype)], axis=1)
@@ -256,7 +270,15 @@ class Attention(nn.Module):
         elif kv is None:  # the sequence attends to itself: index masks, future key blocks skipped
             out = causal_self_attention(q, k, v, attn["q_pos"], cfg.sliding_window, attn.get("q_seg"))
         else:
-            out = dot_product_attention(q, keys.astype(dtype), values.astype(dtype), attn["q_pos"], attn["k_pos"],
-                                        cfg.sliding_window, attn.get("q_seg"), attn.get("k_seg"))
+            out = dot_product_attention(
+                q,
+                keys.astype(dtype),
+                values.astype(dtype),
+                attn["q_pos"],
+                attn["k_pos"],
+                cfg.sliding_window,
+                attn.get("q_seg"),
+                attn.get("k_seg"),
+            )
         out = project(out.reshape(batch, seq, h, hd), wo, 2)  # [batch, seq, d_model]
         return out if kv is None else (out, written)

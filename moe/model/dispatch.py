@@ -39,11 +39,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe.model import megablox
 from moe.model.experts import ExpertList, switch_experts
 from moe.model.gmm import gmm
 from moe.model.layers import gated_down
 from moe.model.lora import Adapted, matmul
-from moe.quant.qarray import as_array
+from moe.model.qarray import as_array
 
 
 def _swiglu(mm, x, w1, w3, w2, mm_rest=None, recompute_gated: bool = True):
@@ -51,7 +52,7 @@ def _swiglu(mm, x, w1, w3, w2, mm_rest=None, recompute_gated: bool = True):
     for those on per-expert rows (the adapters' second factor and w2); the gated product
     recomputed in the backward pass unless `recompute_gated` is False (layers.gated_down)."""
     mm_rest = mm_rest or mm
-    down = lambda h, w: matmul(mm_rest, h, w)  # noqa: E731
+    down = lambda h, w: matmul(mm_rest, h, w)
     return gated_down(down, matmul(mm, x, w1, mm_rest), matmul(mm, x, w3, mm_rest), w2, recompute_gated)
 
 
@@ -63,11 +64,16 @@ def _whole(w):
 def dense_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated: bool = True):
     w1_edf, w3_edf, w2_efd = _whole(w1_edf), _whole(w3_edf), _whole(w2_efd)
     n_experts = w1_edf.shape[0]
-    y_etd = _swiglu(lambda x, w: jnp.einsum("td,edf->etf", x, w), x_td, w1_edf, w3_edf, w2_efd,
-                    lambda x, w: jnp.einsum("etf,efd->etd", x, w), recompute_gated)
-    combine_te = jnp.einsum(
-        "tke,tk->te", jax.nn.one_hot(expert_idx_tk, n_experts, dtype=weight_tk.dtype), weight_tk
+    y_etd = _swiglu(
+        lambda x, w: jnp.einsum("td,edf->etf", x, w),
+        x_td,
+        w1_edf,
+        w3_edf,
+        w2_efd,
+        lambda x, w: jnp.einsum("etf,efd->etd", x, w),
+        recompute_gated,
     )
+    combine_te = jnp.einsum("tke,tk->te", jax.nn.one_hot(expert_idx_tk, n_experts, dtype=weight_tk.dtype), weight_tk)
     return jnp.einsum("te,etd->td", combine_te.astype(y_etd.dtype), y_etd)
 
 
@@ -83,8 +89,17 @@ def sort_by_expert(expert_idx_tk, weight_tk, n_experts: int):
     return order, group_sizes
 
 
-def ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, grouped_matmul=jax.lax.ragged_dot, *,
-                    recompute_gated: bool = True):
+def ragged_dispatch(
+    x_td,
+    expert_idx_tk,
+    weight_tk,
+    w1_edf,
+    w3_edf,
+    w2_efd,
+    grouped_matmul=jax.lax.ragged_dot,
+    *,
+    recompute_gated: bool = True,
+):
     tokens, top_k = expert_idx_tk.shape
     w1_edf, w3_edf, w2_efd = _whole(w1_edf), _whole(w3_edf), _whole(w2_efd)
     order, group_sizes = sort_by_expert(expert_idx_tk, weight_tk, w1_edf.shape[0])
@@ -122,8 +137,9 @@ def sorted_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, r
     dest = jnp.where(sorted_e < n_experts, padded_start[e] + jnp.arange(copies) - group_start[e], n_blocks * rows)
     x_rows = jnp.zeros((n_blocks * rows + 1, d_model), x_td.dtype).at[dest].set(x_td[order // top_k])
     x_blocks = x_rows[:-1].reshape(n_blocks, rows, d_model)  # [blocks, rows, d_model]
-    block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_blocks) * rows, side="right"),
-                               n_experts - 1)  # [blocks]; unused blocks hold zeros
+    block_expert = jnp.minimum(
+        jnp.searchsorted(padded_end, jnp.arange(n_blocks) * rows, side="right"), n_experts - 1
+    )  # [blocks]; unused blocks hold zeros
     mm = lambda x, w: jnp.einsum("nrd,ndf->nrf", x, w[block_expert])
     y_rows = _swiglu(mm, x_blocks, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated)
     y_rows = y_rows.reshape(n_blocks * rows, d_model)
@@ -156,7 +172,7 @@ def gather_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, r
         return _switch_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd)  # decoding: no backward
     y_kt = []
     for k in range(expert_idx_tk.shape[1]):
-        rowwise = lambda x, w, e=expert_idx_tk[:, k]: jnp.einsum("ti,tio->to", x, as_array(w[e]))  # noqa: E731
+        rowwise = lambda x, w, e=expert_idx_tk[:, k]: jnp.einsum("ti,tio->to", x, as_array(w[e]))
         y_kt.append(_swiglu(rowwise, x_td, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated))  # [tokens, d]
     y_tkd = jnp.stack(y_kt, axis=1)
     return jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
@@ -166,40 +182,54 @@ def _switch_dispatch(x_td, expert_idx_tk, weight_tk, w1: ExpertList, w3: ExpertL
     """gather_dispatch over separate expert buffers: each copy (token t, choice k) runs the
     branch of its expert, which multiplies the token's row by that expert's own buffers."""
     tokens, top_k = expert_idx_tk.shape
-    expert = lambda x, a, b, c: _swiglu(jnp.matmul, x, a, b, c)  # noqa: E731
+    expert = lambda x, a, b, c: _swiglu(jnp.matmul, x, a, b, c)
     y_td = []
     for t in range(tokens):
-        x_1d = x_td[t:t + 1]  # [1, d_model]
+        x_1d = x_td[t : t + 1]  # [1, d_model]
         y_k = [switch_experts(expert, expert_idx_tk[t, k], x_1d, w1, w3, w2)[0] for k in range(top_k)]
         y_td.append(jnp.einsum("kd,k->d", jnp.stack(y_k), weight_tk[t].astype(x_td.dtype)))
     return jnp.stack(y_td)
 
 
 def megablox_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated: bool = True):
-    from moe.model import megablox
-
-    return ragged_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, megablox.grouped_matmul,
-                           recompute_gated=recompute_gated)
-
-
-DISPATCH = {"dense": dense_dispatch, "ragged": ragged_dispatch, "sorted": sorted_dispatch,
-            "grouped": grouped_dispatch, "gather": gather_dispatch, "megablox": megablox_dispatch}
+    return ragged_dispatch(
+        x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, megablox.grouped_matmul, recompute_gated=recompute_gated
+    )
 
 
-def resolve(name: str, copies: int | None = None, n_experts: int | None = None, quantized: bool = False,
-            backend: str | None = None, separate: bool = False) -> str:
+DISPATCH = {
+    "dense": dense_dispatch,
+    "ragged": ragged_dispatch,
+    "sorted": sorted_dispatch,
+    "grouped": grouped_dispatch,
+    "gather": gather_dispatch,
+    "megablox": megablox_dispatch,
+}
+
+
+def resolve(
+    name: str,
+    copies: int | None = None,
+    n_experts: int | None = None,
+    quantized: bool = False,
+    backend: str | None = None,
+    separate: bool = False,
+) -> str:
     """The strategy for `name`; "auto" is gather for a few copies (copies <= n_experts:
     decoding), else jax's megablox kernels on TPU (the compiled 8x7B v5p-128 plans: half
-    the roofline step time of ragged_dot for 0.62 GiB more temporaries per chip, README)
+    the roofline step time of ragged_dot for 0.62 GiB more temporaries per chip:
+    docs/parallelism.md)
     and our grouped matmul elsewhere (ragged_dot lowers to a dense masked product on
     CPU/GPU). Quantized experts take the grouped matmul everywhere: it dequantizes one
-    expert at a time (measured for Mixtral 8x7B QLoRA on one v5p chip: 26 GiB of
-    temporaries, 72 with ragged). Experts in separate buffers (`separate`: ExpertList) take
+    expert at a time (in the 8x7B QLoRA plan on one v5p chip, about a third of ragged's
+    temporaries). Experts in separate buffers (`separate`: ExpertList) take
     gather, whatever `name` says."""
     if separate:
         if copies is not None and n_experts is not None and copies > n_experts:
-            raise ValueError(f"experts held as separate buffers serve at most {n_experts} token copies per "
-                             f"call (decoding), got {copies}; pass the stacked parameters")
+            raise ValueError(
+                f"experts held as separate buffers serve at most {n_experts} token copies per "
+                f"call (decoding), got {copies}; pass the stacked parameters"
+            )
         return "gather"
     if name == "auto":
         if copies is not None and n_experts is not None and copies <= n_experts:

@@ -3,7 +3,7 @@
 The parameter tree stacks a layer's experts, w1: [experts, d_model, d_ff]. To multiply a
 token by its chosen expert, XLA:CPU copies that expert's matrix out of the stack first (a
 slice never feeds a dot in place): at batch 1 the copies took longer than the products
-(bench-moe decode profile, README "Inference"). With each expert in its own buffer, the
+(bench-moe decode profile, docs/inference.md). With each expert in its own buffer, the
 gather dispatch picks the expert with lax.switch and multiplies by its buffer as it is.
 moe/infer/layout.py builds these from the stacked tree without copying (views of the same
 memory on CPU).
@@ -27,7 +27,7 @@ class ExpertList:
     def shape(self) -> tuple:
         return (len(self.experts), *self.experts[0].shape)
 
-    def astype(self, dtype) -> "ExpertList":
+    def astype(self, dtype) -> ExpertList:
         """Cast lazily: only the experts a token is routed to are cast, when they are used."""
         return self.replace(dtype=jnp.dtype(dtype).name)
 

@@ -11,10 +11,9 @@ in blocks of block / 4, the last of which reaches past the group and keeps those
 values by a mask; no padded copy of the rows is ever built. Each group's weights are read in place, once per group,
 never gathered per block, and the backward pass adds each block's weight gradient in
 place into its group's slice of a float32 carry. Work: the routed rows plus under a quarter block per group.
-Each product's carry starts from zeros of its own: XLA merged equal zero buffers into one
-and copied it into each loop that writes it in place (the SwiGLU's w1 and w3 products, their
-dx and dw: 140 MB copied per MoE layer of bench-moe; the layer's forward+backward 315.6 ->
-301.1 ms on CPU, same process, 12 rounds).
+Each product's carry starts from zeros of its own: XLA merges equal zero buffers into one
+and copies it into each loop that writes it in place (the SwiGLU's w1 and w3 products,
+their dx and dw), so shared zeros would cost a copy per product (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from moe.quant.qarray import QArray, as_array
+from moe.model.qarray import QArray, as_array
 
 
 def _zeros(shape, dtype, group_sizes, salt):
@@ -88,7 +87,7 @@ def _forward(x_nk, w_gkm, group_sizes, block: int, transpose_w: bool):
 def _weight_grad(x_nk, dy_nm, group_sizes, block: int, dtype):
     """dw[g] = x[rows of g].T @ dy[rows of g], each block's product added in place into
     the group's slice of one float32 [groups, k, m] carry (no per-group accumulator to
-    zero and copy out: 31 -> 27 ms for bench-moe's [4096, 512] x [4096, 1792] on CPU)."""
+    zero and copy out)."""
     n, k, m = x_nk.shape[0], x_nk.shape[1], dy_nm.shape[1]
     starts, ends = _group_bounds(group_sizes)
 
@@ -98,8 +97,9 @@ def _weight_grad(x_nk, dy_nm, group_sizes, block: int, dtype):
             if mine is not None:  # count each of the group's rows once, and only those
                 x_block = jnp.where(mine[:, None], x_block, 0)
             dy_block = lax.dynamic_slice_in_dim(dy_nm, row, rows)
-            return dw.at[g].add(lax.dot_general(x_block, dy_block, (((0,), (0,)), ((), ())),
-                                                preferred_element_type=jnp.float32))
+            return dw.at[g].add(
+                lax.dot_general(x_block, dy_block, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            )
 
         return _over_blocks(starts[g], ends[g], n, block, per_block, dw)
 
@@ -129,10 +129,12 @@ def _gmm_bwd(block, residuals, dy_nm):
 
 def _no_gradient(tree):
     """Zero cotangents for a tree (float0 for its integer leaves, as JAX requires)."""
+
     def zero(x):
         if jnp.issubdtype(x.dtype, jnp.floating):
             return jnp.zeros_like(x)
         return np.zeros(x.shape, jax.dtypes.float0)
+
     return jax.tree_util.tree_map(zero, tree)
 
 

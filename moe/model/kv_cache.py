@@ -30,8 +30,12 @@ def slots_needed(cfg: ModelConfig, max_len: int) -> int:
 def init(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict:
     dtype = dtype or DTYPES[cfg.dtype]
     shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.resolved_head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "pos": jnp.full((batch, slots), -1, jnp.int32), "end": jnp.zeros((batch,), jnp.int32)}
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "pos": jnp.full((batch, slots), -1, jnp.int32),
+        "end": jnp.zeros((batch,), jnp.int32),
+    }
 
 
 def plan_write(cache: dict, q_pos, sliding_window: int | None):

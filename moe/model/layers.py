@@ -1,19 +1,19 @@
 """Small building blocks: RMSNorm, rotary embedding (Hugging Face half layout), SwiGLU MLP.
 
-Every parameter is created with logical axis names (see moe/sharding.py for the mapping
+Every parameter is created with logical axis names (see moe/parallel/mesh.py for the mapping
 to mesh axes). Kernels are stored input-dimension first: y = x @ W.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from moe.config import LoRAConfig, ModelConfig
 from moe.model.experts import ExpertList
 from moe.model.lora import adapt, project
-from moe.quant.qarray import QArray
+from moe.model.qarray import QArray
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -27,8 +27,9 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
         stored = module.get_variable("params", name)
         if isinstance(stored, (QArray, ExpertList)):  # flax's own shape check would compare a leaf's shape
             if tuple(stored.shape) != tuple(shape):
-                raise ValueError(f"{module.path}/{name}: stored weight of shape {stored.shape}, "
-                                 f"the model expects {tuple(shape)}")
+                raise ValueError(
+                    f"{module.path}/{name}: stored weight of shape {stored.shape}, the model expects {tuple(shape)}"
+                )
             return stored
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
@@ -122,10 +123,8 @@ def gated_down(down, gate, up, w2, recompute: bool = True):
     product is recomputed in the backward pass from gate and up (which gated's backward
     keeps anyway) instead of saved for w2's weight gradient: one [tokens, d_ff] array fewer
     per layer, stacked by the layer scan for every layer. XLA drops the recomputed product
-    with w2, whose value the backward does not use. bench-moe's train step on CPU:
-    temporaries 2.14 -> 1.92 GiB; 491 -> 520 tokens/s (one process, 10 rounds, ahead in 8,
-    level in 2; 485 -> 499 and 556 -> 569 with a first version); as a dense model of the
-    same active width 513 -> 523 (first version, ahead in 7 of 8).
+    with w2, whose value the backward does not use. It saves memory and time on CPU
+    (benchmarks/README.md has the measurements).
 
     Callers pass recompute=False where the layer is rematerialized (`model.remat` full or
     save_dots): nothing of it is saved there anyway. prevent_cse=False: the layers run in a
@@ -133,8 +132,9 @@ def gated_down(down, gate, up, w2, recompute: bool = True):
     chip when it recomputed inside a rematerialized layer)."""
     if not recompute:
         return down(gated(gate, up), w2)
-    return jax.checkpoint(lambda g, u, w: down(gated(g, u), w),
-                          policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)(gate, up, w2)
+    return jax.checkpoint(
+        lambda g, u, w: down(gated(g, u), w), policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False
+    )(gate, up, w2)
 
 
 class SwiGLU(nn.Module):
@@ -156,5 +156,5 @@ class SwiGLU(nn.Module):
         w3 = weight("w3", (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
         w2 = weight("w2", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         x = x.astype(dtype)
-        down = lambda h, w: project(h, w, 1)  # noqa: E731; h [batch, seq, d_ff]
+        down = lambda h, w: project(h, w, 1)  # h [batch, seq, d_ff]
         return gated_down(down, project(x, w1, 1), project(x, w3, 1), w2, cfg.recompute_gated)

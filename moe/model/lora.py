@@ -17,14 +17,17 @@ three) and gate (the router).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
-from flax import struct
+import numpy as np
+from flax import struct, traverse_util
 
-from moe.quant.qarray import as_array
+from moe.config import LoRAConfig
+from moe.model.qarray import as_array
 
 MLP_TARGETS = ("w1", "w2", "w3")
 TARGETS = ("q", "k", "v", "o", *MLP_TARGETS, "gate")
@@ -59,7 +62,7 @@ class Adapted:
     def shape(self):
         return self.w.shape
 
-    def astype(self, dtype) -> "Adapted":
+    def astype(self, dtype) -> Adapted:
         return self.replace(w=self.w.astype(dtype), a=self.a.astype(dtype), b=self.b.astype(dtype))
 
 
@@ -82,7 +85,7 @@ def _contract(x, w, n_in: int):
     sharded weight, which a tensordot would add)."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     n_batch, n_out = x.ndim - n_in, w.ndim - n_in
-    batch, ins, outs = letters[:n_batch], letters[n_batch:x.ndim], letters[x.ndim:x.ndim + n_out]
+    batch, ins, outs = letters[:n_batch], letters[n_batch : x.ndim], letters[x.ndim : x.ndim + n_out]
     return jnp.einsum(f"{batch}{ins},{ins}{outs}->{batch}{outs}", x, w)
 
 
@@ -103,12 +106,20 @@ def adapt(module: nn.Module, name: str, w, lora, *, n_lead: int, n_in: int, axes
     if lora is None or lora.rank is None or name not in expand_targets(lora.targets):
         return w
     r, shape = lora.rank, w.shape
-    lead, ins, outs = shape[:n_lead], shape[n_lead:n_lead + n_in], shape[n_lead + n_in:]
-    lead_ax, in_ax, out_ax = axes[:n_lead], axes[n_lead:n_lead + n_in], axes[n_lead + n_in:]
-    a = module.param(f"{name}_lora_a", nn.with_logical_partitioning(_uniform_fan_in(math.prod(ins)),
-                     (*lead_ax, *in_ax, "lora")), (*lead, *ins, r), dtype)
-    b = module.param(f"{name}_lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
-                     (*lead_ax, "lora", *out_ax)), (*lead, r, *outs), dtype)
+    lead, ins, outs = shape[:n_lead], shape[n_lead : n_lead + n_in], shape[n_lead + n_in :]
+    lead_ax, in_ax, out_ax = axes[:n_lead], axes[n_lead : n_lead + n_in], axes[n_lead + n_in :]
+    a = module.param(
+        f"{name}_lora_a",
+        nn.with_logical_partitioning(_uniform_fan_in(math.prod(ins)), (*lead_ax, *in_ax, "lora")),
+        (*lead, *ins, r),
+        dtype,
+    )
+    b = module.param(
+        f"{name}_lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros, (*lead_ax, "lora", *out_ax)),
+        (*lead, r, *outs),
+        dtype,
+    )
     key = module.make_rng(DROPOUT_RNG) if lora.dropout > 0 and module.has_rng(DROPOUT_RNG) else None
     return Adapted(w, a, b, key, scale(lora.alpha, r, lora.rslora), lora.dropout)
 
@@ -116,3 +127,30 @@ def adapt(module: nn.Module, name: str, w, lora, *, n_lead: int, n_in: int, axes
 def is_adapter(path: tuple[str, ...]) -> bool:
     """True for the path of an adapter parameter (`..._lora_a` / `..._lora_b`)."""
     return path[-1].endswith(("_lora_a", "_lora_b"))
+
+
+def merged_weight(w, a, b, factor: float) -> np.ndarray:
+    """W [*lead, *ins, *outs] + factor * A [*lead, *ins, r] B [*lead, r, *outs], in float32
+    (`moe lora merge` folds adapters into their weights with it)."""
+    w, a, b = (np.asarray(x, np.float32) for x in (w, a, b))
+    n_lead = (a.ndim - 1) + (b.ndim - 1) - w.ndim
+    lead = w.shape[:n_lead]
+    a2 = a.reshape(*lead, -1, a.shape[-1])  # [*lead, in, r]
+    b2 = b.reshape(*lead, b.shape[n_lead], -1)  # [*lead, r, out]
+    return w + factor * np.matmul(a2, b2).reshape(w.shape)
+
+
+def merge(params, lora: LoRAConfig) -> dict:
+    """Plain params (no adapter left) equal in function to `params` with `lora`'s adapters."""
+    flat = traverse_util.flatten_dict(params)
+    factor = scale(lora.alpha, lora.rank, lora.rslora)
+    out = {}
+    for path, value in flat.items():
+        if is_adapter(path):
+            continue
+        a_path = (*path[:-1], f"{path[-1]}_lora_a")
+        if a_path in flat:
+            b = flat[(*path[:-1], f"{path[-1]}_lora_b")]
+            value = merged_weight(value, flat[a_path], b, factor).astype(np.asarray(value).dtype)
+        out[path] = value
+    return traverse_util.unflatten_dict(out)

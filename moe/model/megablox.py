@@ -43,8 +43,10 @@ def tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
 def _call(kernel, *args, **kwargs):
     """kernel(*args, **kwargs) compiled on TPU and interpreted on any other platform."""
     return jax.lax.platform_dependent(
-        *args, tpu=functools.partial(kernel, **kwargs, interpret=False),
-        default=functools.partial(kernel, **kwargs, interpret=True))
+        *args,
+        tpu=functools.partial(kernel, **kwargs, interpret=False),
+        default=functools.partial(kernel, **kwargs, interpret=True),
+    )
 
 
 def _rows_in_groups(y, group_sizes):
@@ -54,8 +56,9 @@ def _rows_in_groups(y, group_sizes):
 @jax.custom_vjp
 def _gmm(x_md, w_edf, group_sizes):
     m, k = x_md.shape
-    y = _call(kernels.gmm, x_md, w_edf, group_sizes, preferred_element_type=x_md.dtype,
-              tiling=tiling(m, k, w_edf.shape[2]))
+    y = _call(
+        kernels.gmm, x_md, w_edf, group_sizes, preferred_element_type=x_md.dtype, tiling=tiling(m, k, w_edf.shape[2])
+    )
     return _rows_in_groups(y, group_sizes)
 
 
@@ -67,10 +70,24 @@ def _gmm_bwd(residuals, dy_mf):
     x_md, w_edf, group_sizes = residuals
     m, k = x_md.shape
     n = w_edf.shape[2]
-    dx = _call(kernels.gmm, dy_mf, w_edf, group_sizes, preferred_element_type=x_md.dtype,
-               tiling=tiling(m, n, k), transpose_rhs=True)  # dy [m, n] @ w[e].T
-    dw = _call(kernels.tgmm, x_md.swapaxes(0, 1), dy_mf, group_sizes, preferred_element_type=w_edf.dtype,
-               tiling=tiling(m, k, n), num_actual_groups=w_edf.shape[0])  # x[g].T @ dy[g] per group
+    dx = _call(
+        kernels.gmm,
+        dy_mf,
+        w_edf,
+        group_sizes,
+        preferred_element_type=x_md.dtype,
+        tiling=tiling(m, n, k),
+        transpose_rhs=True,
+    )  # dy [m, n] @ w[e].T
+    dw = _call(
+        kernels.tgmm,
+        x_md.swapaxes(0, 1),
+        dy_mf,
+        group_sizes,
+        preferred_element_type=w_edf.dtype,
+        tiling=tiling(m, k, n),
+        num_actual_groups=w_edf.shape[0],
+    )  # x[g].T @ dy[g] per group
     return _rows_in_groups(dx, group_sizes), dw, None
 
 

@@ -10,24 +10,25 @@ tokens, layers and devices (sums reduce; means do not):
   z_sum         []   sum of logsumexp(router logits)^2   (-> router z-loss)
   n_tokens      []   tokens counted (padding excluded)
   ep_overflow   []   token copies the expert-parallel receive buffers could not hold
-                     (model.ep_buffer_factor; moe/expert_parallel.py), each adding 0
+                     (model.ep_buffer_factor; moe/parallel/expert_parallel.py), each adding 0
 """
 
 from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
+from jax.sharding import PartitionSpec as P
 
-from moe import expert_parallel
 from moe.config import LoRAConfig, ModelConfig
 from moe.model import dispatch as dispatch_lib
 from moe.model.experts import ExpertList
 from moe.model.layers import DTYPES, kernel_init, param_with_axes
 from moe.model.lora import Adapted, adapt, project
-from moe.quant.qarray import QArray
+from moe.model.qarray import QArray
+from moe.parallel import expert_parallel
 
 
 def route(logits_te, top_k: int):
@@ -77,23 +78,53 @@ class SparseMoE(nn.Module):
         probs_te, weight_tk, expert_idx_tk = route(logits_te, cfg.top_k)
         valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
         stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t)
-        self.sow("intermediates", "expert_idx", expert_idx_tk.reshape(batch, seq, -1))  # moe/analyze.py reads these
+        self.sow(
+            "intermediates", "expert_idx", expert_idx_tk.reshape(batch, seq, -1)
+        )  # moe/study/routing.py reads these
         self.sow("intermediates", "top1_prob", probs_te.max(axis=-1).reshape(batch, seq))
 
         quantized = isinstance(w1.w if isinstance(w1, Adapted) else w1, QArray)
-        fn = dispatch_lib.DISPATCH[dispatch_lib.resolve(cfg.moe_dispatch, batch * seq * cfg.top_k, e, quantized,
-                                                        separate=isinstance(w1, ExpertList))]
+        fn = dispatch_lib.DISPATCH[
+            dispatch_lib.resolve(
+                cfg.moe_dispatch, batch * seq * cfg.top_k, e, quantized, separate=isinstance(w1, ExpertList)
+            )
+        ]
         fn = functools.partial(fn, recompute_gated=cfg.recompute_gated)
-        args = (x_td.astype(dtype), expert_idx_tk, weight_tk.astype(dtype),
-                w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
+        args = (
+            x_td.astype(dtype),
+            expert_idx_tk,
+            weight_tk.astype(dtype),
+            w1.astype(dtype),
+            w3.astype(dtype),
+            w2.astype(dtype),
+        )
         mesh = expert_parallel.active_mesh()
         if expert_parallel.wants_shard_map(mesh, x_td.shape[0]):
             y_td, stats["ep_overflow"] = expert_parallel.dispatch(
-                mesh, *args, local_dispatch=fn, capacity_factor=cfg.capacity_factor,
-                buffer_factor=cfg.ep_buffer_factor, exchange=cfg.ep_exchange)
+                mesh,
+                *args,
+                local_dispatch=fn,
+                capacity_factor=cfg.capacity_factor,
+                buffer_factor=cfg.ep_buffer_factor,
+                exchange=cfg.ep_exchange,
+                weight_spec=expert_weight_spec,
+            )
         else:
             y_td = fn(*args)
         return y_td.reshape(batch, seq, d), stats
+
+
+def expert_weight_spec(w, spec, a_spec, b_spec):
+    """The shard_map spec of an expert weight under expert parallelism, or of a LoRA-adapted
+    one (its pair split over experts alike; the rank dimension whole, and A's rows split over
+    `tensor` as W's are for w2, whose partial products the final psum over `tensor` adds up)."""
+    if isinstance(w, Adapted):
+        return w.replace(
+            w=expert_weight_spec(w.w, spec, None, None), a=a_spec, b=b_spec, key=None if w.key is None else P()
+        )
+    if isinstance(w, QArray):  # quantized: split over experts only, each expert's codes whole
+        return jax.tree_util.tree_map(lambda _: P(spec[0]), w)
+    return spec
 
 
 def load_balancing_loss(expert_counts, prob_sum, n_tokens):

@@ -22,6 +22,9 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec as P
 
+from moe.parallel import expert_parallel
+from moe.parallel.mesh import BATCH_AXES
+
 LANES = 128  # the kernel's key blocks are whole multiples of the TPU's 128 lanes
 BLOCK = 512  # query and key rows per block, at most
 
@@ -43,11 +46,19 @@ def _kernel(seq: int, heads: int, sliding_window: int | None, interpret: bool):
     else:  # key j is allowed for query i when i - (W - 1) <= j <= i
         one = mask_lib.LocalMask((seq, seq), window_size=(sliding_window - 1, 0), offset=0)
     block = _block(seq)
-    sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-                                  block_kv_dq=block)
-    return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
-                                      block_sizes=sizes, interpret=interpret)
+    sizes = kernel_lib.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return kernel_lib.make_splash_mha(
+        mask_lib.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+    )
 
 
 def _attend(q, k, v, segment_ids, sliding_window):
@@ -62,18 +73,16 @@ def _attend(q, k, v, segment_ids, sliding_window):
 
     args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
     pad = (None,) if segment_ids is None else ()
-    return jax.lax.platform_dependent(*args, tpu=lambda *a: run(False, *a, *pad),
-                                      default=lambda *a: run(True, *a, *pad))
+    return jax.lax.platform_dependent(
+        *args, tpu=lambda *a: run(False, *a, *pad), default=lambda *a: run(True, *a, *pad)
+    )
 
 
 def splash_attention(q, k, v, sliding_window=None, segment_ids=None):
     """Causal (or sliding-window) attention within documents; q is scaled by head_dim^-0.5
     here and softmax runs in float32 inside the kernel."""
-    from moe import expert_parallel
-    from moe.sharding import BATCH_AXES
-
     batch, seq, n_kv, group, hd = q.shape
-    q_bhsd = (q.astype(jnp.float32) * hd ** -0.5).astype(q.dtype).reshape(batch, seq, n_kv * group, hd)
+    q_bhsd = (q.astype(jnp.float32) * hd**-0.5).astype(q.dtype).reshape(batch, seq, n_kv * group, hd)
     q_bhsd = q_bhsd.transpose(0, 2, 1, 3)  # [batch, heads, seq, head_dim]; head h uses kv head h // group
     k_bhsd, v_bhsd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -84,7 +93,12 @@ def splash_attention(q, k, v, sliding_window=None, segment_ids=None):
         rows = tuple(a for a in BATCH_AXES if a in shape)
         heads = "tensor" if shape.get("tensor", 1) > 1 and n_kv % shape["tensor"] == 0 else None
         spec, seg_spec = P(rows, heads, None, None), P(rows, None)
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, None if seg is None else seg_spec),
-                           out_specs=spec, check_vma=False)
+        fn = jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=(spec, spec, spec, None if seg is None else seg_spec),
+            out_specs=spec,
+            check_vma=False,
+        )
     out = fn(q_bhsd, k_bhsd, v_bhsd, seg)  # [batch, heads, seq, head_dim]
     return out.transpose(0, 2, 1, 3).reshape(batch, seq, n_kv, group, hd)

@@ -18,9 +18,9 @@ each without the leading axis (layer_list=True; the cached path only).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from moe.config import LoRAConfig, ModelConfig
 from moe.model import kv_cache
@@ -28,7 +28,7 @@ from moe.model.attention import Attention
 from moe.model.layers import DTYPES, RMSNorm, SwiGLU, kernel_init, param_with_axes, rope_cos_sin
 from moe.model.lora import DROPOUT_RNG
 from moe.model.moe import SparseMoE
-from moe.quant.qarray import as_array
+from moe.model.qarray import as_array
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -83,8 +83,14 @@ class Embed(nn.Module):
     @nn.compact
     def __call__(self, tokens):  # [batch, seq] int
         cfg = self.cfg
-        table = param_with_axes(self, "embedding", kernel_init(cfg), (cfg.vocab_size, cfg.d_model),
-                                ("vocab", "embed"), DTYPES[cfg.param_dtype])
+        table = param_with_axes(
+            self,
+            "embedding",
+            kernel_init(cfg),
+            (cfg.vocab_size, cfg.d_model),
+            ("vocab", "embed"),
+            DTYPES[cfg.param_dtype],
+        )
         return jnp.take(as_array(table), tokens, axis=0).astype(DTYPES[cfg.dtype])  # [batch, seq, d_model]
 
 
@@ -94,8 +100,9 @@ class LMHead(nn.Module):
     @nn.compact
     def __call__(self, x):  # [batch, seq, d_model]
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-        kernel = param_with_axes(self, "kernel", kernel_init(cfg), (cfg.d_model, cfg.vocab_size),
-                                 ("embed", "vocab"), DTYPES[cfg.param_dtype])
+        kernel = param_with_axes(
+            self, "kernel", kernel_init(cfg), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), DTYPES[cfg.param_dtype]
+        )
         return (x.astype(dtype) @ as_array(kernel.astype(dtype))).astype(jnp.float32)  # [batch, seq, vocab]
 
 

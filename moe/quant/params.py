@@ -17,14 +17,25 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from moe.quant.qarray import BLOCK, FORMATS, QArray, QuantError, quantize
+from moe.model import param_shapes
+from moe.model.params import count_params
+from moe.model.qarray import BLOCK, FORMATS, QArray, QuantError, quantize
 
 # path suffix -> (dims of the matrix, input dims among them); None input dims: a lookup table
 LAYOUTS = {
-    ("attn", "q"): (3, 1), ("attn", "k"): (3, 1), ("attn", "v"): (3, 1), ("attn", "o"): (3, 2),
-    ("mlp", "w1"): (2, 1), ("mlp", "w3"): (2, 1), ("mlp", "w2"): (2, 1),
-    ("moe", "gate"): (2, 1), ("moe", "w1"): (2, 1), ("moe", "w3"): (2, 1), ("moe", "w2"): (2, 1),
-    ("lm_head", "kernel"): (2, 1), ("embed", "embedding"): (2, None),
+    ("attn", "q"): (3, 1),
+    ("attn", "k"): (3, 1),
+    ("attn", "v"): (3, 1),
+    ("attn", "o"): (3, 2),
+    ("mlp", "w1"): (2, 1),
+    ("mlp", "w3"): (2, 1),
+    ("mlp", "w2"): (2, 1),
+    ("moe", "gate"): (2, 1),
+    ("moe", "w1"): (2, 1),
+    ("moe", "w3"): (2, 1),
+    ("moe", "w2"): (2, 1),
+    ("lm_head", "kernel"): (2, 1),
+    ("embed", "embedding"): (2, None),
 }
 DEFAULT_INCLUDE = ("layers/*",)
 
@@ -40,8 +51,11 @@ def layout(path: tuple[str, ...]):
 
 def selected(path: tuple[str, ...], include=DEFAULT_INCLUDE, exclude=()) -> bool:
     n = name(path)
-    return (layout(path) is not None and any(fnmatch.fnmatchcase(n, p) for p in include)
-            and not any(fnmatch.fnmatchcase(n, p) for p in exclude))
+    return (
+        layout(path) is not None
+        and any(fnmatch.fnmatchcase(n, p) for p in include)
+        and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+    )
 
 
 def check_format(fmt: str) -> None:
@@ -84,8 +98,9 @@ def quantize_params(params, fmt: str, include=DEFAULT_INCLUDE, exclude=(), block
 
 def dequantize_params(params, dtype=None):
     """Every QArray back to an array (its own compute dtype, or `dtype`)."""
-    return jax.tree_util.tree_map(lambda w: w.dequantize(dtype) if isinstance(w, QArray) else w, params,
-                                  is_leaf=lambda w: isinstance(w, QArray))
+    return jax.tree_util.tree_map(
+        lambda w: w.dequantize(dtype) if isinstance(w, QArray) else w, params, is_leaf=lambda w: isinstance(w, QArray)
+    )
 
 
 def abstract(params_shapes, fmt: str | None, include=DEFAULT_INCLUDE, exclude=(), block_size: int = BLOCK):
@@ -106,8 +121,9 @@ def bytes_table(shapes, include=DEFAULT_INCLUDE, exclude=()) -> list[tuple[str, 
     rows = [(jnp.dtype(jax.tree_util.tree_leaves(shapes)[0].dtype).name, base, 0)]
     for fmt in FORMATS:
         q = abstract(shapes, fmt, include, exclude)
-        quantized = [w for w in jax.tree_util.tree_leaves(q, is_leaf=lambda w: isinstance(w, QArray))
-                     if isinstance(w, QArray)]
+        quantized = [
+            w for w in jax.tree_util.tree_leaves(q, is_leaf=lambda w: isinstance(w, QArray)) if isinstance(w, QArray)
+        ]
         rows.append((fmt, nbytes(q), nbytes(quantized)))
     return rows
 
@@ -115,20 +131,20 @@ def bytes_table(shapes, include=DEFAULT_INCLUDE, exclude=()) -> list[tuple[str, 
 def format_bytes(cfg, fmt: str) -> str:
     """`moe params --quant FMT`: the params' bytes unquantized (in the compute dtype) and in
     every format, FMT marked; what is not quantized stays in the compute dtype."""
-    from moe.model import param_shapes
-    from moe.params import count_params
-
     check_format(fmt)
     dtype = jnp.dtype(cfg.model.dtype)
     shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_shapes(cfg.model))
     q = cfg.quant
     rows = bytes_table(shapes, q.include, q.exclude)
-    n_quantized = sum(math.prod(s.shape) for p, s in traverse_util.flatten_dict(shapes).items()
-                      if selected(p, q.include, q.exclude))
+    n_quantized = sum(
+        math.prod(s.shape) for p, s in traverse_util.flatten_dict(shapes).items() if selected(p, q.include, q.exclude)
+    )
     total = count_params(cfg.model).total
-    lines = [f"weights by format (quantized: {n_quantized:,} of {total:,} parameters, "
-             f"{', '.join(q.include)}{' minus ' + ', '.join(q.exclude) if q.exclude else ''}; the rest in {dtype.name}):",
-             f"{'format':<10}{'GB':>10}{'GiB':>10}{'bits/param (quantized)':>26}"]
+    lines = [
+        f"weights by format (quantized: {n_quantized:,} of {total:,} parameters, "
+        f"{', '.join(q.include)}{' minus ' + ', '.join(q.exclude) if q.exclude else ''}; the rest in {dtype.name}):",
+        f"{'format':<10}{'GB':>10}{'GiB':>10}{'bits/param (quantized)':>26}",
+    ]
     for name_, size, quantized in rows:
         bits = f"{8 * quantized / n_quantized:.3f}" if quantized else f"{8 * dtype.itemsize}"
         mark = "  <-" if name_ == fmt else ""
@@ -139,7 +155,8 @@ def format_bytes(cfg, fmt: str) -> str:
 def leaf_shardings(q: QArray, weight_sharding: jax.sharding.NamedSharding):
     """Shardings for a QArray's leaves from its weight's: the stack dims (layers, experts)
     placed as the weight's, the codes and scales of each matrix whole on their device."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     spec = tuple(weight_sharding.spec) + (None,) * len(q.lead)
-    return jax.tree_util.tree_map(lambda _: NamedSharding(weight_sharding.mesh, P(*spec[:len(q.lead)])), q)
+    return jax.tree_util.tree_map(lambda _: NamedSharding(weight_sharding.mesh, P(*spec[: len(q.lead)])), q)

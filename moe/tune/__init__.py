@@ -1,2 +1,3 @@
-"""Fine-tuning pretrained weights: init_from, trainable/frozen split (full or LoRA), chat
-and preference data, DPO, LoRA merge and PEFT export, and head-to-head comparison."""
+"""After fine-tuning: `moe lora merge` and `moe lora export` (PEFT, peft_export.py), and
+`moe compare` of two models' answers (compare.py). The fine-tuning itself (init_from,
+trainable/frozen split, SFT, DPO) is training (moe/training)."""

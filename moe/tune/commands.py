@@ -6,26 +6,10 @@ failure leaves nothing half-written. JAX is imported only when a command runs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
-
-
-def _lora_run(source: str):
-    """(run config, adapter params, step dir) of a LoRA run directory or checkpoint step."""
-    from moe.checkpoint import restore_params
-    from moe.infer.source import SourceError, checkpoint_of
-
-    path = Path(source)
-    if not path.is_dir():
-        raise SourceError(f"{source}: no such directory; give a LoRA run directory or one of its checkpoint steps")
-    params_dir, step, cfg = checkpoint_of(path)
-    if cfg.lora.rank is None:
-        raise SourceError(f"{source} is not a LoRA run (its config has no lora.rank); its checkpoints are "
-                          "already plain weights")
-    return cfg, restore_params(params_dir), step
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -34,19 +18,19 @@ def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def run_merge(args) -> int:
-    from moe import config as config_lib
-    from moe.checkpoint import save_params
-    from moe.infer import source as source_lib
-
-    cfg, _, step = _lora_run(args.source)
-    merged = source_lib.load(step, dtype=cfg.model.param_dtype)  # base + adapters, folded
-    out, tmp = Path(args.out), Path(args.out + ".tmp")
+def _fresh_tmp(out: Path) -> Path:
+    tmp = out.with_name(out.name + ".tmp")  # `out/` and `out` alike
     shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def run_merge(args) -> int:
+    from moe.tune.merge import merge_run
+
+    out = Path(args.out)
+    tmp = _fresh_tmp(out)
     tmp.mkdir(parents=True)
-    save_params(tmp / "params", merged.params)
-    model = dataclasses.replace(merged.config.model, dtype=cfg.model.dtype)
-    (tmp / "config.yaml").write_text(config_lib.dump(dataclasses.replace(merged.config, model=model)))
+    cfg, step = merge_run(args.source, tmp)
     _publish(tmp, out)
     print(f"merged {step} (rank {cfg.lora.rank}, targets {', '.join(cfg.lora.targets)}) -> {out}")
     return 0
@@ -54,10 +38,11 @@ def run_merge(args) -> int:
 
 def run_export(args) -> int:
     from moe.tune import peft_export
+    from moe.tune.merge import lora_run
 
-    cfg, adapters, step = _lora_run(args.source)
-    out, tmp = Path(args.out), Path(args.out + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    cfg, adapters, step = lora_run(args.source)
+    out = Path(args.out)
+    tmp = _fresh_tmp(out)
     peft_export.export(cfg, adapters, tmp, base_model=args.base_model or cfg.train.init_from or "")
     _publish(tmp, out)
     print(f"exported the adapters of {step} as a PEFT adapter -> {out}")
@@ -70,12 +55,17 @@ def run_compare(args) -> int:
     result = compare(args.a, args.b, args.judge, args.references)
     result.update(a=args.a, b=args.b, judge=args.judge)
     rate = result["win_rate"]
-    print(f"A {args.a} vs B {args.b}, judge {args.judge}, {result['n']} prompts: "
-          f"{result['wins']} wins / {result['ties']} ties / {result['losses']} losses; win rate "
-          f"{'n/a' if rate is None else f'{rate:.3f}'} without ties, {result['win_rate_ties_half']:.3f} with ties "
-          f"as half (95% bootstrap {result['interval_95'][0]:.3f}-{result['interval_95'][1]:.3f})"
-          + (f"; exact-match accuracy A {result['accuracy_a']:.3f}, B {result['accuracy_b']:.3f}"
-             if "accuracy_a" in result else ""))
+    print(
+        f"A {args.a} vs B {args.b}, judge {args.judge}, {result['n']} prompts: "
+        f"{result['wins']} wins / {result['ties']} ties / {result['losses']} losses; win rate "
+        f"{'n/a' if rate is None else f'{rate:.3f}'} without ties, {result['win_rate_ties_half']:.3f} with ties "
+        f"as half (95% bootstrap {result['interval_95'][0]:.3f}-{result['interval_95'][1]:.3f})"
+        + (
+            f"; exact-match accuracy A {result['accuracy_a']:.3f}, B {result['accuracy_b']:.3f}"
+            if "accuracy_a" in result
+            else ""
+        )
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe.data.pipeline import read_jsonl
+
 
 class CompareError(ValueError):
     """Inputs that cannot be compared; the message says which file and why."""
@@ -29,8 +31,6 @@ class CompareError(ValueError):
 
 def read_answers(path: str | Path, field: str = "completion") -> dict[str, str]:
     """{prompt: answer} of a JSONL file of {"prompt", field} lines."""
-    from moe.data import read_jsonl
-
     return {row["prompt"]: row[field] for row in read_jsonl(path, ("prompt", field), CompareError)}
 
 
@@ -57,13 +57,21 @@ def make_judge(name: str):
         command = shlex.split(name[4:])
 
         def judge(prompt, a, b, ref):
-            done = subprocess.run(command, input=json.dumps({"prompt": prompt, "a": a, "b": b, "reference": ref}),
-                                  capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                command,
+                input=json.dumps({"prompt": prompt, "a": a, "b": b, "reference": ref}),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             verdict = done.stdout.strip()
             if done.returncode or verdict not in ("A", "B", "tie"):
-                raise CompareError(f"judge {name[4:]!r} must print A, B or tie and exit 0; it printed "
-                                   f"{verdict[:80]!r} (exit {done.returncode})")
+                raise CompareError(
+                    f"judge {name[4:]!r} must print A, B or tie and exit 0; it printed "
+                    f"{verdict[:80]!r} (exit {done.returncode})"
+                )
             return verdict
+
         return judge
     raise CompareError(f"unknown judge {name!r}; use exact, f1 or cmd:COMMAND")
 
@@ -74,10 +82,15 @@ def summarize(verdicts: list[str], seed: int = 0, samples: int = 2000) -> dict:
     score = np.array([1.0 if v == "A" else 0.5 if v == "tie" else 0.0 for v in verdicts])
     rng = np.random.default_rng(seed)
     boot = score[rng.integers(0, n, (samples, n))].mean(axis=1) if n else np.zeros(1)
-    return {"n": n, "wins": wins, "ties": ties, "losses": losses,
-            "win_rate": wins / (wins + losses) if wins + losses else None,
-            "win_rate_ties_half": float(score.mean()) if n else None,
-            "interval_95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
+    return {
+        "n": n,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "win_rate": wins / (wins + losses) if wins + losses else None,
+        "win_rate_ties_half": float(score.mean()) if n else None,
+        "interval_95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+    }
 
 
 def accuracy(answers: dict[str, str], references: dict[str, str]) -> float:

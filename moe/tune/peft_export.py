@@ -27,11 +27,16 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from moe.config import Config
-from moe.model.lora import expand_targets, scale as lora_scale
+from moe.model.lora import expand_targets
+from moe.model.lora import scale as lora_scale
 
 PREFIX = "base_model.model.model.layers.{layer}."
-ATTENTION = {"q": ("self_attn.q_proj", 1), "k": ("self_attn.k_proj", 1), "v": ("self_attn.v_proj", 1),
-             "o": ("self_attn.o_proj", 2)}
+ATTENTION = {
+    "q": ("self_attn.q_proj", 1),
+    "k": ("self_attn.k_proj", 1),
+    "v": ("self_attn.v_proj", 1),
+    "o": ("self_attn.o_proj", 2),
+}
 DENSE_MLP = {"w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj"}
 
 
@@ -57,7 +62,7 @@ def _experts(pairs: list, width: int, scale: float):
     for block, pair in enumerate(pairs):
         if pair is not None:
             a, b = pair
-            b_full[block * width:(block + 1) * width, col:col + a.shape[-1]] = scale * np.transpose(b, (2, 1, 0))
+            b_full[block * width : (block + 1) * width, col : col + a.shape[-1]] = scale * np.transpose(b, (2, 1, 0))
             col += a.shape[-1]
     return a_stack.reshape(e * r, -1), b_full.reshape(-1, r * e), r
 
@@ -66,8 +71,10 @@ def export(cfg: Config, adapters: dict, out_dir: str | Path, base_model: str = "
     """Write adapter_config.json and adapter_model.safetensors for cfg.lora's adapters."""
     lora, model = cfg.lora, cfg.model
     if lora.train_router:
-        raise ExportError("this run trained the whole router, which a LoRA adapter cannot carry; export the "
-                          "merged model instead: `moe lora merge RUN OUT` then `moe convert to-hf OUT HF_DIR`")
+        raise ExportError(
+            "this run trained the whole router, which a LoRA adapter cannot carry; export the "
+            "merged model instead: `moe lora merge RUN OUT` then `moe convert to-hf OUT HF_DIR`"
+        )
     flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(adapters).items()}
     pair = lambda block, name: (flat[("layers", block, f"{name}_lora_a")], flat[("layers", block, f"{name}_lora_b")])
     s = lora_scale(lora.alpha, lora.rank, lora.rslora)
@@ -82,9 +89,14 @@ def export(cfg: Config, adapters: dict, out_dir: str | Path, base_model: str = "
             tensors[PREFIX.format(layer=layer) + module + ".lora_A.weight"] = lora_a
             tensors[PREFIX.format(layer=layer) + module + ".lora_B.weight"] = lora_b
     if model.is_moe:
-        groups = [(param, names, width) for param, names, width in
-                  [("gate_up_proj", ("w1", "w3"), model.d_ff), ("down_proj", ("w2",), model.d_model)]
-                  if targets & set(names)]
+        groups = [
+            (param, names, width)
+            for param, names, width in [
+                ("gate_up_proj", ("w1", "w3"), model.d_ff),
+                ("down_proj", ("w2",), model.d_model),
+            ]
+            if targets & set(names)
+        ]
         for i, (param, names, width) in enumerate(groups):
             parameters.append(f"mlp.experts.{param}")
             inner = ".base_layer" * (len(groups) - 1 - i)  # PEFT nests one wrapper per targeted parameter
@@ -104,10 +116,22 @@ def export(cfg: Config, adapters: dict, out_dir: str | Path, base_model: str = "
                 tensors[PREFIX.format(layer=layer) + "mlp.gate.lora_B.weight"] = lora_b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-              "r": lora.rank, "lora_alpha": lora.rank, "rank_pattern": ranks, "alpha_pattern": dict(ranks),
-              "use_rslora": False, "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False,
-              "target_modules": modules, "target_parameters": parameters or None, "inference_mode": True}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.rank,
+        "rank_pattern": ranks,
+        "alpha_pattern": dict(ranks),
+        "use_rslora": False,
+        "lora_dropout": lora.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": modules,
+        "target_parameters": parameters or None,
+        "inference_mode": True,
+    }
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

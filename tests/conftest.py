@@ -18,6 +18,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
 from helpers import processes_with_env  # noqa: E402
 
 # Every process a test starts, and every process those start, inherits this marker; at

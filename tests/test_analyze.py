@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_model
 
 import moe.model as model_lib
 from moe import cli
 from moe import config as config_lib
 from moe.checkpoint.params import save_params
 from moe.study import routing as analyze
+
+from helpers import tiny_model
 
 TOKENIZER = "experiments/tokenizer/stdlib-4k.model"
 
@@ -43,6 +44,7 @@ def test_repeat_rates_of_independent_routing_meet_their_expectation():
     assert rates["topk_share"] == pytest.approx(rates["expected_topk_share"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_routing_reads_each_layers_top_k_and_first_choice_probability_from_the_model():
     cfg = tiny_model(n_layers=2)
     params = model_lib.init(cfg, jax.random.key(0))

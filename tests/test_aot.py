@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import IN_CI, ROOT
 
 from moe.config import ConfigError
 from moe.plan import aot
+
+from helpers import IN_CI, ROOT
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
@@ -47,6 +48,7 @@ def moe_aot(*args):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_tiny_moe_compiles_for_a_small_v5p_slice():
     # a small vocabulary so that the experts dominate the FLOPs
     result = moe_aot(
@@ -75,6 +77,7 @@ def test_tiny_moe_compiles_for_a_small_v5p_slice():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_the_megablox_dispatch_compiles_its_pallas_kernels_into_the_tpu_plan():
     # auto is megablox on TPU: forward w1, w3, w2 and their backward (gmm for the rows, tgmm
     # for the weights), under expert=2
@@ -96,6 +99,7 @@ def test_the_megablox_dispatch_compiles_its_pallas_kernels_into_the_tpu_plan():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_a_qlora_plan_compiles_for_one_v5p_chip(tmp_path):
     # one chip (a host of 1x1x1), the frozen base in nf4-dq, LoRA on attention and every expert
     result = moe_aot(
@@ -141,6 +145,7 @@ def test_a_qlora_plan_compiles_for_one_v5p_chip(tmp_path):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_a_plan_that_does_not_fit_exits_non_zero():
     result = moe_aot(
         ROOT / "configs/tiny-moe.yaml",
@@ -159,6 +164,7 @@ def test_a_plan_that_does_not_fit_exits_non_zero():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_a_compiler_failure_that_is_not_memory_is_an_error_not_does_not_fit():
     # the same small plan as above, with the compiler made to fail the way a compiler bug does
     fail = (
@@ -235,6 +241,7 @@ def test_roofline_scales_the_one_layer_cost_takes_the_slower_of_compute_and_memo
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_a_tpu_plan_gets_no_cpu_compiler_options():
     probe = (
         "import jax, numpy as np\nfrom moe.plan import aot\nfrom moe.training import step as train\n"
@@ -248,6 +255,7 @@ def test_a_tpu_plan_gets_no_cpu_compiler_options():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_two_slices_compile_with_data_across_dcn_and_a_mismatch_is_refused():
     base = [
         ROOT / "configs/tiny-moe.yaml",

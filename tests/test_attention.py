@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_model
 
 import moe.model as M
 from moe.model.attention import (
@@ -18,6 +17,8 @@ from moe.model.attention import (
     row_windows,
 )
 from moe.model.layers import rope_cos_sin
+
+from helpers import tiny_model
 
 
 def _index_mask(seq):
@@ -44,6 +45,7 @@ def test_model_is_causal(window):
 
 
 @pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.slow
 def test_the_model_in_causal_blocks_equals_one_block(window, monkeypatch):
     """The model's own call of the blocked self-attention (blocks of 4 rows here, 128 by
     default) gives the logits of the plain one-block path; packed documents included."""
@@ -211,6 +213,7 @@ def test_row_windows_equal_slices_in_value_and_gradient(windows, axis):
 
 
 @pytest.mark.parametrize("window,segments,block", [(None, False, 4), (5, True, 4), (3, False, 2), (None, True, 1)])
+@pytest.mark.slow
 def test_causal_blocks_equal_the_textbook_formula_in_value_and_gradient(window, segments, block):
     """Training self-attention skips the key blocks a query block cannot see (its future,
     before its window): value and gradient equal the plain formula over all keys; a last

@@ -1,9 +1,9 @@
 """`moe bench`'s pieces on a tiny model: every dispatch path timed, the table printed."""
 
-from helpers import tiny_model
-
 from moe.bench import training as bench
 from moe.model.dispatch import DISPATCH, resolve
+
+from helpers import tiny_model
 
 
 def test_layer_timings_cover_every_path_and_the_table_names_the_default():

@@ -8,13 +8,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe.checkpoint.params import ParamReader, ParamWriter
 from moe.checkpoint.runs import RunCheckpoints
 from moe.convert import ConversionError, convert_from_hf, convert_to_hf
 from moe.convert.hf import parse_size
+
+from helpers import ROOT
 
 
 def test_param_writer_refuses_to_close_with_a_slice_missing(tmp_path):

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
 
 from moe.cli import main
+
+from helpers import ROOT
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,7 @@ def test_moe_params_prints_published_counts(name, total, active, capsys):
     assert f"total parameters: {total}" in out and f"active parameters per token: {active}" in out
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_overrides():
     result = subprocess.run(
         [sys.executable, "-m", "moe", "params", str(ROOT / "configs/tiny-moe.yaml"), "model.n_experts=4"],
@@ -39,6 +41,7 @@ def test_bad_config_exits_2_with_the_message(capsys):
     assert "top_k (12) must be between 1 and model.n_experts (8)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tokenizer_train_through_the_cli(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -68,6 +71,7 @@ def test_tokenizer_train_through_the_cli(tmp_path):
     assert sp.vocab_size() == 400 and sp.decode(sp.encode("the lazy dog")) == "the lazy dog"
 
 
+@pytest.mark.slow
 def test_bench_quick_through_the_cli(tmp_path):
     env = {**os.environ, "XLA_FLAGS": ""}
     result = subprocess.run(

@@ -1,7 +1,8 @@
 import pytest
-from helpers import CONFIGS, ROOT
 
 from moe import config as C
+
+from helpers import CONFIGS, ROOT
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

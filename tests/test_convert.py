@@ -8,8 +8,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
-from hf_models import SEQ, VARIANTS, make_hf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -17,6 +15,9 @@ from transformers import AutoModelForCausalLM
 import moe.model as M
 from moe.checkpoint.params import restore_params
 from moe.convert import ConversionError, convert_from_hf, convert_to_hf, load_hf, save_hf
+
+from helpers import ROOT
+from hf_models import SEQ, VARIANTS, make_hf
 
 
 def hf_logits(path, tokens):
@@ -164,6 +165,7 @@ def test_legacy_hub_config_loads(tmp_path):
     np.testing.assert_allclose(np.asarray(M.logits(cfg, params, tokens)), hf_logits(hf_dir, tokens), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_convert_both_directions(tmp_path):
     hf_dir = make_hf(tmp_path, "mistral-window")
     run = lambda *a: subprocess.run(

@@ -2,11 +2,12 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ROOT
 
 from moe import config as C
 from moe.data import pipeline as D
 from moe.data import tokenizer as T
+
+from helpers import ROOT
 
 
 def cfg_with(*overrides):
@@ -67,6 +68,7 @@ def test_packed_batches_have_segments_and_restarting_positions(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_iterator_state_resumes_the_same_batches(tmp_path, workers):
     cfg = cfg_with(f"data.paths=[{write_docs(tmp_path, 30)}]", f"data.workers={workers}")
     train, _ = D.check(cfg)

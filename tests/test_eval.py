@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from moe import cli
@@ -20,6 +19,8 @@ from moe.data import tokenizer as tokenizer_lib
 from moe.infer import passkey
 from moe.infer.commands import chat_ids
 from moe.infer.perplexity import windows
+
+from helpers import ROOT
 
 TOKENIZER = ROOT / "experiments/tokenizer/stdlib-4k.model"
 TEXTS = ["def add(a, b):\n    return a + b\n" * 6, "The pass key is 123. Remember it."]
@@ -205,6 +206,7 @@ def test_missing_or_unreadable_source_is_one_line(tmp_path, capsys):
     np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), ["empty"])
 
 
+@pytest.mark.slow
 def test_no_libtpu_noise_on_a_host_without_tpus(hf_model):
     """The tpu extra is installed (CI too); without TPU chips, JAX must not start libtpu."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}

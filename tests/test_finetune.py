@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import make_hf
 
 from moe import config as config_lib
 from moe.config import Config, ConfigError
@@ -17,6 +16,8 @@ from moe.parallel import mesh as mesh_lib
 from moe.training import dpo
 from moe.training import step as train_lib
 from moe.training.init_from import InitFromError
+
+from hf_models import make_hf
 
 V1 = "mistral-v1"
 
@@ -36,6 +37,7 @@ def _load(cfg):
     return _base_params(cfg, mesh_lib.make_mesh(cfg, jax.devices()[:1]))
 
 
+@pytest.mark.slow
 def test_init_from_hf_gives_transformers_logits(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -103,10 +105,11 @@ def test_chat_rendering_is_mistral_commons_and_masks_only_answers():
     assert ids[0] == sp.bos_id() and mask[0] == 0
 
 
+@pytest.mark.slow
 def test_only_assistant_tokens_carry_loss():
-    from helpers import tiny_model
-
     import moe.model as model_lib
+
+    from helpers import tiny_model
 
     cfg = Config(model=tiny_model(vocab_size=32000, n_layers=1), train=config_lib.TrainConfig(seq_len=64))
     ids, mask = chat.render(chat.tokenizer_path(V1), CONVERSATION)
@@ -266,6 +269,7 @@ def test_bad_tuning_configs_are_refused(overrides, message):
 
 
 @pytest.mark.parametrize("targets", [("q", "k", "v", "o", "mlp", "gate"), ("v", "w1")])
+@pytest.mark.slow
 def test_exported_adapter_loads_into_peft_with_our_logits(tmp_path, targets):
     import torch
     from flax import traverse_util

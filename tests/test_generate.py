@@ -8,8 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model
-from hf_models import make_hf
 from transformers import AutoModelForCausalLM
 
 import moe.model as M
@@ -18,6 +16,9 @@ from moe.infer import GenerationError, Sampling, SamplingError, generate
 from moe.infer.sampling import sample, top_k_filter, top_p_filter
 from moe.model import kv_cache
 from moe.model.transformer import Transformer
+
+from helpers import tiny_model
+from hf_models import make_hf
 
 WINDOW = 5  # the mistral-window variant's sliding window
 
@@ -63,6 +64,7 @@ def _feed_in_chunks(cfg, params, tokens, sizes, slots):
 
 
 @pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.slow
 def test_cached_logits_equal_the_full_forward_at_every_position(window):
     cfg = tiny_model(sliding_window=window, max_seq_len=64)
     params = M.init(cfg, jax.random.key(0))
@@ -82,6 +84,7 @@ def test_cached_logits_equal_the_full_forward_at_every_position(window):
 
 
 @pytest.mark.parametrize("moe,batch", [(True, 1), (True, 8), (False, 2)])
+@pytest.mark.slow
 def test_decode_layout_views_the_same_memory_and_decodes_like_the_stacked_tree(moe, batch):
     """moe/infer/layout.py: per-layer trees and (few rows) per-expert buffers that alias the
     stacked arrays, and the decode loop's logits and cache through them equal the stacked

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import IN_CI, ROOT
 
 from moe.study import sweep
+
+from helpers import IN_CI, ROOT
 
 SCRIPTS = sorted((ROOT / "launch").glob("*.sh"))
 OVERRIDES = ["model.n_experts=4", "train.lr=0.001", "data.paths=[it's here]"]
@@ -239,6 +240,7 @@ def test_sweep_launch_commands_are_accepted_by_the_launchers(tmp_path):
             assert run.overrides[-1] in out and str(run.run_dir) in out
 
 
+@pytest.mark.slow
 def test_local_launcher_really_trains_with_two_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,9 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import hidden_residuals, tiny_model
 
 from moe.model.layers import RMSNorm, SwiGLU, apply_rope, gated, rope_cos_sin
+
+from helpers import hidden_residuals, tiny_model
 
 
 def test_rmsnorm_matches_formula():

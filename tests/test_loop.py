@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, kill_group, processes_with_env, spawn
 
 from moe import platform, storage
 from moe.checkpoint.params import restore_params
+
+from helpers import ROOT, kill_group, processes_with_env, spawn
+
+pytestmark = pytest.mark.slow  # every test here runs `moe train` end to end
 
 SMALL = [
     "model.d_model=32",

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import tiny_model
 
 import moe.model as model_lib
 from moe.config import LoRAConfig
@@ -17,6 +16,8 @@ from moe.model import dispatch as dispatch_lib
 from moe.model import lora as lora_lib
 from moe.model.lora import is_adapter
 from moe.model.moe import SparseMoE, route
+
+from helpers import tiny_model
 
 ALL = LoRAConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "mlp", "gate"))
 
@@ -176,6 +177,7 @@ def test_lora_dropout_draws_other_masks_on_other_devices():
     assert all(not np.allclose(dropped[0], dropped[i], atol=1e-4) for i in range(1, 8))
 
 
+@pytest.mark.slow
 def test_merged_weights_equal_the_adapted_model():
     cfg = tiny_model()
     params = lora_params(cfg, ALL)
@@ -209,6 +211,7 @@ def test_dropout_only_when_a_key_is_given():
     assert jnp.all(jnp.isfinite(dropped))
 
 
+@pytest.mark.slow
 def test_adapter_gradients_agree_across_dispatch_paths():
     """The adapters' gradients through each strategy's own product (gmm's custom backward,
     ragged_dot, the block matmul, the gather) equal the dense reference's."""
@@ -237,6 +240,7 @@ def test_adapter_gradients_agree_across_dispatch_paths():
 
 
 @pytest.mark.parametrize("quant", [None, "nf4"])
+@pytest.mark.slow
 def test_streamed_merge_equals_the_merge_in_memory(tmp_path, quant):
     """`moe lora merge` writes slice by slice what a LoRA (or QLoRA) run merged whole on load
     gives, exactly: the base read a layer at a time, each slice folded with its adapters."""

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import hidden_residuals, tiny_model
 
 from moe.model.dispatch import DISPATCH
 from moe.model.moe import SparseMoE, load_balancing_loss, route, router_stats, z_loss
+
+from helpers import hidden_residuals, tiny_model
 
 PATHS = sorted(DISPATCH)
 

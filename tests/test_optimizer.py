@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_model
 
 from moe import config as C
 from moe.parallel import mesh as S
 from moe.training import state as state_lib
 from moe.training import step as T
+
+from helpers import tiny_model
 
 
 def cfg_with(**train):

@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
 from test_aot import needs_libtpu
 
 from moe.plan import meshes as plan
+
+from helpers import ROOT
 
 
 def moe_plan(*args):
@@ -35,6 +36,7 @@ TINY = [
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_plan_compiles_every_dividing_mesh_ranks_them_and_caches(tmp_path):
     args = [*TINY, "train.batch_size=8", "--jobs", "2", "--cache-dir", tmp_path / "cache"]
     first = moe_plan(*args, "--out", tmp_path / "plans.json")
@@ -78,6 +80,7 @@ def test_plan_compiles_every_dividing_mesh_ranks_them_and_caches(tmp_path):
         (["--fix", "pipeline=2"], "--fix 'pipeline=2': use AXIS=N"),
     ],
 )
+@pytest.mark.slow
 def test_bad_plans_are_one_line_errors(args, message, tmp_path):
     result = moe_plan(*TINY, *args, "--cache-dir", tmp_path)
     assert result.returncode == 2 and message in result.stderr
@@ -86,6 +89,7 @@ def test_bad_plans_are_one_line_errors(args, message, tmp_path):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_multislice_candidates_split_only_data_and_fsdp_over_dcn():
     from moe import config
 

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import tiny_model
 from test_tune_loop import TOKENIZER, _base, _cfg, _rows
 
 import moe.model as model_lib
@@ -23,6 +22,8 @@ from moe.quant.params import dequantize_params, quantize_params
 from moe.training import loop
 from moe.training import step as train_lib
 from moe.training import trainable as trainable_lib
+
+from helpers import tiny_model
 
 
 def _qlora_config(fmt="nf4-dq"):
@@ -78,6 +79,7 @@ def test_qlora_steps_keep_the_base_bit_identical_and_train_only_adapters():
     assert all(is_adapter(p) for p in moved) and all(d > 0 for p, d in moved.items() if p[-1].endswith("_lora_b"))
 
 
+@pytest.mark.slow
 def test_qlora_run_from_a_quantized_checkpoint_merges_into_the_dequantized_base(tmp_path):
     base_dir, base_cfg, _ = _base(tmp_path)
     quantized = tmp_path / "base-nf4"

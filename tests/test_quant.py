@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import IN_CI, tiny_model
 
 import moe.model as model_lib
 from moe.model import codes as codes_lib
 from moe.quant import QuantError, quantize
 from moe.quant.params import dequantize_params, quantize_params
+
+from helpers import IN_CI, tiny_model
 
 if not IN_CI:
     pytest.importorskip("bitsandbytes", reason="bitsandbytes (the test extra) is the reference for NF4")

@@ -8,12 +8,13 @@ import shlex
 import subprocess
 
 import pytest
-from helpers import ROOT
 
 from moe import cli
 from moe import config as config_lib
 from moe.parallel import mesh as mesh_lib
 from moe.plan import aot
+
+from helpers import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

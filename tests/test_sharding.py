@@ -6,7 +6,6 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_model
 from jax._src import compilation_cache
 
 from moe import config as C
@@ -14,6 +13,8 @@ from moe.checkpoint.params import restore_params, save_params
 from moe.parallel import mesh as S
 from moe.training import state as state_lib
 from moe.training import step as T
+
+from helpers import tiny_model
 
 MESHES = {
     "data=8": dict(data=8),
@@ -99,6 +100,7 @@ CASES = (
 
 
 @pytest.mark.parametrize("name,path,grad_accum", CASES, ids=[f"{n}-{p}-accum{a}" for n, p, a in CASES])
+@pytest.mark.slow
 def test_sharded_loss_and_grads_equal_single_device(name, path, grad_accum, reference):
     params, (ref_loss, ref_grads, ref_metrics) = reference
     cfg = run_config(MESHES[name], moe_dispatch=path)
@@ -111,6 +113,7 @@ def test_sharded_loss_and_grads_equal_single_device(name, path, grad_accum, refe
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5, jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 def test_receive_buffer_overflow_is_counted_and_reported_in_the_step_metrics(reference):
     from moe.training import metrics as metrics_lib
 

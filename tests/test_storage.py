@@ -9,11 +9,12 @@ import sys
 import pytest
 import yaml
 from etils import epath
-from helpers import ROOT
 
 from moe import storage
 from moe.config import ConfigError
 from moe.study import report, sweep
+
+from helpers import ROOT
 
 SMALL = [
     "model.d_model=32",
@@ -78,6 +79,7 @@ def test_a_malformed_run_dir_is_one_line_and_nothing_is_written(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_train_killed_and_resumed_on_gcs_equals_a_local_run_then_plots_and_converts(tmp_path, gcs):
     local, remote = tmp_path / "local", "gs://moe-test/runs/resumed"
     args = [ROOT / "configs/tiny-moe.yaml", "--no-progress", *SMALL, "train.steps=4"]
@@ -116,6 +118,7 @@ def test_train_killed_and_resumed_on_gcs_equals_a_local_run_then_plots_and_conve
     ), tuned.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_sweep_on_gcs_gives_the_local_sweeps_metrics_and_reports(tmp_path, gcs, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     spec = {

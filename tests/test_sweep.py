@@ -11,10 +11,11 @@ import time
 
 import pytest
 import yaml
-from helpers import ROOT, kill_group, spawn
 
 from moe.config import ConfigError
 from moe.study import report, sweep
+
+from helpers import ROOT, kill_group, spawn
 
 STUDIES = sorted((ROOT / "experiments").glob("*/sweep.yaml"))
 SMALL = {
@@ -133,6 +134,7 @@ def finished_sweep(tmp_path, monkeypatch):
     return s
 
 
+@pytest.mark.slow
 def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_sweep, tmp_path, monkeypatch, capsys):
     s = finished_sweep
     assert all(r.finished() for r in s.runs)
@@ -196,6 +198,7 @@ def test_a_two_step_sweep_runs_then_skips_finished_runs_and_reports(finished_swe
     assert again.count(report.BEGIN) == 1 and "| top1 |" in again
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_is_resumed_from_its_checkpoint(finished_sweep, tmp_path):
     longer = sweep.load(
         write_spec(tmp_path, overrides={**SMALL, "train.steps": 3}, variants={"top1": {"model.top_k": 1}}),
@@ -263,6 +266,7 @@ def moe_sweep(spec, runs_dir, log):
     )
 
 
+@pytest.mark.slow
 def test_sweep_forwards_a_signal_to_its_run_and_exits_130_and_a_failed_run_exits_1(tmp_path):
     long = {**SMALL, "train.steps": 1000, "train.eval_every": 1000, "checkpoint.every_steps": 1000}
     spec = write_spec(tmp_path, overrides=long, variants={"long": {}})

@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, tiny_model
 
 import moe.model as M
 from moe import config as C
 from moe.training import step as T
+
+from helpers import ROOT, tiny_model
 
 
 def run_config(**train):
@@ -76,6 +77,7 @@ def test_the_cpu_train_step_compiles_with_the_memory_optimized_scheduler():
     assert temp["ours"] < temp["default"], temp
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_router_and_every_expert():
     cfg = run_config(batch_size=8)
     state = T.init_state(cfg, jax.random.key(1))
@@ -189,6 +191,7 @@ def test_loss_chunk_must_divide_seq_len_and_needs_the_fused_loss():
         C.validate(run_config(loss_chunk=4, fused_loss=False))
 
 
+@pytest.mark.slow
 def test_loss_ignores_padding_and_matches_manual_cross_entropy():
     cfg = run_config()
     params = T.init_state(cfg, jax.random.key(6)).params
@@ -200,6 +203,7 @@ def test_loss_ignores_padding_and_matches_manual_cross_entropy():
     np.testing.assert_allclose(float(terms["ce_sum"]), nll[mask].sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_total_loss_is_ce_plus_weighted_router_losses_each_from_hugging_face(tmp_path):
     import torch
     from transformers import MixtralForCausalLM

@@ -4,11 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CONFIGS, tiny_model
 
 import moe.model as M
 from moe import config as C
 from moe.model.params import count_params
+
+from helpers import CONFIGS, tiny_model
 
 PUBLISHED = {  # (total, active per token), from the published configurations
     "mistral-7b": (7_241_732_096, 7_241_732_096),

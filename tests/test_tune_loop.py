@@ -7,8 +7,8 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from flax import traverse_util
-from helpers import tiny_model
 
 import moe.model as model_lib
 from moe import cli
@@ -17,6 +17,10 @@ from moe.checkpoint.params import restore_params, save_params
 from moe.infer import source as source_lib
 from moe.model.lora import is_adapter
 from moe.training import loop
+
+from helpers import tiny_model
+
+pytestmark = pytest.mark.slow  # every test here runs `moe train` end to end
 
 TOKENIZER = "experiments/tokenizer/stdlib-4k.model"
 

@@ -10,8 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model
-from hf_models import SEQ, make_hf
 
 import moe.model as model_lib
 from moe import cli
@@ -21,6 +19,9 @@ from moe.model.dispatch import DISPATCH
 from moe.parallel import mesh as mesh_lib
 from moe.training import state as state_lib
 from moe.training import step as train_lib
+
+from helpers import tiny_model
+from hf_models import SEQ, make_hf
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, SEQ)), jnp.int32)
 

@@ -40,7 +40,7 @@ def _ours(cfg: ModelConfig, params, prompts, new: int) -> dict:
 
 
 def _hf(model, prompts, new: int) -> dict:
-    import torch
+    import torch  # optional (the test extra): the Hugging Face reference
 
     ids = torch.tensor(prompts)
     kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
@@ -65,7 +65,7 @@ def _rates(r: dict, batch: int, new: int) -> dict:
 
 def decode_bench(cfg: ModelConfig, new: int, batches=(1, 8)) -> dict:
     """Ours and HF's generate on random weights of `cfg` (float32), per batch size."""
-    import torch
+    import torch  # optional (the test extra): the Hugging Face reference
     from transformers import AutoModelForCausalLM
 
     cfg = dataclasses.replace(

@@ -159,7 +159,7 @@ def train_step(cfg: config_lib.Config, steps: int) -> dict:
 def hf_stepper(cfg: config_lib.Config):
     """run(steps) -> seconds per step of transformers' MixtralForCausalLM with torch AdamW,
     same config and batch (one warm-up step done); None without torch and transformers."""
-    try:
+    try:  # optional (the test extra): the Hugging Face reference
         import torch
         from transformers import MixtralConfig, MixtralForCausalLM
     except ImportError:
@@ -235,7 +235,7 @@ def matmul_flops_by_shape(dtype) -> dict[str, float]:
 
 def torch_matmul_flops_by_shape(repeats: int = 5) -> dict[str, float] | None:
     """The same for torch's float32 matmul: the peak Hugging Face's step runs against."""
-    try:
+    try:  # optional (the test extra)
         import torch
     except ImportError:
         return None

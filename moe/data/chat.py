@@ -22,6 +22,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from moe.data import tokenizer as tokenizer_lib
 
@@ -115,17 +119,11 @@ def read_row(path: str, offset: int, line: int, fmt: str) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _mistral(tokenizer_path: str, finetuning: bool):
-    from mistral_common.protocol.instruct.validator import ValidationMode
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
     mode = ValidationMode.finetuning if finetuning else ValidationMode.test
     return MistralTokenizer.from_file(tokenizer_path, mode=mode)
 
 
 def _encode(tokenizer_path: str, messages: list[dict]) -> list[int]:
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-
     kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
     request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
     finetuning = messages[-1]["role"] == "assistant"

@@ -17,9 +17,13 @@ every checkpoint so a resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
+import multiprocessing
 import os
+import signal
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -213,11 +217,6 @@ def die_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
     """Make this worker process exit when the process that started it dies, SIGKILL
     included (Linux prctl PR_SET_PDEATHSIG); without it, a killed training process leaves
     its Grain workers running as orphans, holding their memory, on every preemption."""
-    import ctypes
-    import multiprocessing
-    import signal
-    import sys
-
     if not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import mistral_common
 import sentencepiece as spm
 
 from moe import config as config_lib
@@ -14,8 +15,6 @@ MISTRAL_V1 = "mistral-v1"
 
 def mistral_v1_path() -> Path:
     """Mistral 7B / Mixtral 8x7B's sentencepiece model (vocab 32000, bos 1, eos 2)."""
-    import mistral_common
-
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():
         raise FileNotFoundError(f"mistral-common is installed but has no {path}; reinstall mistral-common")

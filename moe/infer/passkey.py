@@ -139,7 +139,7 @@ def format_table(records: list[dict]) -> str:
 
 
 def plot_heatmap(records: list[dict], out: str | Path, title: str) -> Path:
-    import matplotlib
+    import matplotlib  # its Agg backend chosen before pyplot loads, only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -31,6 +31,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import struct
 
 from moe.config import QUANT_FORMATS
@@ -147,8 +148,6 @@ def quantize(
 
 
 def _int(m, block_size: int, qtype, tiled: bool) -> dict:
-    import qwix
-
     if tiled and m.shape[-1] % block_size:
         raise QuantError(
             f"int4 blocks of {block_size} along the input need an input size divisible by "
@@ -160,8 +159,6 @@ def _int(m, block_size: int, qtype, tiled: bool) -> dict:
 
 
 def _int_decode(q: QArray, qtype, rows: int, cols: int):
-    import qwix
-
     values = q.codes if q.fmt == "int8" else _unpack(q.codes, rows * cols, signed=True).reshape(*q.lead, rows, cols)
     return qwix.dequantize(qwix.QArray(values.astype(qtype), q.scale))
 

@@ -277,7 +277,7 @@ def _frozen(cfg: Config, mesh):
 def slice_devices(generation: str, name: str, slices: int = 1) -> list:
     """The devices of `slices` slices of a topology (multislice: each device's slice_index
     tells the mesh which axes cross DCN)."""
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # needs libtpu (the tpu extra)
 
     extra = {"num_slices": slices} if slices > 1 else {}
     return topologies.get_topology_desc(

@@ -16,6 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moe.model import param_shapes
 from moe.model.params import count_params
@@ -155,8 +157,5 @@ def format_bytes(cfg, fmt: str) -> str:
 def leaf_shardings(q: QArray, weight_sharding: jax.sharding.NamedSharding):
     """Shardings for a QArray's leaves from its weight's: the stack dims (layers, experts)
     placed as the weight's, the codes and scales of each matrix whole on their device."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     spec = tuple(weight_sharding.spec) + (None,) * len(q.lead)
     return jax.tree_util.tree_map(lambda _: NamedSharding(weight_sharding.mesh, P(*spec[: len(q.lead)])), q)

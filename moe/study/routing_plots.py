@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
 
@@ -20,16 +21,12 @@ def token_html(pieces: list[str], experts: list[int], n_experts: int) -> str:
 
 
 def palette(n: int) -> list[str]:
-    import matplotlib
-
     cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return [matplotlib.colors.to_hex(cmap(i % cmap.N), keep_alpha=False) for i in range(n)]
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display: the backend is chosen before pyplot loads
     import matplotlib.pyplot as plt
 
     return plt

@@ -82,7 +82,7 @@ class MetricsLog:
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", buffering=1)
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # loads protobuf: only where a run writes events
 
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 

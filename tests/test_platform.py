@@ -5,6 +5,8 @@ not, test_cli's bench test)."""
 import importlib.util
 import os
 
+import pytest
+
 from moe import platform
 
 
@@ -29,14 +31,15 @@ def test_huge_page_malloc_only_on_cpu_hosts_with_a_new_glibc_and_no_user_choice(
     assert platform.hugepage_malloc_env({}, libc="glibc 2.36") is None  # a TPU VM with JAX_PLATFORMS unset
 
 
-def test_importing_the_package_keeps_libtpu_quiet_without_tpus():
+@pytest.mark.parametrize("first", ["", "import flax, jax; "], ids=["moe-first", "jax-first"])
+def test_importing_the_package_keeps_libtpu_quiet_without_tpus(first):
     """A program that imports moe and runs a model (not the `moe` command) prints no libtpu
     initialization errors on a host without TPUs, the tpu extra installed or not."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE")}
-    code = "import moe.model, jax; print(jax.devices()[0].platform)"
+    code = first + "import moe.model, jax; print(jax.devices()[0].platform)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "cpu"

@@ -42,6 +42,15 @@ def location(where: str | os.PathLike) -> epath.Path:
     return epath.Path(text)
 
 
+def out_dir(text: str) -> str:
+    """A folder a command writes, as given on its command line: `out/` and `out` alike (the
+    trailing slashes dropped, a gs:// URL's too), so a temporary `OUT.partial` beside it
+    and the rename onto OUT work either way. Every command's OUT folder argument is read
+    through it (argparse `type=`)."""
+    stripped = text.rstrip("/")
+    return stripped if stripped and not stripped.endswith(":") else text
+
+
 def is_remote(path) -> bool:
     return "://" in os.fspath(path)
 

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -110,7 +111,9 @@ def test_help_does_not_import_jax():
 def test_a_built_wheel_ships_configs_launchers_and_sweep_specs(tmp_path):
     """The wheel `pip install .` installs, put first on the path outside the repository: the
     shipped configs, sweep specs and tokenizer are found by name."""
-    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    wheel_dir, site, source = tmp_path / "wheel", tmp_path / "site", tmp_path / "source"
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache")
+    shutil.copytree(ROOT, source, symlinks=True, ignore=skip)  # the build writes build/ beside the sources
     build = subprocess.run(
         [
             sys.executable,
@@ -122,7 +125,7 @@ def test_a_built_wheel_ships_configs_launchers_and_sweep_specs(tmp_path):
             "-q",
             "-w",
             str(wheel_dir),
-            str(ROOT),
+            str(source),
         ],
         capture_output=True,
         text=True,
@@ -180,3 +183,26 @@ def test_a_built_wheel_ships_configs_launchers_and_sweep_specs(tmp_path):
     assert sweep.returncode == 0 and "train.aux_loss_coef=0.1" in sweep.stdout, sweep.stderr
     launch = moe("sweep", "aux-coef", "--launcher", "tpu_vm", "--runs-dir", "runs/sweep")
     assert launch.returncode == 0 and str(shipped / "launch" / "tpu_vm.sh") in launch.stdout, launch.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "from-hf", "hf", "out/"],
+        ["convert", "to-hf", "run", "out/"],
+        ["quantize", "run", "out/", "--format", "nf4"],
+        ["upcycle", "dense", "tiny-moe", "out/"],
+        ["lora", "merge", "run", "out/"],
+        ["lora", "export", "run", "out/"],
+        ["eval", "run", "--perplexity", "--out", "out/"],
+        ["analyze", "run", "--out", "out/"],
+        ["report", "spec", "--out", "out/"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_every_out_folder_takes_a_trailing_slash(argv):
+    """`out/` and `out` are one folder for every command that writes one (storage.out_dir)."""
+    from moe.cli import build_parser
+
+    assert build_parser().parse_args(argv).out == "out"
+    assert build_parser().parse_args([a.replace("out/", "gs://b/out/") for a in argv]).out == "gs://b/out"

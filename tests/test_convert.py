@@ -171,11 +171,14 @@ def test_cli_convert_both_directions(tmp_path):
     run = lambda *a: subprocess.run(
         [sys.executable, "-m", "moe", "convert", *map(str, a)], capture_output=True, text=True, cwd=ROOT
     )
-    r = run("from-hf", hf_dir, tmp_path / "ckpt")
+    r = run("from-hf", hf_dir, f"{tmp_path / 'ckpt'}/")  # `out/` and `out` alike
     assert r.returncode == 0, r.stderr
-    r = run("to-hf", tmp_path / "ckpt", tmp_path / "out", "--tokenizer", "mistral-v1", "--dtype", "bfloat16")
+    r = run("to-hf", tmp_path / "ckpt", tmp_path / "bad", "--tokenizer", "mistral-v1")  # 32000 pieces, 97 rows
+    assert r.returncode == 1 and "has a vocabulary of 32000 but the model's is 97" in r.stderr
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    r = run("to-hf", tmp_path / "ckpt", tmp_path / "out", "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "out" / "tokenizer.model").stat().st_size > 100_000
+    assert "the export carries no tokenizer" in r.stderr and not (tmp_path / "out" / "tokenizer.model").exists()
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
     r = run("from-hf", tmp_path / "nowhere", tmp_path / "x")
@@ -197,3 +200,38 @@ def test_to_hf_takes_a_run_directory_and_an_out_ending_in_a_slash(tmp_path, caps
     assert np.abs(hf_logits(tmp_path / "out", tokens) - np.asarray(M.logits(cfg, params, tokens))).max() <= 1e-4
     assert main(["convert", "to-hf", str(tmp_path / "empty"), str(tmp_path / "x")]) == 1
     assert "checkpoints/<step>" in capsys.readouterr().err
+
+
+def test_a_runs_export_carries_its_tokenizer_and_transformers_generates_our_text(tmp_path):
+    """`moe convert to-hf RUN OUT` without --tokenizer exports the run's own (mistral-v1 here):
+    AutoTokenizer on the folder adds BOS as we do, and transformers' greedy text is ours."""
+    from transformers import AutoTokenizer
+
+    from moe import config as config_lib
+    from moe.checkpoint.params import save_params
+    from moe.cli import main
+    from moe.data import tokenizer as tokenizer_lib
+    from moe.infer.decode import generate
+
+    from helpers import tiny_model
+
+    cfg = config_lib.Config(model=tiny_model(vocab_size=32000, n_experts=4), train=config_lib.TrainConfig(seq_len=32))
+    params = M.init(cfg.model, jax.random.key(0))
+    run = tmp_path / "run"
+    save_params(run / "checkpoints" / "1" / "params", params)
+    (run / "config.yaml").write_text(config_lib.dump(cfg))
+    assert main(["convert", "to-hf", str(run), str(tmp_path / "out")]) == 0
+    assert {"tokenizer.model", "tokenizer_config.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "out").iterdir()
+    }
+    prompt = "def main(args):\n    return"
+    sp = tokenizer_lib.load("mistral-v1")
+    ours_prompt = [sp.bos_id(), *sp.encode(prompt)]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok(prompt)["input_ids"] == ours_prompt  # BOS first, then the same pieces
+    ours = generate(cfg.model, params, [ours_prompt], 12)[0]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        theirs = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=12, do_sample=False)
+    assert theirs[0, len(ours_prompt) :].tolist() == ours
+    assert tok.decode(theirs[0, len(ours_prompt) :], skip_special_tokens=True) == sp.decode(ours)

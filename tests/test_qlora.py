@@ -126,7 +126,7 @@ def test_moe_quantize_refuses_with_one_line_and_leaves_no_folder(tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
         assert not (tmp_path / "q1").exists() and not (tmp_path / "q1.partial").exists()
-    assert cli.main(["quantize", str(base_dir), str(tmp_path / "q1"), "--format", "int8"]) == 0
+    assert cli.main(["quantize", str(base_dir), str(tmp_path / "q1") + "/", "--format", "int8"]) == 0
     assert cli.main(["quantize", str(tmp_path / "q1"), str(tmp_path / "q2"), "--format", "nf4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "already quantized (int8)" in err

@@ -12,7 +12,7 @@ import pytest
 
 import moe.model as model_lib
 from moe.model import codes as codes_lib
-from moe.quant import QuantError, quantize
+from moe.model.qarray import QuantError, quantize
 from moe.quant.params import dequantize_params, quantize_params
 
 from helpers import IN_CI, tiny_model

@@ -106,7 +106,7 @@ def test_lora_run_trains_only_adapters_resumes_and_merges(tmp_path):
     loop.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5)), run, progress=False)
     assert "resumed from the checkpoint at step 3" in (run / "train.log").read_text()
 
-    assert cli.main(["lora", "merge", str(run), str(tmp_path / "merged")]) == 0
+    assert cli.main(["lora", "merge", str(run), str(tmp_path / "merged") + "/"]) == 0
     merged = source_lib.load(tmp_path / "merged")
     direct = source_lib.load(run)  # a LoRA run as an inference source: merged on load
     tokens = np.arange(1, 13)[None]
@@ -117,7 +117,7 @@ def test_lora_run_trains_only_adapters_resumes_and_merges(tmp_path):
     assert not np.allclose(
         np.asarray(ours), np.asarray(model_lib.apply(base_cfg.model, base_params, tokens)[0]), atol=1e-4
     )
-    assert cli.main(["lora", "export", str(run), str(tmp_path / "adapter")]) == 0
+    assert cli.main(["lora", "export", str(run), str(tmp_path / "adapter") + "/"]) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 

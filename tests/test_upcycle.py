@@ -101,7 +101,7 @@ def test_hf_mistral_upcycles_and_converts_to_a_mixtral_transformers_reads(tmp_pa
         model=dataclasses.replace(model, n_experts=4, top_k=2), train=config_lib.TrainConfig(seq_len=32)
     )
     moe_yaml = _write_config(tmp_path / "moe.yaml", moe)
-    assert cli.main(["upcycle", str(hf_dir), str(moe_yaml), str(tmp_path / "moe")]) == 0
+    assert cli.main(["upcycle", str(hf_dir), str(moe_yaml), str(tmp_path / "moe") + "/"]) == 0
     assert (
         cli.main(["convert", "to-hf", str(tmp_path / "moe"), str(tmp_path / "mixtral"), "--tokenizer", "mistral-v1"])
         == 0

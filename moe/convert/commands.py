@@ -5,17 +5,17 @@ A command's code is imported when it runs, so `moe --help` does not load JAX.
 
 from __future__ import annotations
 
+from moe import storage
+
 
 def run_convert(args) -> int:
     from moe import convert
-    from moe.data.tokenizer import mistral_v1_path
 
     if args.direction == "from-hf":
         cfg = convert.convert_from_hf(args.src, args.out, dtype=args.dtype)
     else:
-        tokenizer = mistral_v1_path() if args.tokenizer == "mistral-v1" else args.tokenizer
         cfg = convert.convert_to_hf(
-            args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=tokenizer
+            args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer
         )
     kind = "Mixtral" if cfg.is_moe else "Mistral"
     print(f"converted {kind} ({cfg.n_layers} layers, d_model {cfg.d_model}) {args.src} -> {args.out}")
@@ -39,7 +39,7 @@ def add_parsers(sub) -> None:
     directions = p.add_subparsers(dest="direction", required=True)
     a = directions.add_parser("from-hf", help="HF folder -> OUT/params (Orbax) + OUT/config.yaml")
     a.add_argument("src", metavar="HF_DIR")
-    a.add_argument("out", metavar="OUT")
+    a.add_argument("out", metavar="OUT", type=storage.out_dir)
     a.add_argument(
         "--dtype",
         default="auto",
@@ -50,17 +50,19 @@ def add_parsers(sub) -> None:
     b.add_argument(
         "src", metavar="SOURCE", help="a run directory (its newest checkpoint), a checkpoint step or a converted folder"
     )
-    b.add_argument("out", metavar="OUT")
+    b.add_argument("out", metavar="OUT", type=storage.out_dir)
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     b.add_argument("--max-shard-size", default="5GB")
     b.add_argument(
-        "--tokenizer", default=None, help="a sentencepiece model to copy as tokenizer.model, or 'mistral-v1'"
+        "--tokenizer",
+        default=None,
+        help="a sentencepiece .model or 'mistral-v1' (default: the converted folder's or the run's own)",
     )
     p.set_defaults(func=run_convert)
     p = sub.add_parser("upcycle", help="a dense checkpoint into an MoE of the same shape (sparse upcycling)")
     p.add_argument("source", help="dense: HF Mistral folder, `moe convert from-hf` output, run or checkpoint step")
     p.add_argument("moe_config", help="the MoE's config (same architecture but n_experts / top_k)")
-    p.add_argument("out", help="the new folder: params/ + config.yaml (a train.init_from source)")
+    p.add_argument("out", type=storage.out_dir, help="the new folder: params/ + config.yaml (a train.init_from source)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the MoE config")
     p.add_argument(
         "--router-init",

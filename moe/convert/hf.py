@@ -25,6 +25,7 @@ from moe import storage
 from moe.checkpoint.params import ParamReader, ParamWriter
 from moe.checkpoint.runs import checkpoint_of
 from moe.config import ModelConfig
+from moe.convert.hf_tokenizer import default_tokenizer, tokenizer_model, write_tokenizer
 from moe.convert.table import ConversionError, Entry, entries, hf_config_from_model, model_config_from_hf
 from moe.model import param_shapes
 
@@ -217,9 +218,10 @@ def params_to_hf(
     tokenizer: str | Path | None = None,
 ) -> None:
     """Write a Hugging Face folder from read(path, index) -> our slice."""
+    _cast(np.zeros(1), dtype)  # refuse an unknown dtype or tokenizer before writing anything
+    model_file = None if tokenizer is None else tokenizer_model(tokenizer, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _cast(np.zeros(1), dtype)  # refuse an unknown dtype before writing anything
     writer = ShardedWriter(out, shard_plan(cfg, dtype, parse_size(max_shard_size)))
     for e in entries(cfg):
         writer.add(e.hf_name, _cast(e.rule.to_hf(np.asarray(read(e.rule.ours, e.index)), cfg), dtype))
@@ -227,8 +229,8 @@ def params_to_hf(
     (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg, dtype), indent=2) + "\n")
     generation = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if tokenizer is not None:
-        shutil.copy(tokenizer, out / "tokenizer.model")
+    if model_file is not None:
+        write_tokenizer(out, model_file, cfg)
 
 
 def save_hf(
@@ -251,7 +253,8 @@ def convert_to_hf(
     tokenizer: str | Path | None = None,
 ) -> ModelConfig:
     """Stream an Orbax params checkpoint (a run directory's newest, a checkpoint step or a
-    converted folder) into a Hugging Face folder."""
+    converted folder) into a Hugging Face folder, with its tokenizer: `tokenizer` (a .model
+    path or "mistral-v1"), by default the converted folder's or the run's data.tokenizer."""
     params_dir, step, run_cfg = checkpoint_of(storage.absolute(ckpt_dir))
     cfg = run_cfg.model
     reader = ParamReader(params_dir)
@@ -264,7 +267,8 @@ def convert_to_hf(
             )
     if dtype == "auto":
         dtype = "bfloat16" if reader.dtype(("embed", "embedding")) == NP_DTYPES["bfloat16"] else "float32"
-    if tokenizer is None and (params_dir.parent / "tokenizer.model").is_file():
-        tokenizer = params_dir.parent / "tokenizer.model"
+    if tokenizer is None:  # a converted folder's own, else the one the run trained with
+        own = params_dir.parent / "tokenizer.model"
+        tokenizer = default_tokenizer(own if own.is_file() else run_cfg.data.tokenizer, cfg)
     params_to_hf(cfg, reader.read, out_dir, dtype, max_shard_size, tokenizer)
     return cfg

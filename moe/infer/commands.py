@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from moe import storage
+
 
 class UsageError(ValueError):
     """A bad command line or input file; the message names the fix."""
@@ -253,7 +255,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--trials", type=int, default=3, help="seeded keys per cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder for perplexity.json, passkey.json/.md/.png")
+    p.add_argument(
+        "--out", default=None, type=storage.out_dir, help="folder for perplexity.json, passkey.json/.md/.png"
+    )
     p.set_defaults(func=run_eval)
     p = sub.add_parser("passkey-corpus", help="synthetic passkey texts (with answers) to train on")
     p.add_argument("out", help="the JSONL file to write")

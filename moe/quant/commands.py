@@ -4,6 +4,7 @@ is moe/quant/store.py's `quantize_checkpoint`). Its code is imported when it run
 
 from __future__ import annotations
 
+from moe import storage
 from moe.config import QUANT_FORMATS
 
 
@@ -21,7 +22,7 @@ def run_quantize(args) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("quantize", help="a quantized checkpoint (int8, int4, nf4, nf4-dq), streamed tensor by tensor")
     p.add_argument("source", help="HF folder, `moe convert from-hf` output, run directory or checkpoint step")
-    p.add_argument("out", help="the new folder: params/ + config.yaml")
+    p.add_argument("out", type=storage.out_dir, help="the new folder: params/ + config.yaml")
     p.add_argument("--format", required=True, choices=QUANT_FORMATS, help="the weights' format")
     p.add_argument(
         "--include",

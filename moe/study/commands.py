@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from moe import storage
+
 DEFAULT_DOMAINS = ("tests=test", "asyncio=asyncio", "email=email", "encodings=encodings", "tkinter=tkinter")
 
 
@@ -75,7 +77,9 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("report", help="markdown table and PNG plots of a sweep, next to its spec")
     p.add_argument("spec", help="the sweep spec (a file or a shipped name)")
     p.add_argument("--runs-dir", default=None, help="where the runs are (default runs/sweeps/NAME)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the spec's folder)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", type=storage.out_dir, help="output folder (default: the spec's folder)"
+    )
     p.set_defaults(func=run_report)
     p = sub.add_parser("plot", help="PNG plots of a run: losses and per-layer expert load")
     p.add_argument("run_dir")
@@ -95,5 +99,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--docs", type=int, default=16, help="documents per domain")
     p.add_argument("--doc-tokens", type=int, default=256, help="tokens read from the beginning of each document")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--out", required=True, metavar="DIR", help="the folder for the outputs")
+    p.add_argument("--out", required=True, metavar="DIR", type=storage.out_dir, help="the folder for the outputs")
     p.set_defaults(func=run_analyze)

@@ -19,13 +19,11 @@ import numpy as np
 
 from moe import storage
 from moe.checkpoint.params import ParamReader, restore_params
-from moe.checkpoint.runs import SourceError, checkpoint_of, is_hf
+from moe.checkpoint.runs import HINT, SourceError, checkpoint_of, is_hf
 from moe.config import Config, ModelConfig, architecture_diffs
 from moe.convert.hf import ConversionError, SafetensorsSource, check_tensors, read_hf_config
 from moe.quant import params as qparams
 from moe.quant import store
-
-HINT = "a Hugging Face folder, a `moe convert from-hf` output, a run directory or a checkpoint step"
 
 
 class InitFromError(ValueError):
@@ -151,7 +149,7 @@ def _hf_array(source, model: ModelConfig, entries: list, leaf):
 def _reader(cfg: Config, target):
     path = storage.location(cfg.train.init_from)  # local or gs:// (a Hugging Face folder must be local)
     if not path.is_dir():
-        raise InitFromError(f"train.init_from {path}: no such directory; give {HINT}")
+        raise InitFromError(f"train.init_from {path}: no such directory; {HINT}")
     source_model, read = _hf_reader(path, target) if is_hf(path) else _restore_orbax(path, target, cfg.quant)
     _check_architecture(source_model, cfg.model, str(path))
     return read

@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from moe import storage
+
 
 def _publish(tmp: Path, out: Path) -> None:
     if out.exists():
@@ -76,11 +78,11 @@ def add_parsers(sub) -> None:
     actions = lora.add_subparsers(dest="action", required=True)
     p = actions.add_parser("merge", help="W + scale * A B into a plain checkpoint (params/ + config.yaml)")
     p.add_argument("source", metavar="RUN_OR_STEP")
-    p.add_argument("out", metavar="OUT")
+    p.add_argument("out", metavar="OUT", type=storage.out_dir)
     p.set_defaults(func=run_merge)
     p = actions.add_parser("export", help="adapter_config.json + adapter_model.safetensors for PEFT")
     p.add_argument("source", metavar="RUN_OR_STEP")
-    p.add_argument("out", metavar="OUT")
+    p.add_argument("out", metavar="OUT", type=storage.out_dir)
     p.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: init_from)")
     p.set_defaults(func=run_export)
     p = sub.add_parser("compare", help="two models' answers judged pairwise: wins, ties, losses, win rates")

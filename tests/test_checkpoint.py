@@ -110,3 +110,21 @@ def test_run_checkpoints_keep_only_the_newest(tmp_path):
     assert restored[0] == 4 and restored[3] == {"pos": 4}
     np.testing.assert_array_equal(restored[1]["w"], np.full(3, 4.0))
     checkpoints.close()
+
+
+def test_a_params_checkpoint_restores_as_numpy_without_a_topology_warning(tmp_path):
+    """Read back without a target, as inference and conversion read a run's params: numpy
+    arrays in their stored dtype, and no Orbax warning about the saving run's topology."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    from moe.checkpoint.params import restore_params, save_params
+
+    save_params(tmp_path / "p", {"a": jnp.ones((4, 3)), "b": {"c": jnp.zeros(2, jnp.bfloat16)}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = restore_params(tmp_path / "p")
+    assert [str(w.message) for w in caught if "topology" in str(w.message)] == []
+    assert isinstance(restored["a"], np.ndarray) and restored["b"]["c"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(restored["a"], np.ones((4, 3)))

@@ -91,6 +91,7 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, children):
     common = [f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2"]
     full = moe_train(tmp_path / "full", *common)
     assert full.returncode == 0, full.stdout + full.stderr
+    assert "leaked" not in full.stderr  # grain's workers leave no shared memory (or semaphore) behind
     # on a CPU host with glibc >= 2.35 the command re-ran itself with huge-page malloc (moe/platform.py)
     reran = platform.hugepage_malloc_env(dict(os.environ, JAX_PLATFORMS="cpu"))
     tunables = reran["GLIBC_TUNABLES"] if reran else os.environ.get("GLIBC_TUNABLES", "unset")
@@ -130,7 +131,7 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, children):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, children, sig):
-    child = moe_train(tmp_path / "run", "train.steps=1000", "checkpoint.every_steps=1000", wait=False)
+    child = moe_train(tmp_path / "run", "train.steps=1000", "checkpoint.every_steps=1000", "data.workers=2", wait=False)
     children.append(child)
     wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists() and len(records(tmp_path / "run")) >= 2)
     child.send_signal(sig)
@@ -139,6 +140,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, children, sig
     assert len(steps) == 1 and 2 <= steps[0] < 1000
     assert steps[0] == records(tmp_path / "run")[-1]["step"]  # the step it stopped at
     assert f"{sig.name} received" in (tmp_path / "run" / "train.log").read_text()
+    assert "leaked" not in Path(f"{tmp_path / 'run'}.out").read_text()  # stopped with batches in flight
 
 
 def test_non_finite_steps_in_a_row_save_a_checkpoint_and_stop_with_exit_1(tmp_path):

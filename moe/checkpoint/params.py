@@ -44,8 +44,11 @@ def restore_params(directory: str | Path, target=None):
     if not (path / "_METADATA").exists():
         raise FileNotFoundError(f"{path} is not an Orbax params checkpoint (no _METADATA in it)")
     checkpointer = ocp.PyTreeCheckpointer()
-    if target is None:
-        return checkpointer.restore(path)
+    if target is None:  # numpy on the host, not the saving run's device placement (and no
+        # warning that reusing it is unsafe on another topology: it is not reused)
+        tree = checkpointer.metadata(path).item_metadata.tree
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     args = ocp.checkpoint_utils.construct_restore_args(target)
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
 

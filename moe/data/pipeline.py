@@ -158,6 +158,7 @@ def split_documents(cfg: DataConfig) -> tuple[DocumentSource, DocumentSource]:
     return DocumentSource(train, cfg.text_field), DocumentSource(val, cfg.text_field)
 
 
+NO_SHM = 2**62  # grain copies arrays of at least this many bytes to shared memory: none
 VAL_SEED = 20240101  # the validation set does not depend on the run's seed
 
 
@@ -192,6 +193,10 @@ def dataset(source, cfg: Config, *, seed: int, workers: int) -> grain.IterDatase
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
             flags.FLAGS.mark_as_parsed()
+        # Batches of token ids are small: they travel pickled through the workers' pipes, not
+        # in shared memory segments, which grain leaves behind (leaked, until a reboot) when a
+        # run stops while batches are in flight.
+        ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=NO_SHM))
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=die_with_parent)
     return ds
 

@@ -17,7 +17,9 @@ def run_train(args) -> int:
 
     storage.location(args.run_dir)  # a malformed gs:// URL: one line, before anything else
     cfg = config_lib.load(args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if args.verbose else logging.INFO)  # DEBUG: the whole resolved config
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=[console])
     try:
         record = loop.run(cfg, args.run_dir, progress=not args.no_progress)
     except loop.TrainingError as e:
@@ -33,4 +35,5 @@ def add_parsers(sub) -> None:
     config_lib.add_cli_args(p)
     p.add_argument("--run-dir", required=True, help="run directory, local or gs://; an existing one is resumed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="also print the whole resolved config")
     p.set_defaults(func=run_train)

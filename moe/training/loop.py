@@ -42,7 +42,7 @@ from moe.training import state as state_lib
 from moe.training import step as train_lib
 from moe.training import trainable as trainable_lib
 
-log = logging.getLogger("moe.training.step")
+log = logging.getLogger("moe.training")
 
 
 class TrainingError(RuntimeError):
@@ -80,7 +80,7 @@ def _setup_run_dir(cfg: Config, run_dir, staging: storage.Staging | None) -> log
                 f"{run_dir} holds a run of a different model (see {saved}); "
                 "resume with the same model config or use a new --run-dir"
             )
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)  # the console shows INFO unless `moe train --verbose`; train.log all
     if staging is None:  # another process writes the shared files
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,8 +88,18 @@ def _setup_run_dir(cfg: Config, run_dir, staging: storage.Staging | None) -> log
     handler = logging.FileHandler(staging.local / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
-    log.info("resolved config:\n%s", config_lib.dump(cfg))
+    log.info("%s; config saved to %s", _summary(cfg), saved)
+    log.debug("resolved config:\n%s", config_lib.dump(cfg))
     return handler
+
+
+def _summary(cfg: Config) -> str:
+    m, t = cfg.model, cfg.train
+    experts = f"{m.n_experts} experts, top-{m.top_k}" if m.is_moe else "dense"
+    return (
+        f"model: {m.n_layers} layers, d_model {m.d_model}, {experts}, vocab {m.vocab_size}; "
+        f"train: {t.steps} steps of {t.batch_size} x {t.seq_len} tokens, lr {t.lr}"
+    )
 
 
 def _base_params(cfg: Config, mesh):

@@ -92,6 +92,9 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, children):
     full = moe_train(tmp_path / "full", *common)
     assert full.returncode == 0, full.stdout + full.stderr
     assert "leaked" not in full.stderr  # grain's workers leave no shared memory (or semaphore) behind
+    lines = full.stderr.splitlines()  # a one-line config summary; the whole config in train.log only
+    assert next(i for i, line in enumerate(lines) if "step " in line and "loss" in line) <= 25, full.stderr
+    assert "resolved config" not in full.stderr and "resolved config" in (tmp_path / "full" / "train.log").read_text()
     # on a CPU host with glibc >= 2.35 the command re-ran itself with huge-page malloc (moe/platform.py)
     reran = platform.hugepage_malloc_env(dict(os.environ, JAX_PLATFORMS="cpu"))
     tunables = reran["GLIBC_TUNABLES"] if reran else os.environ.get("GLIBC_TUNABLES", "unset")

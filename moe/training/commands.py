@@ -19,7 +19,7 @@ def run_train(args) -> int:
     cfg = config_lib.load(args.config, args.overrides)
     console = logging.StreamHandler()
     console.setLevel(logging.DEBUG if args.verbose else logging.INFO)  # DEBUG: the whole resolved config
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=[console])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=[console], force=True)
     try:
         record = loop.run(cfg, args.run_dir, progress=not args.no_progress)
     except loop.TrainingError as e:

@@ -102,10 +102,7 @@ def test_hf_mistral_upcycles_and_converts_to_a_mixtral_transformers_reads(tmp_pa
     )
     moe_yaml = _write_config(tmp_path / "moe.yaml", moe)
     assert cli.main(["upcycle", str(hf_dir), str(moe_yaml), str(tmp_path / "moe") + "/"]) == 0
-    assert (
-        cli.main(["convert", "to-hf", str(tmp_path / "moe"), str(tmp_path / "mixtral"), "--tokenizer", "mistral-v1"])
-        == 0
-    )
+    assert cli.main(["convert", "to-hf", str(tmp_path / "moe"), str(tmp_path / "mixtral")]) == 0
     mixtral = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral")
     assert type(mixtral).__name__ == "MixtralForCausalLM"
     ids = torch.tensor(np.asarray(TOKENS))

@@ -23,16 +23,9 @@ def default_tokenizer(spec: str | Path, cfg: ModelConfig) -> str | Path | None:
     """The tokenizer an export carries when none is given: `spec` (the run's or the converted
     folder's) if it is there and fits the model's vocabulary, else none, with a warning."""
     try:
-        vocab = tokenizer_lib.load(str(tokenizer_lib.resolve(str(spec)))).vocab_size()
-    except (OSError, RuntimeError) as e:
-        warnings.warn(f"the export carries no tokenizer: {e}; pass --tokenizer", stacklevel=2)
-        return None
-    if vocab != cfg.vocab_size:
-        warnings.warn(
-            f"the export carries no tokenizer: {spec} has a vocabulary of {vocab} but the model's is "
-            f"{cfg.vocab_size}; pass --tokenizer with the model's own",
-            stacklevel=2,
-        )
+        tokenizer_model(spec, cfg)
+    except (OSError, RuntimeError, ValueError) as e:
+        warnings.warn(f"the export carries no tokenizer: {e}", stacklevel=2)
         return None
     return spec
 

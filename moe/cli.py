@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from moe import config as config_lib
-from moe import platform
+from moe import platform, progress
 from moe.bench import commands as bench_commands
 from moe.convert import commands as convert_commands
 from moe.data import commands as data_commands
@@ -44,7 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for commands in COMMANDS:
         commands.add_parsers(sub)
+    _add_no_progress(parser)
     return parser
+
+
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    """--no-progress on every command (progress bars show only on a terminal anyway)."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        if "--no-progress" not in parser._option_string_actions:
+            parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return
+    for child in dict.fromkeys(subparsers[0].choices.values()):  # aliases share a parser
+        _add_no_progress(child)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    progress.set_wanted(not getattr(args, "no_progress", False))
     try:
         return args.func(args)
     except config_lib.ConfigError as e:

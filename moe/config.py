@@ -107,6 +107,9 @@ class DataConfig:
     """Text in, packed token sequences out (moe/data/pipeline.py)."""
 
     paths: tuple[str, ...] = ()  # files, directories or globs; empty: the embedded stdlib corpus
+    # the embedded corpus's files are checked against their manifest (moe/data/corpus.py):
+    # warn: log a changed or missing file and train on what is there; strict: refuse
+    corpus_check: Literal["warn", "strict"] = "warn"
     format: Literal["auto", "text", "jsonl", "chat", "preference"] = "auto"  # auto: by extension (.jsonl / .json)
     # chat: JSONL conversations (moe/data/chat.py), loss on assistant tokens only; preference: DPO pairs
     text_field: str = "text"  # the JSONL field holding a document

@@ -19,7 +19,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from helpers import processes_with_env  # noqa: E402
+from moe import progress  # noqa: E402
+
+from helpers import Terminal, processes_with_env  # noqa: E402
 
 # Every process a test starts, and every process those start, inherits this marker; at
 # the end of the session none of them may still be alive (orphans included, which no
@@ -67,3 +69,13 @@ def gcs():
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """A terminal for progress bars to draw into (read it with getvalue()), progress wanted.
+    (Patching sys.stderr itself would not hold: pytest's capture sets it again per phase.)"""
+    stream = Terminal()
+    monkeypatch.setattr(progress, "stream", lambda: stream)
+    monkeypatch.setattr(progress, "_wanted", True)
+    return stream

@@ -1,7 +1,13 @@
 """Small configs and checks shared by the tests."""
 
 import dataclasses
+import fcntl
+import io
 import os
+import pty
+import struct
+import subprocess
+import termios
 from pathlib import Path
 
 import jax
@@ -79,3 +85,34 @@ def hidden_residuals(vjp_fn, d_model: int, d_ff: int) -> list:
         if not any(r.shape == d.shape and np.array_equal(r, d) for d in distinct):
             distinct.append(r)
     return distinct
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal: progress bars draw into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run_on_terminal(command: list, timeout: float, **kwargs) -> tuple[int, str]:
+    """(exit code, everything it wrote) of command run with a pseudo-terminal as its stdin,
+    stdout and stderr, as in an interactive shell."""
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # rows, columns
+    child = subprocess.Popen(command, stdin=child_fd, stdout=child_fd, stderr=child_fd, **kwargs)
+    os.close(child_fd)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # EIO: every holder of the terminal's other end has closed it
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return child.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(main_fd)
+        if child.poll() is None:
+            child.kill()

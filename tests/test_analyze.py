@@ -74,7 +74,7 @@ def _source(tmp_path):
     return tmp_path / "moe"
 
 
-def test_analyze_writes_loads_that_sum_to_one_and_refuses_an_empty_domain(tmp_path, capsys):
+def test_analyze_writes_loads_that_sum_to_one_and_refuses_an_empty_domain(tmp_path, capsys, terminal):
     source = _source(tmp_path)
     out = tmp_path / "analysis"
     assert (
@@ -96,6 +96,7 @@ def test_analyze_writes_loads_that_sum_to_one_and_refuses_an_empty_domain(tmp_pa
         == 0
     )
     result = json.loads((out / "analysis.json").read_text())
+    assert "routing documents:   0%" in terminal.getvalue()
     assert set(result["layers"]) == {"0", "1"}
     for per in result["layers"].values():
         for name in ("json", "email"):

@@ -8,7 +8,7 @@ import pytest
 
 from moe.cli import main
 
-from helpers import ROOT
+from helpers import ROOT, run_on_terminal
 
 
 @pytest.mark.parametrize(
@@ -75,15 +75,10 @@ def test_tokenizer_train_through_the_cli(tmp_path):
 @pytest.mark.slow
 def test_bench_quick_through_the_cli(tmp_path):
     env = {**os.environ, "XLA_FLAGS": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "moe", "bench", "--quick", "--out", str(tmp_path / "b.json")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=800,
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    command = [sys.executable, "-m", "moe", "bench", "--quick", "--out", str(tmp_path / "b.json")]
+    code, shown = run_on_terminal(command, timeout=800, cwd=ROOT, env=env)
+    assert code == 0, shown
+    assert "bench:  20%" in shown and "MoE layer by dispatch" in shown  # its progress bar, on a terminal
     numbers = json.loads((tmp_path / "b.json").read_text())
     # bench does not re-run itself with huge-page malloc (moe/platform.py): HF's step beside ours
     # runs in the environment it was given, as ours does
@@ -94,11 +89,11 @@ def test_bench_quick_through_the_cli(tmp_path):
     assert numbers["bench-moe"]["tokens_per_s"] > 0 and numbers["hf_tokens_per_s"] > 0
     assert len(numbers["ratio_vs_hf_by_round"]) == len(numbers["hf_tokens_per_s_by_round"]) == 1  # --quick: one round
     assert abs(numbers["ratio_vs_hf"] - numbers["bench-moe"]["tokens_per_s"] / numbers["hf_tokens_per_s"]) < 1e-9
-    assert "<- default here" in result.stdout
+    assert "<- default here" in shown
     for batch in ("batch1", "batch8"):  # decoding: ours and HF's generate give the same tokens
         decode = numbers["decode"]["tiny-moe"][batch]
         assert decode["same_tokens"] and decode["ours"]["decode_tokens_per_s"] > 0
-    assert "decode tiny-moe" in result.stdout
+    assert "decode tiny-moe" in shown
 
 
 def test_help_does_not_import_jax():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from moe import config as C
+from moe.data import corpus
 from moe.data import pipeline as D
 from moe.data import tokenizer as T
 
@@ -23,12 +24,13 @@ def write_docs(folder, n=12):
     return folder
 
 
-def test_embedded_default_corpus_is_the_standard_library():
+def test_embedded_default_corpus_is_the_manifests_standard_library_files():
     train, val = D.split_documents(cfg_with().data)
     assert len(train) > 500 and len(val) > 10
     train_files = {path for path, _ in train.locations}
     assert not train_files & {path for path, _ in val.locations}  # split by file
-    assert any(path.endswith("/os.py") for path in train_files | {p for p, _ in val.locations})
+    listed = {str(corpus.stdlib_root() / rel) for rel, _ in corpus.read_manifest(corpus.MANIFEST)}
+    assert train_files | {p for p, _ in val.locations} == listed
 
 
 def test_globs_directories_and_jsonl(tmp_path):

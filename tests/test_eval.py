@@ -80,7 +80,7 @@ def test_windows_score_every_target_exactly_once():
         assert scored == list(range(1, n))
 
 
-def test_perplexity_equals_transformers(hf_model, capsys):
+def test_perplexity_equals_transformers(hf_model, capsys, terminal):
     out = hf_model / "ppl"
     args = [
         "eval",
@@ -107,9 +107,10 @@ def test_perplexity_equals_transformers(hf_model, capsys):
     n_bytes = sum(len(t.encode()) for t in TEXTS)
     assert ours["bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-4)
     assert "perplexity" in capsys.readouterr().out
+    assert "perplexity:   0%" in terminal.getvalue()  # its progress bar
 
 
-def test_passkey_grid_writes_table_heatmap_and_records(hf_model):
+def test_passkey_grid_writes_table_heatmap_and_records(hf_model, terminal):
     out = hf_model / "pk"
     args = [
         "eval",
@@ -131,6 +132,7 @@ def test_passkey_grid_writes_table_heatmap_and_records(hf_model):
     assert len(records) == 2 * 2 * 2 and all(r["prompt_tokens"] <= r["length"] for r in records)
     assert all(r["correct"] == (r["answer"] == str(r["key"])) for r in records)
     assert (out / "passkey.png").stat().st_size > 0 and "| 160 |" in (out / "passkey.md").read_text()
+    assert "passkey lengths:   0%" in terminal.getvalue()
 
 
 def test_passkey_prompt_puts_the_key_at_its_depth():

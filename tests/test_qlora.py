@@ -114,7 +114,7 @@ def test_qlora_run_from_a_quantized_checkpoint_merges_into_the_dequantized_base(
     )
 
 
-def test_moe_quantize_refuses_with_one_line_and_leaves_no_folder(tmp_path, capsys):
+def test_moe_quantize_refuses_with_one_line_and_leaves_no_folder(tmp_path, capsys, terminal):
     base_dir, _, _ = _base(tmp_path)
     with pytest.raises(SystemExit) as exit_info:  # a closed set of formats: argparse's choices
         cli.main(["quantize", str(base_dir), str(tmp_path / "q1"), "--format", "nf5"])
@@ -127,6 +127,7 @@ def test_moe_quantize_refuses_with_one_line_and_leaves_no_folder(tmp_path, capsy
         assert message in err and "\n" not in err
         assert not (tmp_path / "q1").exists() and not (tmp_path / "q1.partial").exists()
     assert cli.main(["quantize", str(base_dir), str(tmp_path / "q1") + "/", "--format", "int8"]) == 0
+    assert "quantizing to int8:   0%" in terminal.getvalue()
     assert cli.main(["quantize", str(tmp_path / "q1"), str(tmp_path / "q2"), "--format", "nf4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "already quantized (int8)" in err

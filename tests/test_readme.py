@@ -11,6 +11,7 @@ import pytest
 
 from moe import cli
 from moe import config as config_lib
+from moe.model.params import count_params
 from moe.parallel import mesh as mesh_lib
 from moe.plan import aot
 
@@ -93,3 +94,24 @@ def test_the_readme_launcher_lines_dry_run():
             ["bash", str(ROOT / dry[0]), *dry[1:]], capture_output=True, text=True, cwd=ROOT, timeout=120
         )
         assert result.returncode == 0, f"{' '.join(dry)}: {result.stderr}"
+
+
+def test_the_readme_config_table_states_each_shipped_configs_shape_and_counts():
+    """Every row of the README's config table, recomputed from the config it names."""
+    rows = re.findall(r"^\| `([\w-]+)` \| (dense|MoE) \|(.*)\|$", (ROOT / "README.md").read_text(), re.M)
+    assert {name for name, _, _ in rows} == {p.stem for p in (ROOT / "configs").glob("*.yaml")}
+    for name, kind, rest in rows:
+        m = config_lib.load(name).model
+        counts = count_params(m)
+        expected = [
+            m.n_layers,
+            m.d_model,
+            f"{m.n_heads} / {m.n_kv_heads}",
+            m.d_ff,
+            f"{m.n_experts}, top-{m.top_k}" if m.is_moe else "-",
+            m.sliding_window or "-",
+            f"{counts.total:,}",
+            f"{counts.active:,}",
+        ]
+        assert (kind == "MoE") == m.is_moe, name
+        assert [c.strip() for c in rest.split("|")] == [str(v) for v in expected], name

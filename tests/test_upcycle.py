@@ -89,7 +89,7 @@ def test_noise_separates_the_experts_and_keeps_the_router_init(upcycled):
     assert np.asarray(quiet["layers"]["moe"]["gate"]).std() > 0  # the fixture's normal one
 
 
-def test_hf_mistral_upcycles_and_converts_to_a_mixtral_transformers_reads(tmp_path):
+def test_hf_mistral_upcycles_and_converts_to_a_mixtral_transformers_reads(tmp_path, terminal):
     from transformers import AutoModelForCausalLM
 
     hf_dir = make_hf(tmp_path, "mistral-head-dim")
@@ -103,6 +103,7 @@ def test_hf_mistral_upcycles_and_converts_to_a_mixtral_transformers_reads(tmp_pa
     moe_yaml = _write_config(tmp_path / "moe.yaml", moe)
     assert cli.main(["upcycle", str(hf_dir), str(moe_yaml), str(tmp_path / "moe") + "/"]) == 0
     assert cli.main(["convert", "to-hf", str(tmp_path / "moe"), str(tmp_path / "mixtral")]) == 0
+    assert "upcycling:   0%" in terminal.getvalue() and "writing Hugging Face tensors:   0%" in terminal.getvalue()
     mixtral = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral")
     assert type(mixtral).__name__ == "MixtralForCausalLM"
     ids = torch.tensor(np.asarray(TOKENS))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe import config as config_lib
+from moe import progress
 from moe.bench.decode import decode_bench, format_lines
 from moe.model.dispatch import DISPATCH, resolve
 from moe.model.params import count_params
@@ -261,6 +262,8 @@ def run(quick: bool, dtype: str = "float32") -> dict:
         "host": host_cpu(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
+    stages = progress.bar(desc="bench", total=5, unit="stage")
+    stages.set_postfix_str("matmul peak")
     for suffix, matmul_dtype in (("", jnp.float32), ("_bf16", jnp.bfloat16)):
         result["matmul_flops_by_shape" + suffix] = by_shape = matmul_flops_by_shape(matmul_dtype)
         result["matmul_peak_flops" + suffix] = max(by_shape.values())
@@ -268,6 +271,7 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     overrides = [f"model.dtype={dtype}"]
     bench = config_lib.load("bench-moe", overrides)
     tokens = bench.train.batch_size * bench.train.seq_len
+    _next(stages, "MoE layer by dispatch")
     layer = moe_layer(bench.model, tokens, repeats)
     result["moe_layer_s"] = layer
     result["default_dispatch"] = resolve("auto")
@@ -276,6 +280,7 @@ def run(quick: bool, dtype: str = "float32") -> dict:
     flops = layer_flops(bench.model, tokens)
     result["moe_layer_mfu"] = {name: flops / s / peak for name, s in layer.items()}
     # bench-moe beside Hugging Face, alternating: on CPU in float32 (torch's CPU bfloat16 is not its fast path)
+    _next(stages, "bench-moe train steps beside Hugging Face")
     ours_run, flops_per_token = train_stepper(bench)
     hf_run = hf_stepper(bench) if jax.default_backend() == "cpu" and dtype == "float32" else None
     ours_s, hf_s = side_by_side(ours_run, hf_run, rounds=1 if quick else 3, steps=steps)
@@ -286,6 +291,7 @@ def run(quick: bool, dtype: str = "float32") -> dict:
         "flops_per_token": flops_per_token,
         "tokens_per_s_by_round": [tokens / t for t in ours_s],
     }
+    _next(stages, "tiny-moe train steps")
     tiny = train_step(config_lib.load("tiny-moe", overrides), steps)
     result["tiny-moe"] = tiny
     for r in (result["bench-moe"], tiny):
@@ -306,12 +312,20 @@ def run(quick: bool, dtype: str = "float32") -> dict:
         r["mfu_vs_torch_peak"] = None if hf is None else r["tokens_per_s"] * r["flops_per_token"] / torch_peak
     result["hf_mfu_vs_torch_peak"] = None if hf is None else hf * result["bench-moe"]["flops_per_token"] / torch_peak
     result["hf_mfu"] = None if hf is None else hf * result["bench-moe"]["flops_per_token"] / peak
+    _next(stages, "decoding beside Hugging Face")
     if hf is not None:  # decoding, beside HF's generate on the same weights
         result["decode"] = {
             name: decode_bench(config_lib.load(name).model, new=16 if quick else 64)
             for name in (("tiny-moe",) if quick else ("tiny-moe", "bench-moe"))
         }
+    stages.update()
+    stages.close()
     return result
+
+
+def _next(stages, what: str) -> None:
+    stages.update()
+    stages.set_postfix_str(what)
 
 
 def format_table(r: dict) -> str:

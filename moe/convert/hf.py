@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from moe import config as config_lib
-from moe import storage
+from moe import progress, storage
 from moe.checkpoint.params import ParamReader, ParamWriter
 from moe.checkpoint.runs import checkpoint_of
 from moe.config import ModelConfig
@@ -99,9 +99,11 @@ def check_tensors(cfg: ModelConfig, source: SafetensorsSource) -> list[Entry]:
     return expected
 
 
-def hf_to_params(cfg: ModelConfig, source: SafetensorsSource, write: Callable, dtype: str) -> None:
+def hf_to_params(
+    cfg: ModelConfig, source: SafetensorsSource, write: Callable, dtype: str, desc: str = "reading Hugging Face tensors"
+) -> None:
     """Feed every tensor, reshaped to our layout, to write(path, index, array)."""
-    for e in check_tensors(cfg, source):
+    for e in progress.bar(check_tensors(cfg, source), desc=desc, unit="tensor"):
         write(e.rule.ours, e.index, _cast(e.rule.to_ours(source.get(e.hf_name), cfg), dtype))
 
 
@@ -223,7 +225,7 @@ def params_to_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out, shard_plan(cfg, dtype, parse_size(max_shard_size)))
-    for e in entries(cfg):
+    for e in progress.bar(list(entries(cfg)), desc="writing Hugging Face tensors", unit="tensor"):
         writer.add(e.hf_name, _cast(e.rule.to_hf(np.asarray(read(e.rule.ours, e.index)), cfg), dtype))
     writer.finish()
     (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg, dtype), indent=2) + "\n")

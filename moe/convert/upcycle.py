@@ -64,7 +64,7 @@ def upcycle(
         raise UpcycleError(f"--noise is a standard deviation, >= 0; got {noise}")
     src, out_dir = Path(source), Path(out)
     target = config_lib.load(moe_config, list(overrides))
-    dense_cfg, feed = open_source(src)
+    dense_cfg, feed = open_source(src, desc="upcycling")
     if dense_cfg.lora.rank is not None or dense_cfg.quant.base is not None:
         raise UpcycleError(
             f"{source} holds LoRA adapters or quantized weights; upcycle full-precision weights "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 
 def run_tokenizer(args) -> int:
+    from moe.config import DataConfig
     from moe.data import pipeline, tokenizer
 
-    files = pipeline.resolve_paths(tuple(args.inputs)) if args.inputs else pipeline.stdlib_files()
+    files = pipeline.resolve_paths(tuple(args.inputs)) if args.inputs else pipeline.corpus_files(DataConfig())
     path = tokenizer.train(files, args.out, args.vocab_size)
     sp = tokenizer.load(str(path))
     print(

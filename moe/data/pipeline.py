@@ -1,7 +1,8 @@
 """The data pipeline (Grain): documents -> sentencepiece tokens -> packed fixed-length batches.
 
     documents   text files (one document each), JSONL lines (a text field), or by default
-                the Python standard library's own source files, found through sysconfig
+                the embedded corpus: standard-library source files fixed by a manifest
+                (moe/data/corpus.py)
     split       validation = data.val_paths, or a stable hash of each document's location
     shuffle     by seed, reshuffled every epoch (grain index shuffling; no buffers)
     tokenize    [bos] + pieces + [eos]; inputs = ids[:-1], targets = ids[1:]
@@ -24,7 +25,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import sysconfig
 import zlib
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import numpy as np
 from absl import flags
 
 from moe.config import Config, DataConfig
-from moe.data import chat_data
+from moe.data import chat_data, corpus
 from moe.data import tokenizer as tokenizer_lib
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ""}
@@ -43,13 +43,12 @@ class DataError(ValueError):
     """Missing or unusable training data; the message says what and where."""
 
 
-def stdlib_files() -> list[Path]:
-    """The embedded default corpus: the standard library's .py files (no site-packages)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
-    if not files:
-        raise DataError(f"found no .py files under the standard library at {root}")
-    return files
+def corpus_files(cfg: DataConfig) -> list[Path]:
+    """The embedded default corpus, checked against its manifest (data.corpus_check)."""
+    try:
+        return corpus.embedded_files(cfg.corpus_check)
+    except corpus.CorpusError as e:
+        raise DataError(str(e)) from None
 
 
 def resolve_paths(patterns: tuple[str, ...]) -> list[Path]:
@@ -141,7 +140,7 @@ def _hold_out(docs: list[tuple[str, int]], fraction: float) -> tuple[list, list]
 
 def split_documents(cfg: DataConfig) -> tuple[DocumentSource, DocumentSource]:
     """(train, validation) document sources; refuses an empty corpus or split."""
-    files = resolve_paths(cfg.paths) if cfg.paths else stdlib_files()
+    files = resolve_paths(cfg.paths) if cfg.paths else corpus_files(cfg)
     docs = locate_documents(files, cfg)
     if not docs:
         raise DataError(f"the corpus is empty: {len(files)} files matched data.paths but hold no text")

@@ -156,7 +156,7 @@ def _perplexity(src, sp, args, out) -> None:
     from moe.infer import perplexity
 
     context = args.context or min(src.model.max_seq_len, 4096)
-    stride = args.stride or context // 2
+    stride = args.stride or context
     if not 1 <= stride <= context:
         raise UsageError(f"--stride must be in [1, --context={context}], got {stride}")
     if src.model.sliding_window is None and context > src.model.max_seq_len:
@@ -249,7 +249,12 @@ def add_parsers(sub) -> None:
         help="text files, folders, globs or JSONL (default: the held-out split of the configured corpus)",
     )
     p.add_argument("--context", type=int, default=None, help="tokens per window (default: max_seq_len, at most 4096)")
-    p.add_argument("--stride", type=int, default=None, help="tokens between windows (default: context / 2)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between windows (default: --context, disjoint; smaller: more history per token, slower)",
+    )
     p.add_argument("--passkey", action="store_true", help="the passkey retrieval grid (greedy, exact digits)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe import progress
 from moe.infer.decode import generate
 
 INSTRUCTION = (
@@ -97,7 +98,7 @@ def evaluate(
     """One record per (length, depth, trial): greedy answer vs the key, exact digits."""
     sizer, rng = Sizer.of(sp), np.random.default_rng(seed)
     records = []
-    for length in lengths:
+    for length in progress.bar(lengths, desc="passkey lengths", unit="length"):
         cases = [(depth, trial, random_key(rng)) for depth in depths for trial in range(trials)]
         n_filler = sizer.fillers_for(length)
         prompts = [[sp.bos_id(), *sp.encode(passkey_text(n_filler, d, key))] for d, _, key in cases]

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import moe.model as M
+from moe import progress
 from moe.config import ModelConfig
 from moe.infer.decode import bucket
-from moe.training.loss import token_nll
+from moe.training.loss import default_chunk, fused_nll_sum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +46,14 @@ def windows(ids: list[int], context: int, stride: int) -> list[Window]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _nll(cfg: ModelConfig, params, tokens_bs, weight_bs):
-    """Summed NLL [batch] of targets tokens[:, 1:] under weights (1: scored, 0: not)."""
-    nll = token_nll(M.apply(cfg, params, tokens_bs[:, :-1])[0], tokens_bs[:, 1:])
-    return jnp.sum(nll * weight_bs[:, 1:], axis=-1), jnp.sum(weight_bs[:, 1:], axis=-1)
+    """(summed NLL, scored count) of targets tokens[:, 1:] under weights (1: scored, 0: not).
+    The lm_head and log-softmax run over blocks of positions, as the training loss does, so
+    the [batch, seq, vocab] float32 logits never exist whole: at Mistral's 32000-token
+    vocabulary they would dwarf a small model's own activations."""
+    hidden, _ = M.apply(cfg, params, tokens_bs[:, :-1], head=False)
+    weights = weight_bs[:, 1:]
+    chunk = default_chunk(hidden.shape[1])
+    return fused_nll_sum(hidden, M.lm_head_kernel(cfg, params), tokens_bs[:, 1:], weights, chunk), jnp.sum(weights)
 
 
 def evaluate(cfg: ModelConfig, params, texts: list[str], sp, *, context: int, stride: int, batch_size: int = 8) -> dict:
@@ -56,8 +62,8 @@ def evaluate(cfg: ModelConfig, params, texts: list[str], sp, *, context: int, st
     for text in texts:
         all_windows += windows([sp.bos_id(), *sp.encode(text)], context, stride)
     all_windows.sort(key=lambda w: len(w.ids))  # similar lengths share a padded shape
-    total_nll, total_tokens = 0.0, 0
-    for first in range(0, len(all_windows), batch_size):
+    sums = []  # read back after the loop, so batches are dispatched without waiting
+    for first in progress.bar(range(0, len(all_windows), batch_size), desc="perplexity", unit="batch"):
         group = all_windows[first : first + batch_size]
         length = min(bucket(max(len(w.ids) for w in group)), context)
         tokens = np.zeros((batch_size, length + 1), np.int32)  # +1: the inputs are tokens[:, :-1]
@@ -65,9 +71,11 @@ def evaluate(cfg: ModelConfig, params, texts: list[str], sp, *, context: int, st
         for r, w in enumerate(group):
             tokens[r, : len(w.ids)] = w.ids
             weight[r, w.score_from + 1 : len(w.ids)] = 1.0
-        nll, count = _nll(cfg, params, jnp.asarray(tokens), jnp.asarray(weight))
-        total_nll += float(np.sum(np.asarray(nll, np.float64)))
-        total_tokens += int(np.sum(np.asarray(count)))
+        sums.append(_nll(cfg, params, jnp.asarray(tokens), jnp.asarray(weight)))
+        if len(sums) > 1:  # one batch in flight while the next is built; the bar counts finished ones
+            jax.block_until_ready(sums[-2])
+    total_nll = float(sum(np.float64(nll) for nll, _ in sums))
+    total_tokens = int(sum(int(count) for _, count in sums))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     mean = total_nll / max(total_tokens, 1)
     return {

@@ -65,9 +65,9 @@ def from_storage(stored, abstract):
     return traverse_util.unflatten_dict(out)
 
 
-def _source(path: Path):
+def _source(path: Path, fmt: str):
     """(config, feed) of SOURCE, refusing what holds no full-precision weights."""
-    cfg, feed = open_source(path)
+    cfg, feed = open_source(path, desc=f"quantizing to {fmt}")
     if cfg.quant.base is not None and cfg.lora.rank is None:
         raise QuantError(f"{path} is already quantized ({cfg.quant.base}); quantize its full-precision source")
     if cfg.lora.rank is not None:
@@ -79,7 +79,7 @@ def quantize_checkpoint(source: str, out: str, fmt: str, include=None, exclude=(
     """Write OUT (params/ + config.yaml) with SOURCE's weights quantized; returns byte counts."""
     qparams.check_format(fmt)
     src = Path(source)
-    cfg, feed = _source(src)
+    cfg, feed = _source(src, fmt)
     include = tuple(include or qparams.DEFAULT_INCLUDE)
     quant = config_lib.QuantConfig(base=fmt, include=include, exclude=tuple(exclude), block_size=block_size)
     qcfg = dataclasses.replace(cfg, quant=quant, train=dataclasses.replace(cfg.train, init_from=None))

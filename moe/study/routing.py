@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe import progress
+from moe.data import corpus
 from moe.data import pipeline as data
 from moe.data import tokenizer as tokenizer_lib
 from moe.infer import source as source_lib
@@ -78,7 +80,7 @@ def repeat_rates(documents: list[np.ndarray]) -> dict:
 
 
 def _domains(specs: list[str]) -> dict[str, list[Path]]:
-    root = data.stdlib_files()[0].parent
+    root = corpus.stdlib_root()
     out = {}
     for spec in specs:
         if "=" not in spec:
@@ -110,7 +112,7 @@ def _route_docs(src, docs: list[list[int]], seq: int, batch: int = 8) -> list[tu
     """Per document, its choices [layers, tokens, top_k] and first-choice probabilities [layers, tokens]."""
     fn = jax.jit(lambda p, t: routing(src.model, p, t))
     out = []
-    for first in range(0, len(docs), batch):
+    for first in progress.bar(range(0, len(docs), batch), desc="routing documents", unit="batch"):
         group = docs[first : first + batch]
         tokens = np.zeros((batch, seq), np.int32)
         for r, ids in enumerate(group):

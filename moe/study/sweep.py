@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from moe import config as config_lib
-from moe import storage
+from moe import progress, storage
 from moe.config import Config, ConfigError
 from moe.training import metrics as metrics_lib
 
@@ -180,7 +180,8 @@ def load(path: str | Path, runs_dir: str | Path | None = None) -> Sweep:
 
 
 def train_command(sweep: Sweep, run: Run) -> list[str]:
-    """`moe train` for one run, as run here by `moe sweep`."""
+    """`moe train` for one run, as run here by `moe sweep`: its progress bar is the run's
+    (on a terminal, unless the sweep was given --no-progress)."""
     return [
         sys.executable,
         "-m",
@@ -189,7 +190,7 @@ def train_command(sweep: Sweep, run: Run) -> list[str]:
         str(sweep.base),
         "--run-dir",
         str(run.run_dir),
-        "--no-progress",
+        *([] if progress.shown() else ["--no-progress"]),
         *run.overrides,
     ]
 

@@ -25,9 +25,9 @@ import zlib
 import jax
 import numpy as np
 import yaml
-from tqdm import tqdm
 
 from moe import config as config_lib
+from moe import progress as progress_lib
 from moe import storage
 from moe.checkpoint.runs import RunCheckpoints
 from moe.config import Config
@@ -251,7 +251,7 @@ def _train(cfg: Config, mesh, train_docs, val_docs, run_dir, staging, progress: 
 
     # --- steps
     metrics_log = metrics_lib.MetricsLog(staging.local if writer else None, start, enabled=writer)
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = progress_lib.bar(desc="train", total=cfg.train.steps, initial=start, unit="step", show=progress, leave=True)
     record, last_saved = {}, start
     kill_at = int(os.environ.get("MOE_FAULT_SIGKILL_AT_STEP", "0"))
 

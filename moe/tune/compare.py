@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe import progress
 from moe.data.pipeline import read_jsonl
 
 
@@ -111,7 +112,8 @@ def compare(a_path, b_path, judge: str, references=None) -> dict:
     if missing:
         raise CompareError(f"{len(missing)} prompts have no reference answer, e.g. {missing[0][:60]!r}")
     fn = make_judge(judge)
-    result = summarize([fn(p, a[p], b[p], refs.get(p, "")) for p in prompts])
+    judged = progress.bar(prompts, desc=f"judge {judge}", unit="prompt")
+    result = summarize([fn(p, a[p], b[p], refs.get(p, "")) for p in judged])
     if refs:
         result.update(accuracy_a=accuracy(a, refs), accuracy_b=accuracy(b, refs))
     return result

@@ -23,6 +23,7 @@ LAYERS = (
     ("moe.training",),
     ("moe.infer",),
     ("moe.tune",),
+    ("moe.serve",),
     ("moe.plan", "moe.study", "moe.bench"),
     ("moe.cli", "moe.__main__"),
 )

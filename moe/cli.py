@@ -21,6 +21,7 @@ from moe.data import commands as data_commands
 from moe.infer import commands as infer_commands
 from moe.plan import commands as plan_commands
 from moe.quant import commands as quant_commands
+from moe.serve import commands as serve_commands
 from moe.study import commands as study_commands
 from moe.training import commands as training_commands
 from moe.tune import commands as tune_commands
@@ -32,6 +33,7 @@ COMMANDS = (
     convert_commands,
     data_commands,
     infer_commands,
+    serve_commands,
     tune_commands,
     quant_commands,
     study_commands,

@@ -63,46 +63,44 @@ def _hf_windowed_nll(hf_dir, ids, context, stride):
             logits = model(torch.tensor([ids[begin:end]])).logits[0].double()
         logp = torch.log_softmax(logits, -1).numpy()
         for j in range(done, end):  # target ids[j] predicted at window index j - 1 - begin
+            assert j - 1 - begin >= 0, "a target must have its predecessor in the window"
             total -= logp[j - 1 - begin, ids[j]]
             count += 1
-        done, begin = end, min(begin + stride, len(ids) - context)
+        done, begin = end, min(begin + stride, end - 1, len(ids) - context)
     return total, count
 
 
 def test_windows_score_every_target_exactly_once():
-    for n, context, stride in [(5, 8, 4), (30, 8, 3), (30, 8, 8), (17, 16, 1)]:
+    for n, context, stride in [(5, 8, 4), (30, 8, 3), (30, 8, 8), (17, 16, 1), (40, 8, 8)]:
         ids = list(range(n))
         scored = []
         for w in windows(ids, context, stride):
-            assert len(w.ids) <= context
+            assert len(w.ids) <= context and w.score_from >= 0  # a window's first token is only an input
             start = ids.index(w.ids[0])
             scored += [start + j for j in range(w.score_from + 1, len(w.ids))]
         assert scored == list(range(1, n))
 
 
-def test_perplexity_equals_transformers(hf_model, capsys, terminal):
-    out = hf_model / "ppl"
+@pytest.mark.parametrize("stride", [12, None])  # None: the default, disjoint windows
+def test_perplexity_equals_transformers(hf_model, capsys, terminal, stride):
+    out = hf_model / f"ppl-{stride}"
     args = [
         "eval",
         str(hf_model / "converted"),
         "--perplexity",
         str(hf_model / "text0.txt"),
         str(hf_model / "text1.txt"),
-        "--context",
-        "32",
-        "--stride",
-        "12",
-        "--out",
-        str(out),
     ]
+    args += ["--context", "32", "--out", str(out)] + (["--stride", str(stride)] if stride else [])
     assert cli.main(args) == 0
     ours = json.loads((out / "perplexity.json").read_text())
     sp = tokenizer_lib.load(str(TOKENIZER))
     total, count = 0.0, 0
     for text in TEXTS:
-        nll, n = _hf_windowed_nll(hf_model / "hf", [sp.bos_id(), *sp.encode(text)], 32, 12)
+        nll, n = _hf_windowed_nll(hf_model / "hf", [sp.bos_id(), *sp.encode(text)], 32, stride or 32)
         total, count = total + nll, count + n
-    assert ours["tokens"] == count and count > 64  # the first text needs several windows
+    ids = [[sp.bos_id(), *sp.encode(text)] for text in TEXTS]
+    assert ours["tokens"] == count == sum(len(i) - 1 for i in ids) and count > 64  # several windows; all scored
     assert abs(ours["perplexity"] / math.exp(total / count) - 1) <= 1e-4
     n_bytes = sum(len(t.encode()) for t in TEXTS)
     assert ours["bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-4)

@@ -40,7 +40,9 @@ def windows(ids: list[int], context: int, stride: int) -> list[Window]:
         end = min(begin + context, len(ids))
         out.append(Window(ids[begin:end], scored_to - 1 - begin))
         scored_to = end
-        begin = min(begin + stride, len(ids) - context)
+        # the next window holds at least the token before its first target (a window's
+        # first token is only an input): with stride = context, windows overlap by one
+        begin = min(begin + stride, scored_to - 1, len(ids) - context)
     return out
 
 

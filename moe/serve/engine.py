@@ -61,6 +61,7 @@ class Request:
     finish_reason: str | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    finished_at: float | None = None
     cancelled: bool = False
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -237,7 +238,9 @@ class Engine:
             if self.occupant[r] is None and not self.waiting.empty():
                 request = self.waiting.get()
                 if request.cancelled:
-                    request.finish_reason = "cancelled"
+                    request.finish_reason, request.finished_at = "cancelled", time.monotonic()
+                    if request.on_done:
+                        request.on_done(request)
                     request.done.set()
                     continue
                 self.occupant[r], self.filled[r], self.fresh[r] = request, 0, True
@@ -304,7 +307,7 @@ class Engine:
 
     def _finish(self, r: int, reason: str) -> None:
         request, self.occupant[r] = self.occupant[r], None
-        request.finish_reason = reason
+        request.finish_reason, request.finished_at = reason, time.monotonic()
         if request.on_done:
             request.on_done(request)
         request.done.set()

@@ -9,6 +9,8 @@ import pytest
 
 from moe import platform
 
+from helpers import ROOT
+
 
 def test_huge_page_malloc_only_on_cpu_hosts_with_a_new_glibc_and_no_user_choice(monkeypatch):
     monkeypatch.setattr(platform, "has_tpu", lambda: False)
@@ -49,3 +51,16 @@ def test_importing_the_package_keeps_libtpu_quiet_without_tpus(first):
         if any(word in line for word in ("libtpu", "TPU_", "InitGoogle", "tpu_"))
     ]
     assert noise == []
+
+
+@pytest.mark.slow
+def test_the_long_prefill_benchmark_prints_no_libtpu_line():
+    """The program from the report: it imports JAX before moe and runs a model."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", "XLA_FLAGS")}
+    command = [sys.executable, "benchmarks/long_prefill.py", "--tokens", "1024", "--new", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if any(w in line for w in ("libtpu", "TPU_", "InitGoogle"))]

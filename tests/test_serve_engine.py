@@ -6,6 +6,7 @@ import pytest
 
 from moe import model as M
 from moe.infer import generate
+from moe.quant.params import quantize_params
 from moe.serve.engine import Engine, EngineError, Request
 
 from helpers import tiny_model
@@ -92,3 +93,11 @@ def test_a_cancelled_request_frees_its_row_for_the_next(model):
         engine.step()
     assert first.finish_reason == "cancelled" and len(first.tokens) < 50
     assert second.tokens == generate(cfg, params, [[1, 7]], 3)[0]
+
+
+def test_a_quantized_base_serves_what_generate_gives(model):
+    cfg, params = model
+    quantized = quantize_params(params, "nf4")
+    ps = prompts(3)
+    engine = Engine(cfg, quantized, rows=2, max_seq_len=160)
+    assert run_all(engine, [Request(p, max_tokens=6) for p in ps]) == generate(cfg, quantized, ps, 6, batch_size=3)

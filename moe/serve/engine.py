@@ -165,6 +165,7 @@ class Engine:
         self.fresh = [False] * rows  # the row's cache still holds its previous occupant
         self.last = [0] * rows  # the row's newest token
         self.error: str | None = None
+        self.generated = 0  # tokens produced since start, every request's
         self._stop, self._wake, self._thread = threading.Event(), threading.Event(), None
 
     # ---- requests
@@ -296,7 +297,7 @@ class Engine:
     def _emit(self, r: int, token: int, logprob, top_ids, top_logprobs) -> None:
         request = self.occupant[r]
         request.tokens.append(token)
-        self.last[r] = token
+        self.last[r], self.generated = token, self.generated + 1
         if request.first_token_at is None:
             request.first_token_at = time.monotonic()
         stop = request.on_token(request, token, float(logprob), top_ids, top_logprobs) if request.on_token else False

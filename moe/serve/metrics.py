@@ -22,6 +22,14 @@ class Metrics:
         rows = Gauge("moe_rows_in_use", "decode rows holding a request", registry=registry)
         rows.set_function(engine.rows_in_use)
         Gauge("moe_rows", "decode rows (--max-batch)", registry=registry).set(engine.rows)
+        compiled = Gauge(
+            "moe_compiled_programs", "programs the engine has compiled (constant after warm-up)", registry=registry
+        )
+        compiled.set_function(engine.compiles)
+        generated = Gauge(
+            "moe_generated_tokens", "tokens the engine produced, finished requests or not", registry=registry
+        )
+        generated.set_function(lambda: engine.generated)
         self.first_token = Histogram(
             "moe_time_to_first_token_seconds", "submission to first token", buckets=LATENCY_BUCKETS, registry=registry
         )

@@ -1,0 +1,157 @@
+"""`moe serve` as a process on a free port, driven by the real openai client: outputs equal
+generate's under concurrency, streaming, logprobs, errors, disconnects, load, SIGTERM."""
+
+import concurrent.futures
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import openai
+import pytest
+
+from moe import config as config_lib
+from moe import model as M
+from moe.checkpoint.params import save_params
+from moe.data import tokenizer as tokenizer_lib
+from moe.infer import generate
+
+from helpers import ROOT, tiny_model
+
+pytestmark = pytest.mark.slow
+TOKENIZER = str(ROOT / "experiments/tokenizer/stdlib-4k.model")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = config_lib.Config(
+        model=tiny_model(vocab_size=4096, max_seq_len=128, sliding_window=None),
+        train=config_lib.TrainConfig(seq_len=64),
+    )
+    params = M.init(cfg.model, jax.random.key(5))
+    folder = tmp_path_factory.mktemp("serve") / "tiny"
+    folder.mkdir()
+    save_params(folder / "params", params)
+    (folder / "config.yaml").write_text(config_lib.dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "moe", "serve", str(folder), "--port", str(port), "--max-batch", "4"]
+    command += ["--tokenizer", TOKENIZER, "--api-key", "k", "--grace-period", "20"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.25)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=120)
+    yield cfg.model, params, tokenizer_lib.load(TOKENIZER), client, url, process
+    if process.poll() is None:
+        process.kill()
+
+
+def metric(url, name: str) -> float:
+    line = next(x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def compiled(url) -> float:
+    return metric(url, "moe_compiled_programs")
+
+
+def test_concurrent_requests_each_equal_generate_and_nothing_recompiles(server):
+    cfg, params, sp, client, url, _ = server
+    client.completions.create(model="tiny", prompt="warm up", max_tokens=2, temperature=0)
+    before = compiled(url)
+    rng = np.random.default_rng(0)
+    prompts = [[1, *rng.integers(3, 4096, size=int(n)).tolist()] for n in rng.integers(1, 90, size=16)]
+    lengths = [int(n) for n in rng.integers(1, 30, size=16)]
+
+    def ask(i):
+        r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        return r.choices[0].text, r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    longest = generate(
+        cfg, params, prompts, max(lengths), batch_size=16
+    )  # each row as alone; greedy: n tokens are a prefix
+    for n, full, (text, used) in zip(lengths, longest, answers):
+        expected = full[:n]
+        assert text == sp.decode([t for t in expected if t != cfg.eos_id]) and used == len(expected)
+    assert compiled(url) == before
+
+
+def test_streams_chat_and_logprobs(server):
+    cfg, params, sp, client, _, _ = server
+    whole = client.completions.create(model="tiny", prompt="def parse(", max_tokens=16, temperature=0)
+    stream = client.completions.create(model="tiny", prompt="def parse(", max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0
+    )
+    chunks = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    ids = [1, *sp.encode("for i in range(3): print(i)")]
+    scored = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    logp = np.asarray(jax.nn.log_softmax(M.logits(cfg, params, np.asarray([ids]))[0]))
+    np.testing.assert_allclose(
+        scored.choices[0].logprobs.token_logprobs[1:], logp[np.arange(len(ids) - 1), ids[1:]], atol=1e-4
+    )
+
+
+def test_bad_input_gets_its_status_and_the_server_goes_on(server):
+    _, _, _, client, url, _ = server
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=500)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", temperature=3)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
+    _, _, _, _, url, _ = server
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 120, "stream": True, "temperature": 0}
+    before = metric(url, "moe_generated_tokens")
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"}) as r:
+        next(r.iter_lines())
+    for _ in range(100):
+        if httpx.get(f"{url}/health").json()["rows_in_use"] == 0:
+            break
+        time.sleep(0.1)
+    assert httpx.get(f"{url}/health").json()["rows_in_use"] == 0
+    assert metric(url, "moe_generated_tokens") - before < 120  # stopped early, not run to its end
+
+
+def test_200_requests_from_32_clients_none_lost_then_sigterm_drains(server):
+    _, _, _, client, url, process = server
+
+    def ask(i):
+        return client.completions.create(model="tiny", prompt=f"request {i}", max_tokens=3, seed=i).usage
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        usages = list(pool.map(ask, range(200)))
+    assert len(usages) == 200 and all(0 < u.completion_tokens <= 3 for u in usages)
+    late = {}
+    thread = threading.Thread(
+        target=lambda: late.update(r=client.completions.create(model="tiny", prompt="y", max_tokens=100, temperature=0))
+    )
+    thread.start()
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    thread.join(60)
+    assert process.wait(timeout=60) == 0
+    assert late["r"].usage.completion_tokens == 100  # the request in flight finished

@@ -1,5 +1,7 @@
 """`moe bench`'s pieces on a tiny model: every dispatch path timed, the table printed."""
 
+import pytest
+
 from moe.bench import training as bench
 from moe.model.dispatch import DISPATCH, resolve
 
@@ -67,3 +69,17 @@ def test_the_host_cpu_is_named_from_cpuinfo():
     )
     assert bench.host_cpu(core.format(0, "avx512bw")).endswith("1 cores, no avx512f")
     assert bench.host_cpu("")  # no /proc/cpuinfo: the platform module's name and os.cpu_count()
+
+
+@pytest.mark.slow
+def test_the_serving_bench_counts_every_requested_token():
+    from moe.bench import serve
+
+    small = ["model.vocab_size=512", "model.max_seq_len=32", "train.seq_len=32"]
+    lengths = dict(prompt_range=(2, 12), answer_range=(2, 6))
+    result = serve.run("tiny-moe", clients=(1, 3), per_client=1, overrides=small, **lengths)
+    assert [r["requests"] for r in result["engine"]] == [1, 3]
+    work = serve.workload(512, 3, 0, **lengths)
+    assert result["engine"][1]["tokens"] <= sum(work.lengths) and result["engine"][1]["tokens_per_s"] > 0
+    assert all(r["time_to_first_token_s"]["p99"] > 0 for r in result["engine"])
+    assert [g["batch"] for g in result["generate"]] == [1, 8] and "3 clients" in serve.format_table(result)

@@ -1,0 +1,127 @@
+"""`moe bench --serve`: the continuous-batching engine under 1, 8 and 32 concurrent clients,
+beside `moe.infer.generate` on the same requests one at a time and in static batches.
+
+Each client is a thread that submits its next request when the previous one has finished
+(closed loop), so the number of clients is the concurrency. Prompt and answer lengths are
+drawn from a seeded generator; every request is greedy and runs to its length (eos is
+ignored by asking the model for exactly that many tokens and counting what came back).
+Reported: aggregate generated tokens/s, time to first token and inter-token latency (p50,
+p99) from the engine's own timestamps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import jax
+import numpy as np
+
+from moe import config as config_lib
+from moe import model as model_lib
+from moe import progress
+from moe.infer import generate
+from moe.serve.engine import Engine, Request
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    lengths: list[int]  # new tokens per request
+
+
+def workload(vocab: int, n: int, seed: int, prompt_range=(16, 128), answer_range=(16, 64)) -> Workload:
+    rng = np.random.default_rng(seed)
+    prompts = [[1, *rng.integers(3, vocab, size=int(k) - 1).tolist()] for k in rng.integers(*prompt_range, size=n)]
+    return Workload(prompts, [int(k) for k in rng.integers(*answer_range, size=n)])
+
+
+def _percentiles(values: list[float]) -> dict:
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))} if values else {}
+
+
+def engine_run(engine: Engine, work: Workload, clients: int) -> dict:
+    """The workload through the engine from `clients` closed-loop clients."""
+    queue = list(range(len(work.prompts)))
+    lock, finished = threading.Lock(), []
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop(0)
+            request = engine.submit(Request(work.prompts[i], work.lengths[i]))
+            request.done.wait()
+            with lock:
+                finished.append(request)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    tokens = sum(len(r.tokens) for r in finished)
+    gaps = [(r.finished_at - r.first_token_at) / (len(r.tokens) - 1) for r in finished if len(r.tokens) > 1]
+    return {
+        "clients": clients,
+        "requests": len(finished),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "time_to_first_token_s": _percentiles([r.first_token_at - r.submitted for r in finished]),
+        "inter_token_s": _percentiles(gaps),
+    }
+
+
+def generate_run(cfg, params, work: Workload, batch: int) -> dict:
+    """The same requests through generate in static batches of `batch` (1: one at a time),
+    timed on a second pass (the first compiles every shape). Every batch asks for the
+    longest answer (one compiled loop), and only the requested tokens count."""
+    longest = max(work.lengths)
+
+    def one_pass() -> int:
+        tokens = 0
+        for first in range(0, len(work.prompts), batch):
+            group = slice(first, first + batch)
+            out = generate(cfg, params, work.prompts[group], longest, batch_size=batch)
+            tokens += sum(min(len(o), n) for o, n in zip(out, work.lengths[group]))
+        return tokens
+
+    one_pass()
+    start = time.perf_counter()
+    tokens = one_pass()
+    return {"batch": batch, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+
+def run(config: str = "tiny-moe", clients=(1, 8, 32), per_client: int = 4, seed: int = 0, overrides=(), **lengths):
+    """lengths: prompt_range and answer_range for workload()."""
+    cfg = config_lib.load(config, list(overrides)).model
+    params = model_lib.init(cfg, jax.random.key(seed))
+    rows = max(8, min(max(clients), 32))
+    engine = Engine(cfg, params, rows=rows, max_seq_len=min(cfg.max_seq_len, 256))
+    engine.start()
+    result = {"config": config, "rows": rows, "device": jax.devices()[0].device_kind, "engine": []}
+    try:
+        engine_run(engine, workload(cfg.vocab_size, 2, seed + 1, **lengths), 2)  # compile
+        for n in progress.bar(clients, desc="serve bench", unit="setting"):
+            result["engine"].append(engine_run(engine, workload(cfg.vocab_size, n * per_client, seed, **lengths), n))
+    finally:
+        engine.stop()
+    work = workload(cfg.vocab_size, 8 * per_client, seed, **lengths)
+    result["generate"] = [generate_run(cfg, params, work, b) for b in (1, 8)]
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"serving {result['config']} on {result['device']}, {result['rows']} decode rows:"]
+    for r in result["engine"]:
+        ttft, itl = r["time_to_first_token_s"], r["inter_token_s"]
+        first = f"first token p50 {ttft['p50'] * 1e3:.0f} ms, p99 {ttft['p99'] * 1e3:.0f} ms"
+        between = f"between tokens p50 {itl['p50'] * 1e3:.1f} ms, p99 {itl['p99'] * 1e3:.1f} ms"
+        lines.append(f"  {r['clients']:>2} clients: {r['tokens_per_s']:8.1f} tokens/s; {first}; {between}")
+    for g in result["generate"]:
+        lines.append(f"  generate, static batches of {g['batch']}: {g['tokens_per_s']:8.1f} tokens/s")
+    return "\n".join(lines)

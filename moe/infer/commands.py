@@ -123,8 +123,8 @@ def run_eval(args) -> int:
     from moe.data import tokenizer as tokenizer_lib
     from moe.infer import source as source_lib
 
-    if args.perplexity is None and not args.passkey:
-        raise UsageError("choose what to measure: --perplexity [PATHS] and/or --passkey")
+    if args.perplexity is None and not args.passkey and not args.tasks:
+        raise UsageError("choose what to measure: --perplexity [PATHS], --passkey and/or --tasks NAMES")
     src = source_lib.load(args.source, args.dtype, args.tokenizer)
     sp = tokenizer_lib.load(src.tokenizer)
     out = Path(args.out) if args.out else None
@@ -132,7 +132,31 @@ def run_eval(args) -> int:
         _perplexity(src, sp, args, out)
     if args.passkey:
         _passkey(src, sp, args, out)
+    if args.tasks:
+        _harness(src, sp, args, out)
     return 0
+
+
+def _harness(src, sp, args, out) -> None:
+    # lm-eval loads only when asked for: it pulls in torch and datasets
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    from moe.infer.harness import MoeLM
+
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [t for t in args.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UsageError(f"--tasks: unknown task(s) {unknown}; add the folder of their YAML with --include-path")
+    lm = MoeLM(src.model, src.params, sp, batch_size=args.batch_size)
+    results = evaluator.simple_evaluate(
+        model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager
+    )
+    print(make_table(results))
+    if out:
+        summary = {k: results[k] for k in ("results", "configs", "versions", "n-shot") if k in results}
+        _write_atomic(out / "lm_eval_results.json", json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _eval_texts(src, paths: list[str]) -> list[str]:
@@ -256,6 +280,10 @@ def add_parsers(sub) -> None:
         help="tokens between windows (default: --context, disjoint; smaller: more history per token, slower)",
     )
     p.add_argument("--passkey", action="store_true", help="the passkey retrieval grid (greedy, exact digits)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="NAME", help="lm-evaluation-harness tasks")
+    p.add_argument("--include-path", default=None, help="a folder of lm-eval task YAML files of your own")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many documents per task")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--trials", type=int, default=3, help="seeded keys per cell")

@@ -60,69 +60,49 @@ class Choice:
         return out
 
 
-def create_app(engine: Engine, sp, tokenizer: str, model_id: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application serving `engine` as model `model_id`; tokenizer: the spec chat
-    prompts are rendered with (Mistral's instruct template through mistral-common)."""
-    app = FastAPI(title="moe serve")
-    metrics = Metrics(engine)
+class Server:
+    """What the routes share: the engine, the tokenizer, the model's id, the metrics."""
 
-    @app.exception_handler(api.APIError)
-    async def api_error(_, e: api.APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+    def __init__(self, engine: Engine, sp, tokenizer: str, model_id: str, api_key: str | None):
+        self.engine, self.sp, self.tokenizer, self.model_id, self.api_key = engine, sp, tokenizer, model_id, api_key
+        self.metrics = Metrics(engine)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_, e: RequestValidationError):
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return JSONResponse(api.APIError(400, f"{param}: {first.get('msg')}", param=param).body(), status_code=400)
-
-    @app.middleware("http")
-    async def authorize_and_count(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                error = api.APIError(
-                    401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key"
-                )
-                metrics.requests.labels(request.url.path, "401").inc()
-                return JSONResponse(error.body(), status_code=401)
+    async def authorize_and_count(self, request: Request, call_next):
+        counted = request.url.path.startswith("/v1/")
+        if self.api_key and counted and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            error = api.APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+            self.metrics.requests.labels(request.url.path, "401").inc()
+            return JSONResponse(error.body(), status_code=401)
         response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        if counted:
+            self.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "rows_in_use": engine.rows_in_use(), "waiting": engine.waiting.qsize()}
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            message = f"model {name!r} does not exist; this server serves {self.model_id!r}"
+            raise api.APIError(404, message, code="model_not_found")
 
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "moe"}]}
-
-    def check_model(name: str) -> None:
-        if name != model_id:
-            raise api.APIError(
-                404, f"model {name!r} does not exist; this server serves {model_id!r}", code="model_not_found"
-            )
-
-    def start(prompt: list[int], body: api.Sampling, max_tokens: int, index: int, prompt_scores: bool) -> Choice:
-        choice, loop = Choice(sp, prompt, body.stops()), asyncio.get_running_loop()
+    def start(
+        self, prompt: list[int], body: api.Sampling, max_tokens: int, index: int, scores: bool, top: bool
+    ) -> Choice:
+        """Submit one choice's request; the engine thread reports to its asyncio queue."""
+        choice, loop = Choice(self.sp, prompt, body.stops()), asyncio.get_running_loop()
         seed = (body.seed if body.seed is not None else time.monotonic_ns() % 2**31) + index
         request = EngineRequest(
-            prompt, max_tokens, body.temperature, body.top_k, body.top_p, seed, prompt_logprobs=prompt_scores
+            prompt, max_tokens, body.temperature, body.top_k, body.top_p, seed, prompt_logprobs=scores
         )
+        request.top_logprobs = top
         request.on_token = lambda *a: choice.on_token(loop, *a)
         request.on_done = lambda r: choice.on_done(loop, r)
         try:
-            choice.request = engine.submit(request)
+            choice.request = self.engine.submit(request)
         except EngineError as e:
             raise api.APIError(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt") from None
         return choice
 
-    async def finished(choices: list[Choice], http: Request) -> None:
+    async def finished(self, choices: list[Choice], http: Request) -> None:
+        """Wait for every choice; a client that goes away cancels them."""
         for choice in choices:
             while not choice.request.done.is_set() or not choice.events.empty():
                 try:
@@ -133,54 +113,12 @@ def create_app(engine: Engine, sp, tokenizer: str, model_id: str, api_key: str |
                             c.request.cancel()
                         return
         for choice in choices:
-            metrics.record(choice.request)
-            _raise_engine_error(choice, engine)
+            self.metrics.record(choice.request)
+            _raise_engine_error(choice, self.engine)
 
-    @app.post("/v1/completions")
-    async def completions(body: api.CompletionRequest, http: Request):
-        check_model(body.model)
-        prompts = _prompts(body.prompt, sp)
-        if body.max_tokens == 0 and not body.echo:
-            raise api.APIError(400, "max_tokens 0 returns nothing without echo", param="max_tokens")
-        choices = [
-            start(p, body, body.max_tokens, i, body.echo and body.logprobs is not None)
-            for i, p in enumerate(p for p in prompts for _ in range(body.n))
-        ]
-        request_id = api.new_id("cmpl")
-        if body.stream:
-            return _stream(choices, lambda c, i, text, end: _completion_chunk(request_id, model_id, i, text, end), http)
-        await finished(choices, http)
-        out = [_completion_choice(c, i, body, sp) for i, c in enumerate(choices)]
-        return api.envelope("text_completion", request_id, model_id, out, _usage(choices))
+    def stream(self, choices: list[Choice], chunk) -> StreamingResponse:
+        """Server-sent events: each choice's new text as it comes, its finish, then [DONE]."""
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: api.ChatRequest, http: Request):
-        check_model(body.model)
-        if body.messages[-1].role != "user":
-            raise api.APIError(400, "the last message must be the user's", param="messages")
-        try:
-            prompt = chat.encode_prompt(chat.tokenizer_path(tokenizer), [m.model_dump() for m in body.messages])
-        except Exception as e:  # mistral-common's validation: roles out of order, empty content
-            raise api.APIError(400, f"messages: {e}", param="messages") from None
-        limit = body.limit() or max(engine.max_seq_len - len(prompt), 1)
-        choices = [start(prompt, body, limit, i, False) for i in range(body.n)]
-        request_id = api.new_id("chatcmpl")
-        if body.stream:
-            return _stream(choices, lambda c, i, text, end: _chat_chunk(request_id, model_id, i, text, end), http)
-        await finished(choices, http)
-        top = body.top_logprobs or 0
-        out = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": api.chat_logprobs(c.pieces, c.scores, top, _token_text(sp)) if body.logprobs else None,
-                "finish_reason": _reason(c),
-            }
-            for i, c in enumerate(choices)
-        ]
-        return api.envelope("chat.completion", request_id, model_id, out, _usage(choices))
-
-    def _stream(choices: list[Choice], chunk, http: Request) -> StreamingResponse:
         async def events():
             try:
                 for i, choice in enumerate(choices):
@@ -188,10 +126,10 @@ def create_app(engine: Engine, sp, tokenizer: str, model_id: str, api_key: str |
                         event = await choice.events.get()
                         text = choice.fresh_text(final=event == "done")
                         if text:
-                            yield f"data: {json.dumps(chunk(choice, i, text, None))}\n\n"
+                            yield f"data: {json.dumps(chunk(i, text, None))}\n\n"
                         if event == "done":
-                            yield f"data: {json.dumps(chunk(choice, i, '', _reason(choice)))}\n\n"
-                            metrics.record(choice.request)
+                            yield f"data: {json.dumps(chunk(i, '', _reason(choice)))}\n\n"
+                            self.metrics.record(choice.request)
                             break
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or the stream ended): free the rows
@@ -200,7 +138,85 @@ def create_app(engine: Engine, sp, tokenizer: str, model_id: str, api_key: str |
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def completions(self, body: api.CompletionRequest, http: Request):
+        self.check_model(body.model)
+        prompts = _prompts(body.prompt, self.sp)
+        if body.max_tokens == 0 and not body.echo:
+            raise api.APIError(400, "max_tokens 0 returns nothing without echo", param="max_tokens")
+        scores = body.echo and body.logprobs is not None
+        every = [p for p in prompts for _ in range(body.n)]
+        top = bool(body.logprobs)
+        choices = [self.start(p, body, body.max_tokens, i, scores, top) for i, p in enumerate(every)]
+        request_id = api.new_id("cmpl")
+        if body.stream:
+            return self.stream(choices, lambda i, text, end: _completion_chunk(request_id, self.model_id, i, text, end))
+        await self.finished(choices, http)
+        out = [_completion_choice(c, i, body, self.sp) for i, c in enumerate(choices)]
+        return api.envelope("text_completion", request_id, self.model_id, out, _usage(choices))
+
+    async def chat_completions(self, body: api.ChatRequest, http: Request):
+        self.check_model(body.model)
+        if body.messages[-1].role != "user":
+            raise api.APIError(400, "the last message must be the user's", param="messages")
+        try:
+            messages = [m.model_dump() for m in body.messages]
+            prompt = chat.encode_prompt(chat.tokenizer_path(self.tokenizer), messages)
+        except Exception as e:  # mistral-common's validation: roles out of order, empty content
+            raise api.APIError(400, f"messages: {e}", param="messages") from None
+        limit = body.limit() or max(self.engine.max_seq_len - len(prompt), 1)
+        top = bool(body.logprobs and body.top_logprobs)
+        choices = [self.start(prompt, body, limit, i, False, top) for i in range(body.n)]
+        request_id = api.new_id("chatcmpl")
+        if body.stream:
+            return self.stream(choices, lambda i, text, end: _chat_chunk(request_id, self.model_id, i, text, end))
+        await self.finished(choices, http)
+        top, text_of = body.top_logprobs or 0, _token_text(self.sp)
+        out = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": api.chat_logprobs(c.pieces, c.scores, top, text_of) if body.logprobs else None,
+                "finish_reason": _reason(c),
+            }
+            for i, c in enumerate(choices)
+        ]
+        return api.envelope("chat.completion", request_id, self.model_id, out, _usage(choices))
+
+
+def create_app(engine: Engine, sp, tokenizer: str, model_id: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application serving `engine` as model `model_id`; tokenizer: the spec chat
+    prompts are rendered with (Mistral's instruct template through mistral-common)."""
+    server = Server(engine, sp, tokenizer, model_id, api_key)
+    app = FastAPI(title="moe serve")
+    app.exception_handler(api.APIError)(_api_error)
+    app.exception_handler(RequestValidationError)(_bad_request)
+    app.middleware("http")(server.authorize_and_count)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat_completions)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "rows_in_use": engine.rows_in_use(), "waiting": engine.waiting.qsize()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(server.metrics.render(), media_type=server.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "moe"}]}
+
     return app
+
+
+async def _api_error(_, e: api.APIError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _bad_request(_, e: RequestValidationError):
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return JSONResponse(api.APIError(400, f"{param}: {first.get('msg')}", param=param).body(), status_code=400)
 
 
 def _prompts(prompt, sp) -> list[list[int]]:

@@ -55,6 +55,7 @@ class Request:
     on_token: Callable | None = None  # (request, token, logprob, top ids, top logprobs)
     on_done: Callable | None = None  # (request)
     prompt_logprobs: bool = False
+    top_logprobs: bool = False  # alternatives per generated token (costs a top-k over the vocabulary)
     # filled by the engine
     tokens: list[int] = dataclasses.field(default_factory=list)
     prompt_scores: list = dataclasses.field(default_factory=list)  # (logprob, top ids, top logprobs) per token
@@ -80,15 +81,18 @@ def _put_row(tree, part, r):
     )
 
 
-def _scores(logits_nv, next_n):
-    """(log p(next) [n], top ids [n, K], top log p [n, K]) from float32 logits [n, vocab]."""
+def _scores(logits_nv, next_n, want_top=True):
+    """(log p(next) [n], top ids [n, K], top log p [n, K]) from float32 logits [n, vocab]; the
+    alternatives (a top-k over the vocabulary, the costly part) only when want_top, else 0."""
     logp = jax.nn.log_softmax(logits_nv.astype(jnp.float32), axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    n = logp.shape[0]
+    none = (jnp.zeros((n, TOP_LOGPROBS), jnp.float32), jnp.zeros((n, TOP_LOGPROBS), jnp.int32))
+    top_lp, top_ids = jax.lax.cond(want_top, lambda x: tuple(jax.lax.top_k(x, TOP_LOGPROBS)), lambda x: none, logp)
     return jnp.take_along_axis(logp, next_n[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_chunk(cfg: ModelConfig, params, cache, row, tokens_c, next_c, start, n_valid, empty_first):
+def _prefill_chunk(cfg: ModelConfig, params, cache, row, tokens_c, next_c, start, n_valid, empty_first, want_top):
     """Run prompt tokens [start, start + n_valid) of row `row` (tokens_c: [C], padded) into
     the cache; returns (cache, last logits [vocab], scores of next_c: the prompt's tokens
     one further on). empty_first: the row's cache is emptied first (a new request)."""
@@ -99,24 +103,34 @@ def _prefill_chunk(cfg: ModelConfig, params, cache, row, tokens_c, next_c, start
     logits, _, part = Transformer(cfg).apply({"params": params}, tokens_c[None], positions, cache=part)
     logits = logits[0]  # [C, vocab]
     last = logits[jnp.maximum(n_valid - 1, 0)]
-    return _put_row(cache, part, row), last, _scores(logits, next_c)
+    return _put_row(cache, part, row), last, _scores(logits, next_c, want_top)
+
+
+def _filtered(scaled_bv, top_k_b, top_p_b):
+    """Top-k, then top-p (as generate applies them), with one sort per row."""
+    vocab = scaled_bv.shape[-1]
+    ordered = -jnp.sort(-scaled_bv, axis=-1)  # [batch, vocab], descending
+    k = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, vocab), vocab)
+    ordered = jnp.where(jnp.arange(vocab) < k[:, None], ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_kept = jnp.maximum(jnp.sum(mass_before < top_p_b[:, None], axis=-1), 1)  # the top token always stays
+    threshold = jnp.take_along_axis(ordered, (jnp.minimum(n_kept, k) - 1)[:, None], axis=-1)
+    return jnp.where(scaled_bv >= threshold, scaled_bv, -jnp.inf)
 
 
 def _sample_rows(logits_bv, temperature_b, top_k_b, top_p_b, keys_b):
-    """Next tokens [batch] with per-row settings (temperature 0: greedy)."""
+    """Next tokens [batch] with per-row settings (temperature 0: greedy). The sort that top-k
+    and top-p need runs only when some sampled row asks for one of them."""
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    scaled = logits_bv / jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
-    ordered = -jnp.sort(-scaled, axis=-1)
-    k = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, scaled.shape[-1]), scaled.shape[-1])
-    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)  # top-k, then top-p (as generate)
-    probs = jax.nn.softmax(-jnp.sort(-scaled, axis=-1), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    n_kept = jnp.sum(mass_before < top_p_b[:, None], axis=-1)  # the top token always stays
-    threshold = jnp.take_along_axis(-jnp.sort(-scaled, axis=-1), (n_kept - 1)[:, None], axis=-1)
-    scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    drawn = jax.vmap(jax.random.categorical)(keys_b, scaled).astype(jnp.int32)
-    return jnp.where(temperature_b > 0, drawn, greedy)
+    sampled = temperature_b > 0
+    scaled = logits_bv / jnp.where(sampled, temperature_b, 1.0)[:, None]
+    needs_filter = jnp.any(sampled & ((top_k_b > 0) | (top_p_b < 1)))
+    scaled = jax.lax.cond(needs_filter, _filtered, lambda x, *_: x, scaled, top_k_b, top_p_b)
+    # the Gumbel noise of a draw costs as much as the model on CPU: only when a row samples
+    draw = lambda: jax.vmap(jax.random.categorical)(keys_b, scaled).astype(jnp.int32)  # noqa: E731
+    drawn = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
+    return jnp.where(sampled, drawn, greedy)
 
 
 def _keys(seeds_b, steps_b):
@@ -133,15 +147,15 @@ def _first_token(last_v, temperature, top_k, top_p, seed):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode_step(cfg: ModelConfig, params, cache, tokens_b, active_b, sampling_b):
+def _decode_step(cfg: ModelConfig, params, cache, tokens_b, active_b, sampling_b, want_top):
     """One token for every active row: (cache, next [batch], scores of next). sampling_b:
-    (temperature, top_k, top_p, seed, step) per row."""
+    (temperature, top_k, top_p, seed, step) per row; want_top: some row wants alternatives."""
     temperature_b, top_k_b, top_p_b, seeds_b, steps_b = sampling_b
     positions = jnp.where(active_b, cache["end"], -1)[:, None]
     logits, _, cache = Transformer(cfg).apply({"params": params}, tokens_b[:, None], positions, cache=cache)
     logits = logits[:, 0]
     nxt = _sample_rows(logits, temperature_b, top_k_b, top_p_b, _keys(seeds_b, steps_b))
-    return cache, nxt, _scores(logits, nxt)
+    return cache, nxt, _scores(logits, nxt, want_top)
 
 
 class Engine:
@@ -258,7 +272,7 @@ class Engine:
         ahead = request.prompt[start + 1 : start + 1 + n]
         following[: len(ahead)] = ahead
         self.cache, last, scores = _prefill_chunk(
-            self.cfg, self.params, self.cache, r, tokens, following, start, n, self.fresh[r]
+            self.cfg, self.params, self.cache, r, tokens, following, start, n, self.fresh[r], request.prompt_logprobs
         )
         self.fresh[r], self.filled[r] = False, start + n
         if request.prompt_logprobs:
@@ -286,8 +300,9 @@ class Engine:
         temperature, top_p = sampling[0].astype(np.float32), sampling[2].astype(np.float32)
         top_k, seeds, steps = sampling[1].astype(np.int32), sampling[3].astype(np.uint32), sampling[4].astype(np.uint32)
         tokens = np.asarray(self.last, np.int32)
+        want_top = any(self.occupant[r].top_logprobs for r in rows)
         self.cache, nxt, scores = _decode_step(
-            self.cfg, self.params, self.cache, tokens, active, (temperature, top_k, top_p, seeds, steps)
+            self.cfg, self.params, self.cache, tokens, active, (temperature, top_k, top_p, seeds, steps), want_top
         )
         nxt, (lp, ids, top) = np.asarray(nxt), (np.asarray(a) for a in scores)
         for r in rows:

@@ -5,6 +5,7 @@ import fcntl
 import io
 import os
 import pty
+import socket
 import struct
 import subprocess
 import termios
@@ -116,3 +117,26 @@ def run_on_terminal(command: list, timeout: float, **kwargs) -> tuple[int, str]:
         os.close(main_fd)
         if child.poll() is None:
             child.kill()
+
+
+def start_server(source, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`moe serve SOURCE FLAGS` on a free port, returned once /health answers: (process, URL)."""
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "moe", "serve", str(source), "--port", str(port), *flags]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.25)
+    process.kill()
+    raise RuntimeError(f"moe serve did not answer on {url} within a minute")

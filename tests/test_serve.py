@@ -4,10 +4,6 @@ generate's, streaming, stop strings, logprobs, errors, metrics."""
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import jax
@@ -24,7 +20,7 @@ from moe.infer import generate
 from moe.serve.app import create_app
 from moe.serve.engine import Engine
 
-from helpers import ROOT, tiny_model
+from helpers import ROOT, start_server, tiny_model
 
 TOKENIZER = str(ROOT / "experiments/tokenizer/stdlib-4k.model")
 
@@ -152,19 +148,8 @@ def test_moe_serve_answers_then_exits_0_on_sigterm(tmp_path):
     run.mkdir()
     save_params(run / "params", M.init(cfg.model, jax.random.key(0)))
     (run / "config.yaml").write_text(config_lib.dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "moe", "serve", str(run), "--port", str(port), "--tokenizer", TOKENIZER]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, url = start_server(run, "--tokenizer", TOKENIZER)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
         r = httpx.post(f"{url}/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         server.send_signal(signal.SIGTERM)

@@ -3,9 +3,6 @@ generate's under concurrency, streaming, logprobs, errors, disconnects, load, SI
 
 import concurrent.futures
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,7 +18,7 @@ from moe.checkpoint.params import save_params
 from moe.data import tokenizer as tokenizer_lib
 from moe.infer import generate
 
-from helpers import ROOT, tiny_model
+from helpers import ROOT, start_server, tiny_model
 
 pytestmark = pytest.mark.slow
 TOKENIZER = str(ROOT / "experiments/tokenizer/stdlib-4k.model")
@@ -38,19 +35,8 @@ def server(tmp_path_factory):
     folder.mkdir()
     save_params(folder / "params", params)
     (folder / "config.yaml").write_text(config_lib.dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "moe", "serve", str(folder), "--port", str(port), "--max-batch", "4"]
-    command += ["--tokenizer", TOKENIZER, "--api-key", "k", "--grace-period", "20"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.25)
+    flags = ["--max-batch", "4", "--tokenizer", TOKENIZER, "--api-key", "k", "--grace-period", "20"]
+    process, url = start_server(folder, *flags)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=120)
     yield cfg.model, params, tokenizer_lib.load(TOKENIZER), client, url, process
     if process.poll() is None:

@@ -34,3 +34,25 @@ def make_hf(tmp_path, variant, dtype=torch.float32, seed=0):
     path = tmp_path / f"hf-{variant}"
     model.save_pretrained(path)
     return path
+
+
+def stdlib_mixtral(path, tokenizer, seed: int, max_positions: int):
+    """A random Mixtral over the shipped 4096-token stdlib tokenizer, saved with it at path."""
+    import shutil
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=4096,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=max_positions,
+        initializer_range=0.2,
+    )
+    MixtralForCausalLM(config).save_pretrained(path)
+    shutil.copy(tokenizer, path / "tokenizer.model")
+    return path

@@ -4,14 +4,13 @@ the passkey grid, sources, and one-line errors for bad input."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import AutoModelForCausalLM
 
 from moe import cli
 from moe.convert import convert_from_hf
@@ -21,6 +20,7 @@ from moe.infer.commands import chat_ids
 from moe.infer.perplexity import windows
 
 from helpers import ROOT
+from hf_models import stdlib_mixtral
 
 TOKENIZER = ROOT / "experiments/tokenizer/stdlib-4k.model"
 TEXTS = ["def add(a, b):\n    return a + b\n" * 6, "The pass key is 123. Remember it."]
@@ -30,23 +30,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n" * 6, "The pass key is 123. Remembe
 def hf_model(tmp_path_factory):
     """A random Mixtral with the 4k stdlib tokenizer, as a HF folder and converted."""
     root = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(
-        MixtralConfig(
-            vocab_size=4096,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            max_position_embeddings=200,
-            initializer_range=0.2,
-        )
-    )
-    model.save_pretrained(root / "hf")
-    shutil.copy(TOKENIZER, root / "hf" / "tokenizer.model")
+    stdlib_mixtral(root / "hf", TOKENIZER, seed=0, max_positions=200)
     convert_from_hf(root / "hf", root / "converted")
     for i, text in enumerate(TEXTS):
         (root / f"text{i}.txt").write_text(text)

@@ -2,15 +2,12 @@
 task metrics equal lm-eval's own Hugging Face backend on the same folder."""
 
 import json
-import shutil
 
 import pytest
-import torch
 from lm_eval import evaluator
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe import cli
 from moe.convert.hf import convert_from_hf, convert_to_hf
@@ -19,6 +16,7 @@ from moe.infer import source as source_lib
 from moe.infer.harness import MoeLM
 
 from helpers import ROOT
+from hf_models import stdlib_mixtral
 
 pytestmark = pytest.mark.slow  # two backends on two tasks: about a minute
 TASKS = ROOT / "tests/data/lm_eval"
@@ -28,21 +26,7 @@ TOKENIZER = ROOT / "experiments/tokenizer/stdlib-4k.model"
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
-    torch.manual_seed(3)
-    config = MixtralConfig(
-        vocab_size=4096,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        initializer_range=0.2,
-    )
-    MixtralForCausalLM(config).save_pretrained(root / "random")
-    shutil.copy(TOKENIZER, root / "random" / "tokenizer.model")
+    stdlib_mixtral(root / "random", TOKENIZER, seed=3, max_positions=64)
     convert_from_hf(root / "random", root / "converted")
     # the folder `moe convert to-hf` writes: its tokenizer files add bos as Mistral's does
     convert_to_hf(root / "converted", root / "hf", tokenizer=TOKENIZER)

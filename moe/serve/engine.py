@@ -221,9 +221,6 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def idle(self) -> bool:
-        return self.waiting.empty() and self.rows_in_use() == 0
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:

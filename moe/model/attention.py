@@ -230,19 +230,21 @@ class Attention(nn.Module):
     append: bool = False
     lora: LoRAConfig | None = None  # adapters on the targeted projections (moe/model/lora.py)
 
-    def _weight(self, name, shape, axes, n_in):
+    def _weight(self, name, shape, axes, n_in, select):
         pdt = DTYPES[self.cfg.param_dtype]
         w = param_with_axes(self, name, kernel_init(self.cfg), shape, axes, pdt)
-        return adapt(self, name, w, self.lora, n_lead=0, n_in=n_in, axes=axes, dtype=pdt).astype(DTYPES[self.cfg.dtype])
+        w = adapt(self, name, w, self.lora, n_lead=0, n_in=n_in, axes=axes, dtype=pdt, select=select)
+        return w.astype(DTYPES[self.cfg.dtype])
 
     @nn.compact
-    def __call__(self, x, cos, sin, attn, kv=None):  # x: [batch, seq, d_model]
+    def __call__(self, x, cos, sin, attn, kv=None, select=None):  # x: [batch, seq, d_model]
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
         d, h, n_kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-        wq = self._weight("q", (d, h, hd), ("embed", "heads", "head_dim"), 1)
-        wk = self._weight("k", (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), 1)
-        wv = self._weight("v", (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), 1)
-        wo = self._weight("o", (h, hd, d), ("heads", "head_dim", "embed"), 2)
+        select = None if select is None else select[:, None, :]  # [batch, 1, rank]: a row's adapter columns
+        wq = self._weight("q", (d, h, hd), ("embed", "heads", "head_dim"), 1, select)
+        wk = self._weight("k", (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), 1, select)
+        wv = self._weight("v", (d, n_kv, hd), ("embed", "kv_heads", "head_dim"), 1, select)
+        wo = self._weight("o", (h, hd, d), ("heads", "head_dim", "embed"), 2, select)
         x = x.astype(dtype)
         q = project(x, wq, 1)  # [batch, seq, heads, head_dim]
         k = project(x, wk, 1)  # [batch, seq, kv_heads, head_dim]

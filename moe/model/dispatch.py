@@ -50,7 +50,13 @@ from moe.model.qarray import as_array
 def _swiglu(mm, x, w1, w3, w2, mm_rest=None, recompute_gated: bool = True):
     """w2(silu(x w1) * (x w3)) with `mm` for the products on x and `mm_rest` (default mm)
     for those on per-expert rows (the adapters' second factor and w2); the gated product
-    recomputed in the backward pass unless `recompute_gated` is False (layers.gated_down)."""
+    recomputed in the backward pass unless `recompute_gated` is False (layers.gated_down).
+    Serving several adapters (Adapted.select_cols > 0), x's last columns are each row's
+    adapter selector: split off here, in whatever order the dispatch has put the rows."""
+    n_select = max((w.select_cols for w in (w1, w3, w2) if isinstance(w, Adapted)), default=0)
+    if n_select:
+        x, select = x[..., :-n_select], x[..., -n_select:]
+        w1, w3, w2 = (w.replace(select=select) if isinstance(w, Adapted) else w for w in (w1, w3, w2))
     mm_rest = mm_rest or mm
     down = lambda h, w: matmul(mm_rest, h, w)
     return gated_down(down, matmul(mm, x, w1, mm_rest), matmul(mm, x, w3, mm_rest), w2, recompute_gated)
@@ -142,10 +148,11 @@ def sorted_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, r
     )  # [blocks]; unused blocks hold zeros
     mm = lambda x, w: jnp.einsum("nrd,ndf->nrf", x, w[block_expert])
     y_rows = _swiglu(mm, x_blocks, w1_edf, w3_edf, w2_efd, recompute_gated=recompute_gated)
-    y_rows = y_rows.reshape(n_blocks * rows, d_model)
-    y_sorted = jnp.concatenate([y_rows, jnp.zeros((1, d_model), y_rows.dtype)])[dest]  # [copies, d_model]
+    d_out = y_rows.shape[-1]  # d_model (x may carry adapter selector columns too)
+    y_rows = y_rows.reshape(n_blocks * rows, d_out)
+    y_sorted = jnp.concatenate([y_rows, jnp.zeros((1, d_out), y_rows.dtype)])[dest]  # [copies, d_model]
     y_flat = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
-    return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, d_model), weight_tk.astype(y_flat.dtype))
+    return jnp.einsum("tkd,tk->td", y_flat.reshape(tokens, top_k, d_out), weight_tk.astype(y_flat.dtype))
 
 
 def grouped_dispatch(x_td, expert_idx_tk, weight_tk, w1_edf, w3_edf, w2_efd, *, recompute_gated: bool = True):

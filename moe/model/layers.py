@@ -144,13 +144,14 @@ class SwiGLU(nn.Module):
     lora: LoRAConfig | None = None
 
     @nn.compact
-    def __call__(self, x):  # [batch, seq, d_model]
+    def __call__(self, x, select=None):  # x: [batch, seq, d_model]; select: [batch, rank] (lora.py)
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
         pdt, init = DTYPES[cfg.param_dtype], kernel_init(cfg)
+        select = None if select is None else select[:, None, :]
 
         def weight(name, shape, axes):
             w = param_with_axes(self, name, init, shape, axes, pdt)
-            return adapt(self, name, w, self.lora, n_lead=0, n_in=1, axes=axes, dtype=pdt).astype(dtype)
+            return adapt(self, name, w, self.lora, n_lead=0, n_in=1, axes=axes, dtype=pdt, select=select).astype(dtype)
 
         w1 = weight("w1", (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
         w3 = weight("w3", (cfg.d_model, cfg.d_ff), ("embed", "mlp"))

@@ -12,6 +12,11 @@ matmul as the base weight, so W + A B is never formed during training.
 
 Targets: q, k, v, o (attention), w1, w2, w3 (the dense MLP or every expert; "mlp" is all
 three) and gate (the router).
+
+Serving several adapters at once (moe/serve/adapters.py) stacks them side by side along the
+rank dimension, A = [A_1 | A_2 | ...], and gives every row a selector over those columns
+(1 on its own adapter's, 0 elsewhere, all 0 for the base): (x A * select) B is then each
+row's own adapter, whichever weights and dispatch path it meets.
 """
 
 from __future__ import annotations
@@ -55,8 +60,12 @@ class Adapted:
     a: jax.Array
     b: jax.Array
     key: Optional[jax.Array] = None  # dropout randomness; None: no dropout
+    select: Optional[jax.Array] = None  # [rows of x (broadcast), rank] 0/1: the columns of A each row uses
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    # > 0: the last select_cols columns of the MoE dispatch's input are each row's `select`
+    # (they travel with the token through any sort or expert-parallel exchange; dispatch._swiglu)
+    select_cols: int = struct.field(pytree_node=False, default=0)
 
     @property
     def shape(self):
@@ -77,6 +86,8 @@ def matmul(mm: Callable, x, w, mm_b: Optional[Callable] = None):
         keep = jax.random.bernoulli(w.key, 1.0 - w.dropout, x.shape)
         x_a = jnp.where(keep, x / (1.0 - w.dropout), 0).astype(x.dtype)
     low = mm(x_a, w.a)
+    if w.select is not None:
+        low = low * w.select.astype(low.dtype)
     return mm(x, w.w) + (w.scale * (mm_b or mm)(low, w.b)).astype(x.dtype)
 
 
@@ -100,9 +111,10 @@ def _uniform_fan_in(fan_in: int):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def adapt(module: nn.Module, name: str, w, lora, *, n_lead: int, n_in: int, axes: tuple, dtype):
+def adapt(module: nn.Module, name: str, w, lora, *, n_lead: int, n_in: int, axes: tuple, dtype, select=None):
     """`w` (the parameter `name` of `module`, with logical `axes`) with an adapter when
-    `lora` (a LoRAConfig or None) targets it; n_lead leading (expert) dims, then n_in input dims."""
+    `lora` (a LoRAConfig or None) targets it; n_lead leading (expert) dims, then n_in input dims.
+    select: each row's adapter columns when several adapters are served at once (see above)."""
     if lora is None or lora.rank is None or name not in expand_targets(lora.targets):
         return w
     r, shape = lora.rank, w.shape
@@ -121,7 +133,7 @@ def adapt(module: nn.Module, name: str, w, lora, *, n_lead: int, n_in: int, axes
         dtype,
     )
     key = module.make_rng(DROPOUT_RNG) if lora.dropout > 0 and module.has_rng(DROPOUT_RNG) else None
-    return Adapted(w, a, b, key, scale(lora.alpha, r, lora.rslora), lora.dropout)
+    return Adapted(w, a, b, key, select, scale(lora.alpha, r, lora.rslora), lora.dropout)
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:

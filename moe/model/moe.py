@@ -58,21 +58,22 @@ class SparseMoE(nn.Module):
     cfg: ModelConfig
     lora: LoRAConfig | None = None  # adapters on the router and on every expert (moe/model/lora.py)
 
-    def _weight(self, name, shape, axes, n_lead):
+    def _weight(self, name, shape, axes, n_lead, select=None):
         pdt = DTYPES[self.cfg.param_dtype]
         w = param_with_axes(self, name, kernel_init(self.cfg), shape, axes, pdt)
-        return adapt(self, name, w, self.lora, n_lead=n_lead, n_in=1, axes=axes, dtype=pdt)
+        return adapt(self, name, w, self.lora, n_lead=n_lead, n_in=1, axes=axes, dtype=pdt, select=select)
 
     @nn.compact
-    def __call__(self, x, valid=None):  # x: [batch, seq, d_model]; valid: [batch, seq] bool
+    def __call__(self, x, valid=None, select=None):  # x: [batch, seq, d_model]; valid: [batch, seq] bool
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
-        gate = self._weight("gate", (d, e), ("embed", "exp"), 0)
+        batch, seq, _ = x.shape
+        # select [batch, rank]: each row's adapter columns (several adapters served, lora.py)
+        select_t = None if select is None else jnp.repeat(select, seq, axis=0)  # [tokens, rank]
+        gate = self._weight("gate", (d, e), ("embed", "exp"), 0, select_t)
         w1 = self._weight("w1", (e, d, f), ("exp", "embed", "mlp"), 1)
         w3 = self._weight("w3", (e, d, f), ("exp", "embed", "mlp"), 1)
         w2 = self._weight("w2", (e, f, d), ("exp", "mlp", "embed"), 1)
-
-        batch, seq, _ = x.shape
         x_td = x.reshape(batch * seq, d)
         logits_te = project(x_td.astype(jnp.float32), gate.astype(jnp.float32), 1)  # [tokens, experts]
         probs_te, weight_tk, expert_idx_tk = route(logits_te, cfg.top_k)
@@ -90,8 +91,14 @@ class SparseMoE(nn.Module):
             )
         ]
         fn = functools.partial(fn, recompute_gated=cfg.recompute_gated)
+        x_in = x_td.astype(dtype)
+        if select_t is not None and any(isinstance(w, Adapted) for w in (w1, w3, w2)):
+            # each token's adapter columns ride with it through the dispatch's sort and exchange
+            x_in = jnp.concatenate([x_in, select_t.astype(dtype)], axis=-1)  # [tokens, d_model + rank]
+            mark = lambda w: w.replace(select_cols=select_t.shape[-1]) if isinstance(w, Adapted) else w  # noqa: E731
+            w1, w3, w2 = mark(w1), mark(w3), mark(w2)
         args = (
-            x_td.astype(dtype),
+            x_in,
             expert_idx_tk,
             weight_tk.astype(dtype),
             w1.astype(dtype),

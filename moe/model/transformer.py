@@ -46,17 +46,18 @@ class DecoderLayer(nn.Module):
     lora: LoRAConfig | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, attn, valid, kv=None):  # x: [batch, seq, d_model]
+    def __call__(self, x, cos, sin, attn, valid, select, kv=None):  # x: [batch, seq, d_model]
         cfg = self.cfg
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        a = Attention(cfg, self.append, self.lora, name="attn")(RMSNorm(cfg, name="attn_norm")(x), cos, sin, attn, kv)
+        normed = RMSNorm(cfg, name="attn_norm")(x)
+        a = Attention(cfg, self.append, self.lora, name="attn")(normed, cos, sin, attn, kv, select)
         a, kv = a if kv is not None else (a, None)
         h = x + a
         normed = RMSNorm(cfg, name="mlp_norm")(h)
         if cfg.is_moe:
-            y, stats = SparseMoE(cfg, self.lora, name="moe")(normed, valid)
+            y, stats = SparseMoE(cfg, self.lora, name="moe")(normed, valid, select)
         else:
-            y, stats = SwiGLU(cfg, self.lora, name="mlp")(normed), {}
+            y, stats = SwiGLU(cfg, self.lora, name="mlp")(normed, select), {}
         out = nn.with_logical_constraint((h + y).astype(x.dtype), ACTIVATION_AXES)
         return out, (stats if kv is None else (stats, kv))
 
@@ -71,7 +72,7 @@ def _layer_stack(cfg: ModelConfig, cached: bool = False):
         layer,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, DROPOUT_RNG: True},
-        in_axes=(nn.broadcast,) * 4 + ((0,) if cached else ()),
+        in_axes=(nn.broadcast,) * 5 + ((0,) if cached else ()),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -117,6 +118,9 @@ class Transformer(nn.Module):
     With a cache (moe/model/kv_cache.py), positions are required and absolute (-1 marks
     padding: not attended, not cached); the new tokens attend to the cache and are
     written into it, and the call returns (logits, stats, updated cache).
+
+    adapter_select [batch, rank] (0/1): with several adapters stacked along the rank
+    (moe/serve/adapters.py), the columns each row uses; None: every column (one adapter).
     """
 
     cfg: ModelConfig
@@ -125,12 +129,12 @@ class Transformer(nn.Module):
     layer_list: bool = False  # True: params hold layer_0... (not a stacked "layers"); with a cache only
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, adapter_select=None):
         cfg = self.cfg
         batch, seq = tokens.shape
         x = Embed(cfg, name="embed")(tokens)
         if cache is not None:
-            return self._cached(x, positions, cache)
+            return self._cached(x, positions, cache, adapter_select)
         index = jnp.arange(seq)[None]  # [1, seq]
         if positions is None:
             positions = jnp.broadcast_to(index, (batch, seq))
@@ -139,11 +143,12 @@ class Transformer(nn.Module):
         if segment_ids is not None:
             attn.update(q_seg=segment_ids, k_seg=segment_ids)
         valid = jnp.ones((batch, seq), bool) if segment_ids is None else segment_ids != 0
-        x, stats = _layer_stack(cfg)(cfg, lora=self.lora, name="layers")(x, cos, sin, attn, valid)
+        layers = _layer_stack(cfg)(cfg, lora=self.lora, name="layers")
+        x, stats = layers(x, cos, sin, attn, valid, adapter_select)
         x = RMSNorm(cfg, name="final_norm")(x)
         return (LMHead(cfg, name="lm_head")(x) if self.head else x), stats
 
-    def _cached(self, x, positions, cache):
+    def _cached(self, x, positions, cache, select):
         cfg = self.cfg
         attn, new_pos, new_end, append = kv_cache.plan_write(cache, positions, cfg.sliding_window)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), cfg.resolved_head_dim, cfg.rope_theta)
@@ -152,12 +157,12 @@ class Transformer(nn.Module):
             outs = []
             for i in range(cfg.n_layers):
                 layer = DecoderLayer(cfg, append, self.lora, name=f"layer_{i}")
-                x, out = layer(x, cos, sin, attn, valid, {"k": cache["k"][i], "v": cache["v"][i]})
+                x, out = layer(x, cos, sin, attn, valid, select, {"k": cache["k"][i], "v": cache["v"][i]})
                 outs.append(out)
             stats = jax.tree_util.tree_map(lambda *s: jnp.stack(s), *[s for s, _ in outs])
             kv = {name: tuple(layer_kv[name] for _, layer_kv in outs) for name in ("k", "v")}
         else:
             layers = _layer_stack(cfg, cached=True)(cfg, append, self.lora, name="layers")
-            x, (stats, kv) = layers(x, cos, sin, attn, valid, {"k": cache["k"], "v": cache["v"]})
+            x, (stats, kv) = layers(x, cos, sin, attn, valid, select, {"k": cache["k"], "v": cache["v"]})
         x = RMSNorm(cfg, name="final_norm")(x)
         return LMHead(cfg, name="lm_head")(x), stats, {**kv, "pos": new_pos, "end": new_end}

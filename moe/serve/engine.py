@@ -15,6 +15,10 @@ other rows keep decoding. A row's tokens depend only on its own prompt, sampling
 and seed: greedy output equals `moe.infer.generate` on that prompt alone. Sampling settings
 are per row (temperature 0 is greedy; top-k 0 and top-p 1 are off), drawn with the key
 (seed, 0) folded with the step, as `generate` draws a lone prompt's.
+
+Each request names its adapter or the base (moe/serve/adapters.py): a step with an adapter
+row runs the bank's params, with each row's selector; a step without one runs the base
+alone. That makes four programs once adapters are served, still none per request.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 from moe.config import ModelConfig
 from moe.model import kv_cache
 from moe.model.transformer import Transformer
+from moe.serve.adapters import Adapter, bank
 
 PREFILL_CHUNK = 64  # prompt tokens per prefill step: what a long prompt delays the other rows by
 TOP_LOGPROBS = 20  # alternatives computed per position (OpenAI's most)
@@ -52,6 +57,7 @@ class Request:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
+    adapter: str | None = None  # a served adapter's name; None: the base
     on_token: Callable | None = None  # (request, token, logprob, top ids, top logprobs)
     on_done: Callable | None = None  # (request)
     prompt_logprobs: bool = False
@@ -91,16 +97,20 @@ def _scores(logits_nv, next_n, want_top=True):
     return jnp.take_along_axis(logp, next_n[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_chunk(cfg: ModelConfig, params, cache, row, tokens_c, next_c, start, n_valid, empty_first, want_top):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _prefill_chunk(
+    cfg: ModelConfig, lora, params, cache, select, row, tokens_c, next_c, start, n_valid, empty_first, want_top
+):
     """Run prompt tokens [start, start + n_valid) of row `row` (tokens_c: [C], padded) into
     the cache; returns (cache, last logits [vocab], scores of next_c: the prompt's tokens
-    one further on). empty_first: the row's cache is emptied first (a new request)."""
+    one further on). empty_first: the row's cache is emptied first (a new request).
+    lora, select [1, rank]: the adapter bank's view and the row's columns (None: the base)."""
     part = _row(cache, row)
     part = {**part, "pos": jnp.where(empty_first, -1, part["pos"]), "end": jnp.where(empty_first, 0, part["end"])}
     index = jnp.arange(tokens_c.shape[0])
     positions = jnp.where(index < n_valid, start + index, -1)[None]
-    logits, _, part = Transformer(cfg).apply({"params": params}, tokens_c[None], positions, cache=part)
+    model = Transformer(cfg, lora=lora)
+    logits, _, part = model.apply({"params": params}, tokens_c[None], positions, cache=part, adapter_select=select)
     logits = logits[0]  # [C, vocab]
     last = logits[jnp.maximum(n_valid - 1, 0)]
     return _put_row(cache, part, row), last, _scores(logits, next_c, want_top)
@@ -146,13 +156,15 @@ def _first_token(last_v, temperature, top_k, top_p, seed):
     return nxt, _scores(logits, nxt)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode_step(cfg: ModelConfig, params, cache, tokens_b, active_b, sampling_b, want_top):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _decode_step(cfg: ModelConfig, lora, params, cache, select, tokens_b, active_b, sampling_b, want_top):
     """One token for every active row: (cache, next [batch], scores of next). sampling_b:
-    (temperature, top_k, top_p, seed, step) per row; want_top: some row wants alternatives."""
+    (temperature, top_k, top_p, seed, step) per row; want_top: some row wants alternatives;
+    select [batch, rank]: each row's adapter columns (None, with lora None: the base alone)."""
     temperature_b, top_k_b, top_p_b, seeds_b, steps_b = sampling_b
     positions = jnp.where(active_b, cache["end"], -1)[:, None]
-    logits, _, cache = Transformer(cfg).apply({"params": params}, tokens_b[:, None], positions, cache=cache)
+    model = Transformer(cfg, lora=lora)
+    logits, _, cache = model.apply({"params": params}, tokens_b[:, None], positions, cache=cache, adapter_select=select)
     logits = logits[:, 0]
     nxt = _sample_rows(logits, temperature_b, top_k_b, top_p_b, _keys(seeds_b, steps_b))
     return cache, nxt, _scores(logits, nxt, want_top)
@@ -162,10 +174,14 @@ class Engine:
     """The decode rows, their cache and the waiting requests; `step()` advances them once,
     `start()` steps in a background thread until `stop()`."""
 
-    def __init__(self, cfg: ModelConfig, params, rows: int = 8, max_seq_len: int | None = None):
+    def __init__(
+        self, cfg: ModelConfig, params, rows: int = 8, max_seq_len: int | None = None, adapters: list[Adapter] = ()
+    ):
         if rows < 1:
             raise EngineError(f"--max-batch must be >= 1, got {rows}")
         self.cfg, self.params, self.rows = cfg, params, rows
+        self.bank = bank(params, list(adapters), cfg.param_dtype) if adapters else None
+        self.adapters = [a.name for a in adapters]
         self.max_seq_len = max_seq_len or cfg.max_seq_len
         if cfg.sliding_window is None and self.max_seq_len > cfg.max_seq_len:
             raise EngineError(
@@ -183,13 +199,15 @@ class Engine:
         self._stop, self._wake, self._thread = threading.Event(), threading.Event(), None
 
     # ---- requests
-    def check(self, prompt: list[int], max_tokens: int) -> None:
+    def check(self, prompt: list[int], max_tokens: int, adapter: str | None = None) -> None:
         if not prompt:
             raise EngineError("the prompt is empty; give at least one token")
         if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
             raise EngineError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
         if max_tokens < 0:
             raise EngineError(f"max_tokens must be >= 0, got {max_tokens}")
+        if adapter is not None and adapter not in self.adapters:
+            raise EngineError(f"no adapter named {adapter!r}; this server has {self.adapters or 'none'}")
         if self.cfg.sliding_window is None and len(prompt) + max_tokens > self.max_seq_len:
             raise EngineError(
                 f"the prompt's {len(prompt)} tokens plus max_tokens {max_tokens} exceed this model's context of "
@@ -198,7 +216,7 @@ class Engine:
             )
 
     def submit(self, request: Request) -> Request:
-        self.check(request.prompt, request.max_tokens)
+        self.check(request.prompt, request.max_tokens, request.adapter)
         self.waiting.put(request)
         self._wake.set()
         return request
@@ -268,8 +286,20 @@ class Engine:
         tokens[:n] = request.prompt[start : start + n]
         ahead = request.prompt[start + 1 : start + 1 + n]
         following[: len(ahead)] = ahead
+        lora, params, select = self._weights([request.adapter])
         self.cache, last, scores = _prefill_chunk(
-            self.cfg, self.params, self.cache, r, tokens, following, start, n, self.fresh[r], request.prompt_logprobs
+            self.cfg,
+            lora,
+            params,
+            self.cache,
+            select,
+            r,
+            tokens,
+            following,
+            start,
+            n,
+            self.fresh[r],
+            request.prompt_logprobs,
         )
         self.fresh[r], self.filled[r] = False, start + n
         if request.prompt_logprobs:
@@ -298,13 +328,21 @@ class Engine:
         top_k, seeds, steps = sampling[1].astype(np.int32), sampling[3].astype(np.uint32), sampling[4].astype(np.uint32)
         tokens = np.asarray(self.last, np.int32)
         want_top = any(self.occupant[r].top_logprobs for r in rows)
+        lora, params, select = self._weights([q.adapter if q is not None else None for q in self.occupant])
+        sampling = (temperature, top_k, top_p, seeds, steps)
         self.cache, nxt, scores = _decode_step(
-            self.cfg, self.params, self.cache, tokens, active, (temperature, top_k, top_p, seeds, steps), want_top
+            self.cfg, lora, params, self.cache, select, tokens, active, sampling, want_top
         )
         nxt, (lp, ids, top) = np.asarray(nxt), (np.asarray(a) for a in scores)
         for r in rows:
             self._emit(r, int(nxt[r]), lp[r], ids[r], top[r])
         return True
+
+    def _weights(self, adapters: list[str | None]):
+        """(lora view, params, selector) for rows of these adapters: the base alone when none has one."""
+        if all(a is None for a in adapters):
+            return None, self.params, None
+        return self.bank.lora, self.bank.params, self.bank.select(adapters)
 
     def _emit(self, r: int, token: int, logprob, top_ids, top_logprobs) -> None:
         request = self.occupant[r]

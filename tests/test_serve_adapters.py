@@ -1,0 +1,150 @@
+"""LoRA adapters served unmerged: rows of different adapters and of the base in one step,
+each equal to its merged model; LoRA runs, PEFT folders (peft's own and both transformers
+layouts) and quantized bases."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from moe import config as config_lib
+from moe import model as M
+from moe.checkpoint.params import save_params
+from moe.config import LoRAConfig
+from moe.infer import generate
+from moe.model import lora as lora_lib
+from moe.model.transformer import Transformer
+from moe.quant.params import quantize_params
+from moe.serve import adapters as adapters_lib
+from moe.serve.engine import Engine, EngineError, Request
+
+from helpers import tiny_model
+from test_lora import lora_params
+
+ONE = LoRAConfig(rank=4, alpha=8.0, targets=("q", "v", "mlp", "gate"))
+TWO = LoRAConfig(rank=2, alpha=3.0, rslora=True, targets=("k", "o", "w2"))
+
+
+def split(params):
+    flat = traverse_util.flatten_dict(params)
+    pick = lambda adapter: traverse_util.unflatten_dict(  # noqa: E731
+        {p: v for p, v in flat.items() if lora_lib.is_adapter(p) == adapter}
+    )
+    return pick(False), pick(True)
+
+
+def trained(cfg, lora, seed):
+    """(base, adapters): a random base and adapters whose B has trained."""
+    return split(lora_params(cfg, lora, seed=seed))
+
+
+def save_run(path, model, lora, adapters, init_from="base", quant=None):
+    cfg = config_lib.Config(
+        model=model,
+        lora=lora,
+        quant=config_lib.QuantConfig(base=quant),
+        train=config_lib.TrainConfig(seq_len=32, init_from=init_from),
+    )
+    save_params(path / "checkpoints" / "1" / "params", adapters)
+    (path / "config.yaml").write_text(config_lib.dump(cfg))
+    return path
+
+
+def merged(base, adapters, lora):
+    flat = {**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(adapters)}
+    return lora_lib.merge(traverse_util.unflatten_dict(flat), lora)
+
+
+@pytest.fixture(scope="module", params=["moe", "dense"])
+def served(request, tmp_path_factory):
+    """A base, two LoRA runs over it, and each merged."""
+    n_experts = 4 if request.param == "moe" else 0
+    cfg = tiny_model(n_experts=n_experts, top_k=2 if n_experts else 0, max_seq_len=96)
+    one = ONE if n_experts else dataclasses.replace(ONE, targets=("q", "v", "mlp"))
+    base, first = trained(cfg, one, seed=0)
+    _, second = trained(cfg, TWO, seed=4)
+    tmp = tmp_path_factory.mktemp("adapters")
+    runs = {"one": save_run(tmp / "one", cfg, one, first), "two": save_run(tmp / "two", cfg, TWO, second)}
+    loaded = [adapters_lib.load(name, path, cfg, base) for name, path in runs.items()]
+    return cfg, base, loaded, {"one": merged(base, first, one), "two": merged(base, second, TWO), None: base}
+
+
+def run_all(engine, requests):
+    for r in requests:
+        engine.submit(r)
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+    return [r.tokens for r in requests]
+
+
+def test_bank_rows_equal_their_merged_models_in_every_dispatch_path(served):
+    cfg, base, loaded, models = served
+    bank = adapters_lib.bank(base, loaded, "float32")
+    names = ["one", None, "two"]
+    tokens = jax.random.randint(jax.random.key(3), (3, 9), 0, cfg.vocab_size)
+    expected = np.concatenate([M.apply(cfg, models[n], tokens[i : i + 1])[0] for i, n in enumerate(names)])
+    for dispatch in ("grouped", "dense", "sorted", "gather") if cfg.is_moe else ("grouped",):
+        model = Transformer(dataclasses.replace(cfg, moe_dispatch=dispatch), lora=bank.lora)
+        out, _ = model.apply({"params": bank.params}, tokens, adapter_select=jnp.asarray(bank.select(names)))
+        np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, err_msg=dispatch)
+
+
+def test_two_adapters_and_the_base_in_one_batch_each_equal_their_merged_model(served):
+    cfg, base, loaded, models = served
+    rng = np.random.default_rng(0)
+    prompts = [[1, *rng.integers(2, 97, size=n).tolist()] for n in (5, 70, 12, 3, 40, 9)]
+    names = ["one", None, "two", "two", "one", None]
+    engine = Engine(cfg, base, rows=3, max_seq_len=96, adapters=loaded)
+    requests = [Request(p, max_tokens=10, adapter=n) for p, n in zip(prompts, names)]
+    served_tokens = run_all(engine, requests)
+    for tokens, prompt, name in zip(served_tokens, prompts, names):
+        assert tokens == generate(cfg, models[name], [prompt], 10)[0], name
+    compiled = engine.compiles()  # base-only and mixed steps both compiled by now
+    run_all(engine, [Request(p, max_tokens=4, adapter=n) for p, n in zip(prompts[::-1], names)])
+    assert engine.compiles() == compiled
+    with pytest.raises(EngineError, match="no adapter named 'three'"):
+        engine.submit(Request([1, 2], max_tokens=1, adapter="three"))
+
+
+def test_a_quantized_base_serves_adapters_as_its_dequantized_merge(served):
+    """QLoRA: the base stays 4-bit, the adapter rows equal the adapter merged into the
+    dequantized base (what `moe lora merge` writes for a QLoRA run)."""
+    cfg, base, loaded, _ = served
+    quantized = quantize_params(base, "nf4")
+    dequantized = jax.tree_util.tree_map(
+        lambda w: w.dequantize() if hasattr(w, "dequantize") else w,
+        quantized,
+        is_leaf=lambda w: hasattr(w, "dequantize"),
+    )
+    one = loaded[0]
+    prompts = [[1, 5, 9, 33, 2], [1, 70, 3]]
+    engine = Engine(cfg, quantized, rows=2, max_seq_len=96, adapters=[one])
+    got = run_all(engine, [Request(p, max_tokens=8, adapter="one") for p in prompts])
+    bank = adapters_lib.bank(dequantized, [one], "float32")
+    ref = lora_lib.merge(bank.params, bank.lora)
+    assert got == generate(cfg, ref, prompts, 8, batch_size=2)
+    assert ref is not None and not np.array_equal(
+        np.asarray(traverse_util.flatten_dict(ref)[("layers", "attn", "q")]),
+        np.asarray(traverse_util.flatten_dict(dequantized)[("layers", "attn", "q")]),
+    )
+
+
+def test_bad_adapters_are_refused_with_the_fix(served, tmp_path):
+    cfg, base, _, _ = served
+    with pytest.raises(adapters_lib.AdapterError, match="no such directory"):
+        adapters_lib.load("x", tmp_path / "missing", cfg, base)
+    plain = tmp_path / "plain"
+    save_run(plain, cfg, LoRAConfig(), base)
+    with pytest.raises(adapters_lib.AdapterError, match="not a LoRA run"):
+        adapters_lib.load("x", plain, cfg, base)
+    other = tiny_model(n_experts=cfg.n_experts, top_k=cfg.top_k, d_model=48, max_seq_len=96)
+    _, wide = trained(other, TWO, seed=1)
+    with pytest.raises(adapters_lib.AdapterError, match="the served weight is"):
+        adapters_lib.load("x", save_run(tmp_path / "wide", other, TWO, wide), cfg, base)
+    if cfg.is_moe:
+        router = dataclasses.replace(TWO, train_router=True)
+        with pytest.raises(adapters_lib.AdapterError, match="whole router"):
+            adapters_lib.load("x", save_run(tmp_path / "router", cfg, router, wide), cfg, base)

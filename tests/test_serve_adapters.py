@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_lora import lora_params
 
 from moe import config as config_lib
 from moe import model as M
@@ -22,7 +23,6 @@ from moe.serve import adapters as adapters_lib
 from moe.serve.engine import Engine, EngineError, Request
 
 from helpers import tiny_model
-from test_lora import lora_params
 
 ONE = LoRAConfig(rank=4, alpha=8.0, targets=("q", "v", "mlp", "gate"))
 TWO = LoRAConfig(rank=2, alpha=3.0, rslora=True, targets=("k", "o", "w2"))
@@ -148,3 +148,97 @@ def test_bad_adapters_are_refused_with_the_fix(served, tmp_path):
         router = dataclasses.replace(TWO, train_router=True)
         with pytest.raises(adapters_lib.AdapterError, match="whole router"):
             adapters_lib.load("x", save_run(tmp_path / "router", cfg, router, wide), cfg, base)
+
+
+def _prompt_logprobs(engine, prompt, adapter):
+    request = Request(prompt, max_tokens=0, prompt_logprobs=True, adapter=adapter)
+    run_all(engine, [request])
+    return np.asarray([s[0] for s in request.prompt_scores])
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_with_peft_on_hf_mixtral_serves_peft_s_logprobs(tmp_path):
+    """peft's own folder (fused experts, router, attention with a rank_pattern): the
+    served adapter's prompt log-probabilities equal PeftModel's, the base rows the base's."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from moe.convert.hf import load_hf
+
+    from hf_models import make_hf
+
+    hf_dir = make_hf(tmp_path, "mixtral")
+    torch.manual_seed(0)
+    peft_config = PeftLoraConfig(
+        r=4,
+        lora_alpha=6,
+        target_modules=["q_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
+        rank_pattern={"o_proj": 2},
+        init_lora_weights=False,  # random B: an adapter that has trained
+    )
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir), peft_config)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model, params = load_hf(hf_dir)
+    adapter = adapters_lib.load("peft", tmp_path / "peft", model, params)
+    engine = Engine(model, params, rows=2, max_seq_len=64, adapters=[adapter])
+    prompt = np.random.default_rng(2).integers(0, model.vocab_size, 20).tolist()
+    with torch.no_grad():
+        logits = peft_model(torch.tensor([prompt])).logits[0]
+        theirs = torch.log_softmax(logits, -1).numpy()[np.arange(19), prompt[1:]]
+        with peft_model.disable_adapter():
+            base = torch.log_softmax(peft_model(torch.tensor([prompt])).logits[0], -1).numpy()[
+                np.arange(19), prompt[1:]
+            ]
+    assert not np.allclose(theirs, base, atol=1e-2)
+    np.testing.assert_allclose(_prompt_logprobs(engine, prompt, "peft"), theirs, atol=1e-4)
+    np.testing.assert_allclose(_prompt_logprobs(engine, prompt, None), base, atol=1e-4)
+
+
+def test_transformers_4_per_expert_modules_read_as_the_fused_layout(tmp_path):
+    """The same adapter written both ways (transformers 5's fused experts, as `moe lora
+    export` writes it, and transformers 4's block_sparse_moe.experts.E.w1 modules) reads to
+    the same weight deltas A B."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from moe.tune import peft_export, peft_import
+
+    cfg = tiny_model(n_experts=4, top_k=2)
+    _, adapters = trained(cfg, dataclasses.replace(ONE, targets=("q", "mlp")), seed=2)
+    run_cfg = config_lib.Config(model=cfg, lora=dataclasses.replace(ONE, targets=("q", "mlp")))
+    fused = peft_export.export(run_cfg, adapters, tmp_path / "fused")
+    tensors, old = load_file(str(fused / "adapter_model.safetensors")), {}
+    e, f = cfg.n_experts, cfg.d_ff
+    for key, value in tensors.items():
+        if ".mlp.experts" not in key:
+            old[key] = value
+        elif key.endswith("lora_A.weight"):
+            layer = key.split(".layers.")[1].split(".")[0]
+            prefix = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts"
+            gate_up = ".base_layer." in key
+            a = value.reshape(e, -1, value.shape[-1])  # [E, R, in]
+            b = tensors[key.replace("lora_A", "lora_B")]
+            b = b.reshape(b.shape[0], -1, e)  # [out, R, E]
+            for x in range(e):
+                blocks = {"w1": b[:f, :, x], "w3": b[f:, :, x]} if gate_up else {"w2": b[:, :, x]}
+                for name, b_x in blocks.items():
+                    old[f"{prefix}.{x}.{name}.lora_A.weight"] = np.ascontiguousarray(a[x])
+                    old[f"{prefix}.{x}.{name}.lora_B.weight"] = np.ascontiguousarray(b_x)
+    (tmp_path / "old").mkdir()
+    save_file(old, str(tmp_path / "old" / "adapter_model.safetensors"))
+    config = json.loads((fused / "adapter_config.json").read_text())
+    widths = {name: 2 * ONE.rank for name in ("w1", "w3")}  # w1 and w3 keep gate_up's shared A, of rank 2r
+    old_config = {**config, "rank_pattern": widths, "alpha_pattern": widths}
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(old_config))
+    delta = lambda pairs: {k: np.einsum("l...ir,l...ro->l...io", *v) for k, v in pairs.items()}  # noqa: E731
+    want, got = delta(peft_import.read(fused, cfg)), delta(peft_import.read(tmp_path / "old", cfg))
+    assert sorted(want) == sorted(got) == [("layers", "attn", "q"), *(("layers", "moe", w) for w in ("w1", "w2", "w3"))]
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=str(key))
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({**old_config, "use_dora": True}))
+    with pytest.raises(peft_import.PeftError, match="DoRA"):
+        peft_import.read(tmp_path / "old", cfg)

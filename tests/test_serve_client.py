@@ -2,6 +2,7 @@
 generate's under concurrency, streaming, logprobs, errors, disconnects, load, SIGTERM."""
 
 import concurrent.futures
+import dataclasses
 import signal
 import threading
 import time
@@ -11,12 +12,15 @@ import jax
 import numpy as np
 import openai
 import pytest
+from test_serve_adapters import ONE, TWO, save_run, trained
+from test_serve_adapters import merged as merged_model
 
 from moe import config as config_lib
 from moe import model as M
 from moe.checkpoint.params import save_params
 from moe.data import tokenizer as tokenizer_lib
 from moe.infer import generate
+from moe.tune import peft_export
 
 from helpers import ROOT, start_server, tiny_model
 
@@ -31,14 +35,22 @@ def server(tmp_path_factory):
         train=config_lib.TrainConfig(seq_len=64),
     )
     params = M.init(cfg.model, jax.random.key(5))
-    folder = tmp_path_factory.mktemp("serve") / "tiny"
+    root = tmp_path_factory.mktemp("serve")
+    folder = root / "tiny"
     folder.mkdir()
     save_params(folder / "params", params)
     (folder / "config.yaml").write_text(config_lib.dump(cfg))
-    flags = ["--max-batch", "4", "--tokenizer", TOKENIZER, "--api-key", "k", "--grace-period", "20"]
+    merged, adapter_flags = {"tiny": params}, []
+    for seed, (name, lora) in enumerate([("run", ONE), ("peft", TWO)]):  # a LoRA run, and one exported for peft
+        _, adapters = trained(cfg.model, lora, seed)
+        run = save_run(root / name, cfg.model, lora, adapters, init_from=str(folder))
+        path = run if name == "run" else peft_export.export(dataclasses.replace(cfg, lora=lora), adapters, root / "pf")
+        adapter_flags += ["--adapter", f"{name}={path}"]
+        merged[name] = merged_model(params, adapters, lora)
+    flags = ["--max-batch", "4", "--tokenizer", TOKENIZER, "--api-key", "k", "--grace-period", "20", *adapter_flags]
     process, url = start_server(folder, *flags)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=120)
-    yield cfg.model, params, tokenizer_lib.load(TOKENIZER), client, url, process
+    yield cfg.model, params, tokenizer_lib.load(TOKENIZER), client, url, process, merged
     if process.poll() is None:
         process.kill()
 
@@ -53,7 +65,7 @@ def compiled(url) -> float:
 
 
 def test_concurrent_requests_each_equal_generate_and_nothing_recompiles(server):
-    cfg, params, sp, client, url, _ = server
+    cfg, params, sp, client, url, _, _ = server
     client.completions.create(model="tiny", prompt="warm up", max_tokens=2, temperature=0)
     before = compiled(url)
     rng = np.random.default_rng(0)
@@ -75,8 +87,28 @@ def test_concurrent_requests_each_equal_generate_and_nothing_recompiles(server):
     assert compiled(url) == before
 
 
+def test_adapters_and_the_base_mixed_each_equal_their_merged_model(server):
+    """A LoRA run and a PEFT folder served unmerged beside the base, requests of all three
+    at once: each answer is its merged model's."""
+    cfg, _, sp, client, _, _, merged = server
+    assert [m.id for m in client.models.list().data] == ["tiny", "run", "peft"]
+    rng = np.random.default_rng(1)
+    prompts = [[1, *rng.integers(3, 4096, size=int(n)).tolist()] for n in rng.integers(1, 60, size=9)]
+    names = ["tiny", "run", "peft"] * 3
+
+    def ask(i):
+        return client.completions.create(model=names[i], prompt=prompts[i], max_tokens=12, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        answers = list(pool.map(ask, range(9)))
+    for prompt, name, answer in zip(prompts, names, answers):
+        expected = generate(cfg, merged[name], [prompt], 12)[0]
+        assert answer.model == name
+        assert answer.choices[0].text == sp.decode([t for t in expected if t != cfg.eos_id]), name
+
+
 def test_streams_chat_and_logprobs(server):
-    cfg, params, sp, client, _, _ = server
+    cfg, params, sp, client, _, _, _ = server
     whole = client.completions.create(model="tiny", prompt="def parse(", max_tokens=16, temperature=0)
     stream = client.completions.create(model="tiny", prompt="def parse(", max_tokens=16, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
@@ -96,7 +128,7 @@ def test_streams_chat_and_logprobs(server):
 
 
 def test_bad_input_gets_its_status_and_the_server_goes_on(server):
-    _, _, _, client, url, _ = server
+    _, _, _, client, url, _, _ = server
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=500)
     with pytest.raises(openai.BadRequestError):
@@ -109,7 +141,7 @@ def test_bad_input_gets_its_status_and_the_server_goes_on(server):
 
 
 def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
-    _, _, _, _, url, _ = server
+    _, _, _, _, url, _, _ = server
     body = {"model": "tiny", "prompt": "x", "max_tokens": 120, "stream": True, "temperature": 0}
     before = metric(url, "moe_generated_tokens")
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"}) as r:
@@ -123,7 +155,7 @@ def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
 
 
 def test_200_requests_from_32_clients_none_lost_then_sigterm_drains(server):
-    _, _, _, client, url, process = server
+    _, _, _, client, url, process, _ = server
 
     def ask(i):
         return client.completions.create(model="tiny", prompt=f"request {i}", max_tokens=3, seed=i).usage

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from moe.data import chat
 from moe.serve import openai as api
-from moe.serve.engine import Engine, EngineError
+from moe.serve.engine import ContextLengthError, Engine, EngineError
 from moe.serve.engine import Request as EngineRequest
 from moe.serve.metrics import Metrics
 
@@ -78,10 +78,16 @@ class Server:
             self.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_id:
-            message = f"model {name!r} does not exist; this server serves {self.model_id!r}"
+    def model_ids(self) -> list[str]:
+        """The base's id, then every adapter's name (a request's `model` picks one)."""
+        return [self.model_id, *self.engine.adapters]
+
+    def adapter_of(self, name: str) -> str | None:
+        """The adapter a request's model names (None: the base); 404 for any other name."""
+        if name not in self.model_ids():
+            message = f"model {name!r} does not exist; this server serves {self.model_ids()}"
             raise api.APIError(404, message, code="model_not_found")
+        return None if name == self.model_id else name
 
     def start(
         self, prompt: list[int], body: api.Sampling, max_tokens: int, index: int, scores: bool, top: bool
@@ -89,16 +95,18 @@ class Server:
         """Submit one choice's request; the engine thread reports to its asyncio queue."""
         choice, loop = Choice(self.sp, prompt, body.stops()), asyncio.get_running_loop()
         seed = (body.seed if body.seed is not None else time.monotonic_ns() % 2**31) + index
-        request = EngineRequest(
-            prompt, max_tokens, body.temperature, body.top_k, body.top_p, seed, prompt_logprobs=scores
-        )
+        adapter = self.adapter_of(body.model)
+        request = EngineRequest(prompt, max_tokens, body.temperature, body.top_k, body.top_p, seed, adapter)
+        request.prompt_logprobs = scores
         request.top_logprobs = top
         request.on_token = lambda *a: choice.on_token(loop, *a)
         request.on_done = lambda r: choice.on_done(loop, r)
         try:
             choice.request = self.engine.submit(request)
+        except ContextLengthError as e:
+            raise api.APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
         except EngineError as e:
-            raise api.APIError(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt") from None
+            raise api.APIError(400, str(e), param="prompt") from None
         return choice
 
     async def finished(self, choices: list[Choice], http: Request) -> None:
@@ -139,7 +147,7 @@ class Server:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def completions(self, body: api.CompletionRequest, http: Request):
-        self.check_model(body.model)
+        self.adapter_of(body.model)
         prompts = _prompts(body.prompt, self.sp)
         if body.max_tokens == 0 and not body.echo:
             raise api.APIError(400, "max_tokens 0 returns nothing without echo", param="max_tokens")
@@ -149,13 +157,13 @@ class Server:
         choices = [self.start(p, body, body.max_tokens, i, scores, top) for i, p in enumerate(every)]
         request_id = api.new_id("cmpl")
         if body.stream:
-            return self.stream(choices, lambda i, text, end: _completion_chunk(request_id, self.model_id, i, text, end))
+            return self.stream(choices, lambda i, text, end: _completion_chunk(request_id, body.model, i, text, end))
         await self.finished(choices, http)
         out = [_completion_choice(c, i, body, self.sp) for i, c in enumerate(choices)]
-        return api.envelope("text_completion", request_id, self.model_id, out, _usage(choices))
+        return api.envelope("text_completion", request_id, body.model, out, _usage(choices))
 
     async def chat_completions(self, body: api.ChatRequest, http: Request):
-        self.check_model(body.model)
+        self.adapter_of(body.model)
         if body.messages[-1].role != "user":
             raise api.APIError(400, "the last message must be the user's", param="messages")
         try:
@@ -168,7 +176,7 @@ class Server:
         choices = [self.start(prompt, body, limit, i, False, top) for i in range(body.n)]
         request_id = api.new_id("chatcmpl")
         if body.stream:
-            return self.stream(choices, lambda i, text, end: _chat_chunk(request_id, self.model_id, i, text, end))
+            return self.stream(choices, lambda i, text, end: _chat_chunk(request_id, body.model, i, text, end))
         await self.finished(choices, http)
         top, text_of = body.top_logprobs or 0, _token_text(self.sp)
         out = [
@@ -180,7 +188,7 @@ class Server:
             }
             for i, c in enumerate(choices)
         ]
-        return api.envelope("chat.completion", request_id, self.model_id, out, _usage(choices))
+        return api.envelope("chat.completion", request_id, body.model, out, _usage(choices))
 
 
 def create_app(engine: Engine, sp, tokenizer: str, model_id: str, api_key: str | None = None) -> FastAPI:
@@ -204,7 +212,8 @@ def create_app(engine: Engine, sp, tokenizer: str, model_id: str, api_key: str |
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "moe"}]}
+        entry = lambda name: {"id": name, "object": "model", "created": 0, "owned_by": "moe", "root": model_id}  # noqa: E731
+        return {"object": "list", "data": [entry(name) for name in server.model_ids()]}
 
     return app
 

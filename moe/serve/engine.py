@@ -47,6 +47,10 @@ class EngineError(ValueError):
     """A request the engine cannot run; the message says what and how to fix it."""
 
 
+class ContextLengthError(EngineError):
+    """The prompt and max_tokens do not fit the context of a model without a window."""
+
+
 @dataclasses.dataclass
 class Request:
     """One generation; the engine thread fills tokens and calls on_token / on_done."""
@@ -209,7 +213,7 @@ class Engine:
         if adapter is not None and adapter not in self.adapters:
             raise EngineError(f"no adapter named {adapter!r}; this server has {self.adapters or 'none'}")
         if self.cfg.sliding_window is None and len(prompt) + max_tokens > self.max_seq_len:
-            raise EngineError(
+            raise ContextLengthError(
                 f"the prompt's {len(prompt)} tokens plus max_tokens {max_tokens} exceed this model's context of "
                 f"{self.max_seq_len} tokens; shorten the prompt or ask for at most "
                 f"{max(self.max_seq_len - len(prompt), 0)} tokens"

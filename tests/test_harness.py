@@ -87,3 +87,36 @@ def test_moe_eval_tasks_writes_lm_evals_results(models, monkeypatch, capsys, tmp
     assert 0 <= results["acc,none"] <= 1 and "pick_word" in capsys.readouterr().out
     bad = ["eval", str(root / "converted"), "--tasks", "no_such_task", "--tokenizer", str(TOKENIZER)]
     assert cli.main(bad) == 1 and "unknown task" in capsys.readouterr().err
+
+
+def test_local_completions_against_moe_serve_gives_the_same_metrics(models, monkeypatch):
+    """lm-eval's own OpenAI-completions client (`local-completions`) scoring `moe serve`:
+    echo + logprobs for the choices, stop strings for generation; the metrics are ours."""
+    from helpers import start_server
+
+    root, ours, _ = models
+    monkeypatch.chdir(TASKS)
+    manager = TaskManager(include_path=str(TASKS))
+    tasks = ["pick_word", "finish_line"]
+    process, url = start_server(root / "converted", "--tokenizer", str(TOKENIZER), "--max-batch", "4")
+    try:
+        model_args = {
+            "base_url": f"{url}/v1/completions",
+            "model": "converted",
+            "tokenizer": str(root / "hf"),  # the folder `moe convert to-hf` writes: the same tokens as ours
+            "tokenizer_backend": "huggingface",
+            "add_bos_token": True,
+            "max_length": 64,
+            "num_concurrent": 4,
+        }
+        served = evaluator.simple_evaluate(
+            model="local-completions", model_args=model_args, tasks=tasks, task_manager=manager
+        )
+    finally:
+        process.kill()
+    process.wait()
+    mine = evaluator.simple_evaluate(model=ours, tasks=tasks, task_manager=manager)["results"]
+    for task in tasks:
+        for metric, value in mine[task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert served["results"][task][metric] == pytest.approx(value, abs=1e-6), (task, metric)

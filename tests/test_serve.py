@@ -127,8 +127,36 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, path, bod
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
+    if body.get("max_tokens") == 95:  # OpenAI's code for a request beyond the context
+        assert error["code"] == "context_length_exceeded"
     ok = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+class _Loop:
+    def call_soon_threadsafe(self, fn, *args):
+        pass
+
+
+def test_text_grown_a_token_at_a_time_equals_decoding_the_whole_answer():
+    """Choice decodes only the newest tokens; across spaces, line breaks and characters
+    spelled in several byte tokens its text and pieces are the whole answer's decoding."""
+    from moe.serve.app import Choice
+
+    sp = tokenizer_lib.load(TOKENIZER)
+    bytes_ = [sp.piece_to_id(f"<0x{b:02X}>") for b in "é€😀".encode()]
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        tokens = rng.integers(3, sp.get_piece_size(), size=40).tolist()
+        at = int(rng.integers(0, 40))
+        tokens[at:at] = bytes_[: 2 + 7 * (trial % 2)]  # trials end or break inside a character too
+        choice, request = Choice(sp, [1], []), type("R", (), {"tokens": []})()
+        for token in tokens:
+            request.tokens.append(token)
+            choice.on_token(_Loop(), request, token, 0.0, None, None)
+        choice.on_done(_Loop(), request)
+        assert choice.text == sp.decode(tokens) and "".join(choice.pieces) == choice.text
+        assert len(choice.pieces) == len(tokens)
 
 
 def test_metrics_count_requests_tokens_and_latency(served):

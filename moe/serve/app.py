@@ -26,26 +26,51 @@ from moe.serve.metrics import Metrics
 
 
 class Choice:
-    """One engine request and the text it has produced, stop strings applied."""
+    """One engine request and the text it has produced, stop strings applied.
+
+    The text grows by decoding only the tokens since the last complete piece of text, with
+    the token before them for context (sentencepiece drops a leading space at the start of
+    what it decodes): each new token costs a decode of a few tokens, not of the whole answer.
+    """
 
     def __init__(self, sp, prompt: list[int], stops: list[str]):
         self.sp, self.prompt, self.stops = sp, prompt, stops
         self.text, self.sent, self.scores, self.pieces = "", 0, [], []
+        self.raw, self.context, self.read = "", 0, 0  # text before stops; tokens[context:read] decode to raw's tail
         self.events: asyncio.Queue = asyncio.Queue()
         self.request: EngineRequest | None = None
 
+    def _new_text(self, tokens: list[int], final: bool) -> str:
+        """The text tokens[read:] add to the answer; "" while they end inside a character."""
+        known = self.sp.decode(tokens[self.context : self.read])
+        now = self.sp.decode(tokens[self.context :])
+        if len(now) <= len(known) or (now.endswith("\ufffd") and not final):
+            return ""
+        self.context, self.read = self.read, len(tokens)
+        return now[len(known) :]
+
+    def _extend(self, tokens: list[int], final: bool) -> tuple[str, bool]:
+        """Add the new text, cut at the first stop string: (the text added, whether a stop
+        string has appeared)."""
+        before = self.text
+        self.raw += self._new_text(tokens, final)
+        cut = min(
+            (i for i in (self.raw.find(s, max(len(before) - len(s), 0)) for s in self.stops) if i >= 0), default=-1
+        )
+        self.text = self.raw if cut < 0 else self.raw[:cut]
+        return self.text[len(before) :], cut >= 0
+
     def on_token(self, loop, request, token, logprob, top_ids, top_logprobs) -> bool:
         """Engine thread: record the token; True when a stop string has appeared."""
-        before = self.text
-        full = self.sp.decode(request.tokens)
-        cut = min((i for i in (full.find(s, max(len(before) - len(s), 0)) for s in self.stops) if i >= 0), default=-1)
-        self.text = full if cut < 0 else full[:cut]
-        self.pieces.append(full[len(before) :] if cut < 0 else self.text[len(before) :])
+        piece, stopped = self._extend(request.tokens, final=False)
+        self.pieces.append(piece)
         self.scores.append((logprob, top_ids, top_logprobs))
         loop.call_soon_threadsafe(self.events.put_nowait, "token")
-        return cut >= 0
+        return stopped
 
     def on_done(self, loop, request) -> None:
+        if self.pieces and self.read < len(request.tokens) and self.text == self.raw:
+            self.pieces[-1] += self._extend(request.tokens, final=True)[0]  # the answer ends inside a character
         loop.call_soon_threadsafe(self.events.put_nowait, "done")
 
     def fresh_text(self, final: bool) -> str:

@@ -26,6 +26,7 @@ from moe.config import LoRAConfig, ModelConfig
 from moe.convert.hf import NP_DTYPES
 from moe.model.lora import is_adapter, scale
 from moe.tune import peft_import
+from moe.tune.merge import lora_run
 
 # (leading expert dims, input dims) of each adaptable weight, after the layers axis
 SHAPES = {("attn", "o"): (0, 2), ("moe", "w1"): (1, 1), ("moe", "w3"): (1, 1), ("moe", "w2"): (1, 1)}
@@ -44,8 +45,6 @@ class Adapter:
 
 
 def _from_run(path: Path) -> dict:
-    from moe.tune.merge import lora_run
-
     cfg, trained, _ = lora_run(path)
     if cfg.lora.train_router:
         raise AdapterError(

@@ -38,6 +38,8 @@ def run_serve(args) -> int:
     )
     for adapter in adapters:
         logging.info("adapter %r: %s (rank %d)", adapter.name, adapter.path, adapter.rank)
+    logging.info("compiling the engine's programs (%d decode row counts)", len(engine.buckets))
+    engine.warm_up()
     engine.start()
     # uvicorn stops accepting on SIGTERM and lets open requests finish for up to the grace
     # period, then raises the signal again under the handler it found: this one, so a SIGTERM

@@ -160,18 +160,28 @@ def _first_token(last_v, temperature, top_k, top_p, seed):
     return nxt, _scores(logits, nxt)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _decode_step(cfg: ModelConfig, lora, params, cache, select, tokens_b, active_b, sampling_b, want_top):
-    """One token for every active row: (cache, next [batch], scores of next). sampling_b:
-    (temperature, top_k, top_p, seed, step) per row; want_top: some row wants alternatives;
-    select [batch, rank]: each row's adapter columns (None, with lora None: the base alone)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
+def _decode_step(cfg: ModelConfig, lora, n_rows: int, params, cache, select, tokens_b, active_b, sampling_b, want_top):
+    """One token for every active row among the first n_rows: (cache, next [n_rows], scores
+    of next). The rows past n_rows are neither read nor computed (their cache stays as it
+    is). sampling_b: (temperature, top_k, top_p, seed, step) per row; want_top: some row
+    wants alternatives; select [n_rows, rank]: each row's adapter columns (None, with lora
+    None: the base alone)."""
     temperature_b, top_k_b, top_p_b, seeds_b, steps_b = sampling_b
-    positions = jnp.where(active_b, cache["end"], -1)[:, None]
+    part = jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(a, 0, n_rows, axis=1 if a.ndim == 5 else 0), cache)
+    positions = jnp.where(active_b, part["end"], -1)[:, None]
     model = Transformer(cfg, lora=lora)
-    logits, _, cache = model.apply({"params": params}, tokens_b[:, None], positions, cache=cache, adapter_select=select)
+    logits, _, part = model.apply({"params": params}, tokens_b[:, None], positions, cache=part, adapter_select=select)
     logits = logits[:, 0]
     nxt = _sample_rows(logits, temperature_b, top_k_b, top_p_b, _keys(seeds_b, steps_b))
-    return cache, nxt, _scores(logits, nxt, want_top)
+    return _put_row(cache, part, 0), nxt, _scores(logits, nxt, want_top)
+
+
+def row_buckets(rows: int) -> list[int]:
+    """The row counts decode steps are compiled for: 1, 4, 16, ... and `rows`. A step
+    computes the smallest that holds every busy row (requests take the lowest free rows), so
+    a lone request does not pay for the whole batch."""
+    return sorted({min(4**i, rows) for i in range(rows.bit_length())} | {rows})
 
 
 class Engine:
@@ -185,6 +195,7 @@ class Engine:
             raise EngineError(f"--max-batch must be >= 1, got {rows}")
         self.cfg, self.params, self.rows = cfg, params, rows
         self.bank = bank(params, list(adapters), cfg.param_dtype) if adapters else None
+        self.buckets = row_buckets(rows)
         self.adapters = [a.name for a in adapters]
         self.max_seq_len = max_seq_len or cfg.max_seq_len
         if cfg.sliding_window is None and self.max_seq_len > cfg.max_seq_len:
@@ -231,6 +242,45 @@ class Engine:
     def compiles(self) -> int:
         """Programs compiled so far for the engine's functions (constant after warm-up)."""
         return _prefill_chunk._cache_size() + _decode_step._cache_size() + _first_token._cache_size()
+
+    def warm_up(self) -> None:
+        """Compile every program the engine can run (each decode row count, with and without
+        the adapters) with no row busy, which changes nothing in the cache: no request then
+        waits for a compile."""
+        variants = [[None]] + ([[self.adapters[0]]] if self.adapters else [])
+        for names in variants:
+            lora, params, select = self._weights(names * self.rows)
+            for n in self.buckets:
+                sampling = (np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32))
+                sampling += (np.zeros(n, np.uint32), np.zeros(n, np.uint32))
+                self.cache, *_ = _decode_step(
+                    self.cfg,
+                    lora,
+                    n,
+                    params,
+                    self.cache,
+                    None if select is None else select[:n],
+                    np.zeros(n, np.int32),
+                    np.zeros(n, bool),
+                    sampling,
+                    False,
+                )
+            pad = np.zeros(PREFILL_CHUNK, np.int32)
+            self.cache, last, _ = _prefill_chunk(
+                self.cfg,
+                lora,
+                params,
+                self.cache,
+                None if select is None else select[:1],
+                0,
+                pad,
+                pad,
+                0,
+                0,
+                False,
+                False,
+            )
+        _first_token(last, *(np.asarray(v) for v in (0.0, 0, 1.0, 0)))  # as _prefill_one passes a request's
 
     # ---- the loop
     def start(self) -> None:
@@ -334,8 +384,11 @@ class Engine:
         want_top = any(self.occupant[r].top_logprobs for r in rows)
         lora, params, select = self._weights([q.adapter if q is not None else None for q in self.occupant])
         sampling = (temperature, top_k, top_p, seeds, steps)
+        n = next(b for b in self.buckets if b > max(rows))
+        first = lambda a: None if a is None else a[:n]  # noqa: E731
+        sampling = tuple(first(a) for a in sampling)
         self.cache, nxt, scores = _decode_step(
-            self.cfg, lora, params, self.cache, select, tokens, active, sampling, want_top
+            self.cfg, lora, n, params, self.cache, first(select), tokens[:n], active[:n], sampling, want_top
         )
         nxt, (lp, ids, top) = np.asarray(nxt), (np.asarray(a) for a in scores)
         for r in rows:

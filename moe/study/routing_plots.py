@@ -110,7 +110,8 @@ def _png(samples: dict, sp, layer: int, colors: list[str], path: Path, per_line:
             ax.text(0, y, row[0], fontsize=8, weight="bold", va="center")
             continue
         for x, (piece, expert) in enumerate(row):
-            text = piece.replace("\n", "\\n").replace("$", r"\$")[:10] or " "
+            shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in piece)  # \n, \x00: no glyph
+            text = shown.replace("$", r"\$")[:10] or " "
             ax.text(
                 x,
                 y,

@@ -6,7 +6,8 @@ Each client is a thread that submits its next request when the previous one has 
 drawn from a seeded generator; every request is greedy and runs to its length (eos is
 ignored by asking the model for exactly that many tokens and counting what came back).
 Reported: aggregate generated tokens/s, time to first token and inter-token latency (p50,
-p99) from the engine's own timestamps.
+p99) from the engine's own timestamps; then 8 clients again with the requests taking the
+base and two random rank-16 adapters (every weight) in turn: what serving adapters costs.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import time
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from moe import config as config_lib
 from moe import model as model_lib
 from moe import progress
 from moe.infer import generate
+from moe.model.lora import TARGETS
+from moe.serve import adapters as adapters_lib
 from moe.serve.engine import Engine, Request
+
+ADAPTER_RANK = 16  # two adapters of this rank on every weight in the mixed run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +47,23 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))} if values else {}
 
 
-def engine_run(engine: Engine, work: Workload, clients: int) -> dict:
-    """The workload through the engine from `clients` closed-loop clients."""
+def random_adapter(name: str, params: dict, rank: int, seed: int) -> adapters_lib.Adapter:
+    """An adapter of `rank` on every adaptable weight (attention, experts or MLP, router),
+    with random A and B: what a trained one costs to serve."""
+    rng, pairs = np.random.default_rng(seed), {}
+    for path, w in traverse_util.flatten_dict(params).items():
+        if path[0] != "layers" or path[-1] not in TARGETS:
+            continue
+        n_lead, n_in = adapters_lib.SHAPES.get(path[1:], (0, 1))
+        head, ins, outs = w.shape[: 1 + n_lead], w.shape[1 + n_lead : 1 + n_lead + n_in], w.shape[1 + n_lead + n_in :]
+        a = rng.normal(0, 1 / np.sqrt(np.prod(ins)), (*head, *ins, rank)).astype(np.float32)
+        pairs[path] = (a, rng.normal(0, 0.01, (*head, rank, *outs)).astype(np.float32))
+    return adapters_lib.Adapter(name, "random", pairs, rank)
+
+
+def engine_run(engine: Engine, work: Workload, clients: int, adapters: tuple = (None,)) -> dict:
+    """The workload through the engine from `clients` closed-loop clients; request i asks
+    for adapters[i % len(adapters)] (None: the base)."""
     queue = list(range(len(work.prompts)))
     lock, finished = threading.Lock(), []
 
@@ -52,7 +73,8 @@ def engine_run(engine: Engine, work: Workload, clients: int) -> dict:
                 if not queue:
                     return
                 i = queue.pop(0)
-            request = engine.submit(Request(work.prompts[i], work.lengths[i]))
+            adapter = adapters[i % len(adapters)]
+            request = engine.submit(Request(work.prompts[i], work.lengths[i], adapter=adapter))
             request.done.wait()
             with lock:
                 finished.append(request)
@@ -68,6 +90,7 @@ def engine_run(engine: Engine, work: Workload, clients: int) -> dict:
     gaps = [(r.finished_at - r.first_token_at) / (len(r.tokens) - 1) for r in finished if len(r.tokens) > 1]
     return {
         "clients": clients,
+        "adapters": [a for a in adapters if a is not None],
         "requests": len(finished),
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
@@ -101,13 +124,16 @@ def run(config: str = "tiny-moe", clients=(1, 8, 32), per_client: int = 4, seed:
     cfg = config_lib.load(config, list(overrides)).model
     params = model_lib.init(cfg, jax.random.key(seed))
     rows = max(8, min(max(clients), 32))
-    engine = Engine(cfg, params, rows=rows, max_seq_len=min(cfg.max_seq_len, 256))
+    served = [random_adapter(name, params, ADAPTER_RANK, seed + i) for i, name in enumerate(("a", "b"))]
+    engine = Engine(cfg, params, rows=rows, max_seq_len=min(cfg.max_seq_len, 256), adapters=served)
     engine.warm_up()  # every program compiled before the clock starts
     engine.start()
     result = {"config": config, "rows": rows, "device": jax.devices()[0].device_kind, "engine": []}
     try:
         for n in progress.bar(clients, desc="serve bench", unit="setting"):
             result["engine"].append(engine_run(engine, workload(cfg.vocab_size, n * per_client, seed, **lengths), n))
+        mixed = workload(cfg.vocab_size, 8 * per_client, seed, **lengths)  # base, a, b in turn
+        result["engine"].append(engine_run(engine, mixed, 8, (None, "a", "b")))
     finally:
         engine.stop()
     work = workload(cfg.vocab_size, 8 * per_client, seed, **lengths)
@@ -121,7 +147,8 @@ def format_table(result: dict) -> str:
         ttft, itl = r["time_to_first_token_s"], r["inter_token_s"]
         first = f"first token p50 {ttft['p50'] * 1e3:.0f} ms, p99 {ttft['p99'] * 1e3:.0f} ms"
         between = f"between tokens p50 {itl['p50'] * 1e3:.1f} ms, p99 {itl['p99'] * 1e3:.1f} ms"
-        lines.append(f"  {r['clients']:>2} clients: {r['tokens_per_s']:8.1f} tokens/s; {first}; {between}")
+        mixed = f" (base, {', '.join(r['adapters'])} in turn)" if r.get("adapters") else ""
+        lines.append(f"  {r['clients']:>2} clients{mixed}: {r['tokens_per_s']:8.1f} tokens/s; {first}; {between}")
     for g in result["generate"]:
         lines.append(f"  generate, static batches of {g['batch']}: {g['tokens_per_s']:8.1f} tokens/s")
     return "\n".join(lines)

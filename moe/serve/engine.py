@@ -178,10 +178,10 @@ def _decode_step(cfg: ModelConfig, lora, n_rows: int, params, cache, select, tok
 
 
 def row_buckets(rows: int) -> list[int]:
-    """The row counts decode steps are compiled for: 1, 4, 16, ... and `rows`. A step
+    """The row counts decode steps are compiled for: 1, 2, 4, 8, ... and `rows`. A step
     computes the smallest that holds every busy row (requests take the lowest free rows), so
-    a lone request does not pay for the whole batch."""
-    return sorted({min(4**i, rows) for i in range(rows.bit_length())} | {rows})
+    a lone request does not pay for the whole batch, nor 8 requests for 32 rows."""
+    return sorted({min(2**i, rows) for i in range(rows.bit_length())} | {rows})
 
 
 class Engine:

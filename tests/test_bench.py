@@ -83,3 +83,5 @@ def test_the_serving_bench_counts_every_requested_token():
     assert result["engine"][1]["tokens"] <= sum(work.lengths) and result["engine"][1]["tokens_per_s"] > 0
     assert all(r["time_to_first_token_s"]["p99"] > 0 for r in result["engine"])
     assert [g["batch"] for g in result["generate"]] == [1, 8] and "3 clients" in serve.format_table(result)
+    mixed = result["adapters"]  # 8 clients, requests on the base and two adapters in turn
+    assert mixed["requests"] == 8 and mixed["adapters"] == ["a", "b"] and 0 < mixed["tokens"] <= 8 * 6

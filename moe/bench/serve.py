@@ -133,7 +133,7 @@ def run(config: str = "tiny-moe", clients=(1, 8, 32), per_client: int = 4, seed:
         for n in progress.bar(clients, desc="serve bench", unit="setting"):
             result["engine"].append(engine_run(engine, workload(cfg.vocab_size, n * per_client, seed, **lengths), n))
         mixed = workload(cfg.vocab_size, 8 * per_client, seed, **lengths)  # base, a, b in turn
-        result["engine"].append(engine_run(engine, mixed, 8, (None, "a", "b")))
+        result["adapters"] = engine_run(engine, mixed, 8, (None, "a", "b"))
     finally:
         engine.stop()
     work = workload(cfg.vocab_size, 8 * per_client, seed, **lengths)
@@ -143,7 +143,7 @@ def run(config: str = "tiny-moe", clients=(1, 8, 32), per_client: int = 4, seed:
 
 def format_table(result: dict) -> str:
     lines = [f"serving {result['config']} on {result['device']}, {result['rows']} decode rows:"]
-    for r in result["engine"]:
+    for r in [*result["engine"], result["adapters"]]:
         ttft, itl = r["time_to_first_token_s"], r["inter_token_s"]
         first = f"first token p50 {ttft['p50'] * 1e3:.0f} ms, p99 {ttft['p99'] * 1e3:.0f} ms"
         between = f"between tokens p50 {itl['p50'] * 1e3:.1f} ms, p99 {itl['p99'] * 1e3:.1f} ms"

@@ -146,8 +146,8 @@ def bank(params: dict, adapters: list[Adapter], param_dtype: str) -> Bank:
         a = np.concatenate([a for a, _ in parts], -1).astype(dtype)
         b = np.concatenate([b for _, b in parts], rank_axis).astype(dtype)
         flat[(*weight[:-1], f"{weight[-1]}_lora_a")], flat[(*weight[:-1], f"{weight[-1]}_lora_b")] = (
-            jnp.asarray(a),
-            jnp.asarray(b),
+            jnp.array(a),  # copies into buffers of its own, aliasing no numpy memory
+            jnp.array(b),
         )
     targets = tuple(sorted({w[-1] for adapter in adapters for w in adapter.pairs}))
     lora = LoRAConfig(rank=total, alpha=float(total), targets=targets)  # scale 1: each B holds its own

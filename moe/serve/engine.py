@@ -4,11 +4,13 @@
     engine.start()                                   # the model runs in one background thread
     request = engine.submit(prompt_ids, max_tokens=64, on_token=callback)
 
-Two compiled programs serve every request, whatever its length:
+A few compiled programs serve every request, whatever its length (`warm_up` compiles them):
   prefill_chunk  one row's next PREFILL_CHUNK prompt tokens into its slice of the cache,
                  with the log-probability of every prompt token (for echo and scoring)
-  decode_step    one new token for every row; rows that are free or still prefilling
-                 take position -1, which the cache neither writes nor attends
+  decode_step    one new token for each of the first 1, 2, 4, ... rows (the fewest that
+                 hold the busy ones; requests take the lowest free rows); rows that are
+                 free or still prefilling take position -1, which the cache neither
+                 writes nor attends
 Between decode steps the engine admits waiting requests into free rows (their cache rows
 emptied) and runs one prefill chunk, so a long prompt enters a chunk at a time while the
 other rows keep decoding. A row's tokens depend only on its own prompt, sampling settings
@@ -18,7 +20,7 @@ are per row (temperature 0 is greedy; top-k 0 and top-p 1 are off), drawn with t
 
 Each request names its adapter or the base (moe/serve/adapters.py): a step with an adapter
 row runs the bank's params, with each row's selector; a step without one runs the base
-alone. That makes four programs once adapters are served, still none per request.
+alone. Serving adapters doubles the programs, still none per request.
 """
 
 from __future__ import annotations

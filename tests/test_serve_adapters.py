@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from test_lora import lora_params
+from test_serve_engine import run_all
 
 from moe import config as config_lib
 from moe import model as M
@@ -70,14 +71,6 @@ def served(request, tmp_path_factory):
     runs = {"one": save_run(tmp / "one", cfg, one, first), "two": save_run(tmp / "two", cfg, TWO, second)}
     loaded = [adapters_lib.load(name, path, cfg, base) for name, path in runs.items()]
     return cfg, base, loaded, {"one": merged(base, first, one), "two": merged(base, second, TWO), None: base}
-
-
-def run_all(engine, requests):
-    for r in requests:
-        engine.submit(r)
-    while not all(r.done.is_set() for r in requests):
-        engine.step()
-    return [r.tokens for r in requests]
 
 
 def test_bank_rows_equal_their_merged_models_in_every_dispatch_path(served):

@@ -54,8 +54,7 @@ def random_adapter(name: str, params: dict, rank: int, seed: int) -> adapters_li
     for path, w in traverse_util.flatten_dict(params).items():
         if path[0] != "layers" or path[-1] not in TARGETS:
             continue
-        n_lead, n_in = adapters_lib.SHAPES.get(path[1:], (0, 1))
-        head, ins, outs = w.shape[: 1 + n_lead], w.shape[1 + n_lead : 1 + n_lead + n_in], w.shape[1 + n_lead + n_in :]
+        head, ins, outs = adapters_lib.weight_dims(path, tuple(w.shape))
         a = rng.normal(0, 1 / np.sqrt(np.prod(ins)), (*head, *ins, rank)).astype(np.float32)
         pairs[path] = (a, rng.normal(0, 0.01, (*head, rank, *outs)).astype(np.float32))
     return adapters_lib.Adapter(name, "random", pairs, rank)

@@ -32,6 +32,13 @@ from moe.tune.merge import lora_run
 SHAPES = {("attn", "o"): (0, 2), ("moe", "w1"): (1, 1), ("moe", "w3"): (1, 1), ("moe", "w2"): (1, 1)}
 
 
+def weight_dims(weight: tuple, w_shape: tuple) -> tuple[tuple, tuple, tuple]:
+    """(head: layers and expert dims, input dims, output dims) of a weight's shape: an
+    adapter pair is A [*head, *in, r] and B [*head, r, *out]."""
+    n_lead, n_in = SHAPES.get(weight[1:], (0, 1))
+    return w_shape[: 1 + n_lead], w_shape[1 + n_lead : 1 + n_lead + n_in], w_shape[1 + n_lead + n_in :]
+
+
 class AdapterError(ValueError):
     """An adapter this base cannot serve; the message says what and how to fix it."""
 
@@ -66,10 +73,8 @@ def _from_run(path: Path) -> dict:
 
 def _fit(weight: tuple, pair: tuple, w_shape: tuple) -> tuple:
     """The pair in the weight's layout: A [layers, *lead, *in, r], B [layers, *lead, r, *out]."""
-    n_lead, n_in = SHAPES.get(weight[1:], (0, 1))
+    head, ins, outs = weight_dims(weight, w_shape)
     a, b = pair
-    head = w_shape[: 1 + n_lead]
-    ins, outs = w_shape[1 + n_lead : 1 + n_lead + n_in], w_shape[1 + n_lead + n_in :]
     r = a.shape[-1]
     try:
         return a.reshape(*head, *ins, r), b.reshape(*head, r, *outs)
@@ -118,8 +123,7 @@ class Bank:
 
 def _padded(weight: tuple, pair: tuple | None, w_shape: tuple, rank: int) -> tuple:
     """The pair widened to `rank` columns with zeros (all zeros: an adapter without it)."""
-    n_lead, n_in = SHAPES.get(weight[1:], (0, 1))
-    head, ins, outs = w_shape[: 1 + n_lead], w_shape[1 + n_lead : 1 + n_lead + n_in], w_shape[1 + n_lead + n_in :]
+    head, ins, outs = weight_dims(weight, w_shape)
     a, b = np.zeros((*head, *ins, rank), np.float32), np.zeros((*head, rank, *outs), np.float32)
     if pair is not None:
         r = pair[0].shape[-1]
@@ -142,7 +146,7 @@ def bank(params: dict, adapters: list[Adapter], param_dtype: str) -> Bank:
     for weight in sorted({w for adapter in adapters for w in adapter.pairs}):
         w_shape = tuple(base[weight].shape)
         parts = [_padded(weight, ad.pairs.get(weight), w_shape, ad.rank) for ad in adapters]
-        rank_axis = 1 + SHAPES.get(weight[1:], (0, 1))[0]  # B: [layers, *lead, rank, *out]
+        rank_axis = len(weight_dims(weight, w_shape)[0])  # B: [layers, *lead, rank, *out]
         a = np.concatenate([a for a, _ in parts], -1).astype(dtype)
         b = np.concatenate([b for _, b in parts], rank_axis).astype(dtype)
         flat[(*weight[:-1], f"{weight[-1]}_lora_a")], flat[(*weight[:-1], f"{weight[-1]}_lora_b")] = (

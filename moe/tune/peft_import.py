@@ -86,9 +86,9 @@ def _pairs_by_module(folder: Path) -> dict[tuple[int, str], dict[str, np.ndarray
         if match is None:
             raise PeftError(f"{folder}: unexpected tensor {key}; expected model.layers.N.<module>.lora_A/B.weight")
         layer, module, which = int(match.group(1)), match.group(2), match.group(3)
-        out.setdefault((layer, module.removesuffix(".base_layer").replace(".base_layer", "")), {}).setdefault(
-            module, {}
-        )[which] = np.asarray(value, np.float32)
+        out.setdefault((layer, module.replace(".base_layer", "")), {}).setdefault(module, {})[which] = np.asarray(
+            value, np.float32
+        )
     return out
 
 

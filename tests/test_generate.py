@@ -83,19 +83,21 @@ def test_cached_logits_equal_the_full_forward_at_every_position(window):
         assert int(cache["end"][0]) == 20
 
 
-@pytest.mark.parametrize("moe,batch", [(True, 1), (True, 8), (False, 2)])
+@pytest.mark.parametrize("moe,layout_rows", [(True, 1), (True, 8), (False, 2), (True, None)])
 @pytest.mark.slow
-def test_decode_layout_views_the_same_memory_and_decodes_like_the_stacked_tree(moe, batch):
+def test_decode_layout_views_the_same_memory_and_decodes_like_the_stacked_tree(moe, layout_rows):
     """moe/infer/layout.py: per-layer trees and (few rows) per-expert buffers that alias the
     stacked arrays, and the decode loop's logits and cache through them equal the stacked
-    path's (the training model's nn.scan)."""
+    path's (the training model's nn.scan). layout_rows None: the prefill's layout, experts
+    kept stacked per layer."""
     from moe.infer.layout import decode_layout
     from moe.model.experts import ExpertList
 
     cfg = tiny_model(sliding_window=4, max_seq_len=64, **({} if moe else {"n_experts": 0}))
     params = jax.tree_util.tree_map(np.asarray, M.init(cfg, jax.random.key(4)))
-    layout = decode_layout(cfg, params, batch)
-    split = moe and batch * cfg.top_k <= cfg.n_experts
+    layout = decode_layout(cfg, params, layout_rows)
+    batch = layout_rows or 2
+    split = moe and layout_rows is not None and batch * cfg.top_k <= cfg.n_experts
     assert split == isinstance(layout["layer_1"]["moe"]["w2"], ExpertList) if moe else "mlp" in layout["layer_1"]
     stacked = params["layers"]["attn"]["q"]  # layer 1's q starts one layer's size into the stack
     view = layout["layer_1"]["attn"]["q"]

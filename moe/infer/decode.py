@@ -25,7 +25,8 @@ from moe.config import ModelConfig
 from moe.infer.layout import decode_layout
 from moe.infer.sampling import Sampling, sample
 from moe.model import kv_cache
-from moe.model.transformer import Transformer
+from moe.model.layers import DTYPES
+from moe.model.transformer import LMHead, Transformer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step
 MIN_BUCKET = 16
@@ -40,37 +41,42 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _prefill(cfg: ModelConfig, params, tokens_bp, lengths_b, cache, chunk: int):
+def _prefill(cfg: ModelConfig, params, tokens_bp, lengths_b, cache, chunk: int, layer_list: bool):
     """Run the padded prompts through the model chunk by chunk; the logits [batch, vocab] at
-    each row's last prompt token, and the filled cache."""
+    each row's last prompt token (the LM head runs on those rows only), and the filled cache."""
     batch, padded = tokens_bp.shape
     index = jnp.arange(padded)[None]
     positions_bp = jnp.where(index < lengths_b[:, None], index, -1)
+    model = Transformer(cfg, head=False, layer_list=layer_list)
 
     def step(carry, i):
         cache, last = carry
         toks = jax.lax.dynamic_slice_in_dim(tokens_bp, i * chunk, chunk, axis=1)
         pos = jax.lax.dynamic_slice_in_dim(positions_bp, i * chunk, chunk, axis=1)
-        logits, _, cache = Transformer(cfg).apply({"params": params}, toks, pos, cache=cache)
+        hidden, _, cache = model.apply({"params": params}, toks, pos, cache=cache)
         at = lengths_b - 1 - i * chunk  # the row's last prompt token, if in this chunk
-        picked = jnp.take_along_axis(logits, jnp.clip(at, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        picked = jnp.take_along_axis(hidden, jnp.clip(at, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
         inside = (at >= 0) & (at < chunk)
         return (cache, jnp.where(inside[:, None], picked, last)), None
 
-    last = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+    last = jnp.zeros((batch, cfg.d_model), DTYPES[cfg.dtype])
     (cache, last), _ = jax.lax.scan(step, (cache, last), jnp.arange(padded // chunk))
-    return last, cache
+    logits = LMHead(cfg).apply({"params": params["lm_head"]}, last[:, None])[:, 0]  # [batch, vocab]
+    return logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk", "slots", "max_new", "sampling", "stream"))
-def _generate(cfg, params, layout, tokens_bp, lengths_b, keys_b, *, chunk, slots, max_new, sampling, stream=None):
-    """layout: decode_layout's params for the decode loop (prefill takes the stacked params), or None."""
+def _generate(cfg, params, layouts, tokens_bp, lengths_b, keys_b, *, chunk, slots, max_new, sampling, stream=None):
+    """layouts: (prefill, decode) decode_layout params for Transformer(layer_list=True), or
+    None: both take the stacked params."""
     batch = tokens_bp.shape[0]
     cache = kv_cache.init(cfg, batch, slots)
-    logits, cache = _prefill(cfg, params, tokens_bp, lengths_b, cache, chunk)
     model, decode_params = Transformer(cfg), params
-    if layout is not None:
-        model, decode_params, cache = Transformer(cfg, layer_list=True), layout, kv_cache.as_layer_list(cache)
+    if layouts is not None:
+        model, decode_params, cache = Transformer(cfg, layer_list=True), layouts[1], kv_cache.as_layer_list(cache)
+    logits, cache = _prefill(
+        cfg, params if layouts is None else layouts[0], tokens_bp, lengths_b, cache, chunk, layouts is not None
+    )
 
     def choose(logits, step):
         return sample(logits, sampling, jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b))
@@ -164,6 +170,7 @@ def generate(
     chunk = min(padded, PREFILL_CHUNK)
     slots = kv_cache.slots_needed(cfg, padded + max_new_tokens)
     layout = decode_layout(cfg, params, batch_size)
+    layouts = None if layout is None else (decode_layout(cfg, params, None), layout)
     results = []
     for first in range(0, len(prompts), batch_size):
         group = prompts[first : first + batch_size]
@@ -176,7 +183,7 @@ def generate(
         out = _generate(
             cfg,
             params,
-            layout,
+            layouts,
             jnp.asarray(tokens),
             jnp.asarray(lengths),
             keys,

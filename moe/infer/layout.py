@@ -8,8 +8,10 @@ the chosen experts out of [layers, experts, d_model, d_ff] took longer than the 
   moe/{w1,w3,w2}            an ExpertList of per-expert buffers, when a decode step routes at
                             most n_experts token copies (the gather dispatch; moe/model/experts.py)
 made of views of the stacked arrays' memory (numpy views of CPU buffers, put back without a
-copy when aligned), so it costs no memory. Prefill keeps the stacked tree and its grouped
-matmul. Off CPU, and for quantized or LoRA-adapted layers, there is no layout (None): the
+copy when aligned), so it costs no memory. Prefill takes the per-layer views too (batch
+None: experts kept stacked per layer, for the grouped matmul): the scan over the stacked
+tree made XLA copy every layer's weights out of it, 205 vs 137 ms for bench-moe's 64-token
+prompt (benchmarks/prefill_parts.py). Off CPU, and for quantized or LoRA-adapted layers, there is no layout (None): the
 decode loop uses the stacked tree as training does.
 """
 
@@ -39,13 +41,14 @@ def _plain(layers) -> bool:
     return True
 
 
-def decode_layout(cfg: ModelConfig, params, batch: int):
-    """params for Transformer(cfg, layer_list=True) decoding `batch` rows, or None (use params)."""
+def decode_layout(cfg: ModelConfig, params, batch: int | None):
+    """params for Transformer(cfg, layer_list=True) decoding `batch` rows (None: prefilling,
+    experts never split), or None (use params)."""
     layers = params.get("layers")
     if jax.default_backend() != "cpu" or layers is None or not _plain(layers):
         return None
     host = jax.tree_util.tree_map(np.asarray, layers)  # views of the CPU buffers: no copy
-    split = cfg.is_moe and batch * cfg.top_k <= cfg.n_experts
+    split = cfg.is_moe and batch is not None and batch * cfg.top_k <= cfg.n_experts
     views = {}
     for i in range(cfg.n_layers):
         layer = jax.tree_util.tree_map(lambda a, i=i: a[i], host)

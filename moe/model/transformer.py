@@ -165,4 +165,5 @@ class Transformer(nn.Module):
             layers = _layer_stack(cfg, cached=True)(cfg, append, self.lora, name="layers")
             x, (stats, kv) = layers(x, cos, sin, attn, valid, select, {"k": cache["k"], "v": cache["v"]})
         x = RMSNorm(cfg, name="final_norm")(x)
-        return LMHead(cfg, name="lm_head")(x), stats, {**kv, "pos": new_pos, "end": new_end}
+        out = LMHead(cfg, name="lm_head")(x) if self.head else x
+        return out, stats, {**kv, "pos": new_pos, "end": new_end}

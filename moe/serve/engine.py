@@ -38,7 +38,7 @@ import numpy as np
 
 from moe.config import ModelConfig
 from moe.model import kv_cache
-from moe.model.transformer import Transformer
+from moe.model.transformer import LMHead, Transformer
 from moe.serve.adapters import Adapter, bank
 
 PREFILL_CHUNK = 64  # prompt tokens per prefill step: what a long prompt delays the other rows by
@@ -103,23 +103,26 @@ def _scores(logits_nv, next_n, want_top=True):
     return jnp.take_along_axis(logp, next_n[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
 def _prefill_chunk(
-    cfg: ModelConfig, lora, params, cache, select, row, tokens_c, next_c, start, n_valid, empty_first, want_top
+    cfg: ModelConfig, lora, scores: bool, params, cache, select, row, tokens_c, next_c, start, n_valid, empty_first
 ):
     """Run prompt tokens [start, start + n_valid) of row `row` (tokens_c: [C], padded) into
-    the cache; returns (cache, last logits [vocab], scores of next_c: the prompt's tokens
-    one further on). empty_first: the row's cache is emptied first (a new request).
-    lora, select [1, rank]: the adapter bank's view and the row's columns (None: the base)."""
+    the cache; returns (cache, last logits [vocab], scores of next_c, the prompt's tokens one
+    further on, with their alternatives; None unless `scores`). empty_first: the row's cache
+    is emptied first (a new request). lora, select [1, rank]: the adapter bank's view and the
+    row's columns (None: the base). Without scores the LM head runs on the last token only
+    (on tiny-moe the head over a whole chunk costs more than its layers)."""
     part = _row(cache, row)
     part = {**part, "pos": jnp.where(empty_first, -1, part["pos"]), "end": jnp.where(empty_first, 0, part["end"])}
     index = jnp.arange(tokens_c.shape[0])
     positions = jnp.where(index < n_valid, start + index, -1)[None]
-    model = Transformer(cfg, lora=lora)
-    logits, _, part = model.apply({"params": params}, tokens_c[None], positions, cache=part, adapter_select=select)
-    logits = logits[0]  # [C, vocab]
-    last = logits[jnp.maximum(n_valid - 1, 0)]
-    return _put_row(cache, part, row), last, _scores(logits, next_c, want_top)
+    model = Transformer(cfg, lora=lora, head=scores)
+    out, _, part = model.apply({"params": params}, tokens_c[None], positions, cache=part, adapter_select=select)
+    last = out[0, jnp.maximum(n_valid - 1, 0)]  # logits [vocab], or hidden [d_model] without scores
+    if not scores:
+        return _put_row(cache, part, row), LMHead(cfg).apply({"params": params["lm_head"]}, last), None
+    return _put_row(cache, part, row), last, _scores(out[0], next_c)
 
 
 def _filtered(scaled_bv, top_k_b, top_p_b):
@@ -268,20 +271,11 @@ class Engine:
                     False,
                 )
             pad = np.zeros(PREFILL_CHUNK, np.int32)
-            self.cache, last, _ = _prefill_chunk(
-                self.cfg,
-                lora,
-                params,
-                self.cache,
-                None if select is None else select[:1],
-                0,
-                pad,
-                pad,
-                0,
-                0,
-                False,
-                False,
-            )
+            for scores in (False, True):
+                row_select = None if select is None else select[:1]
+                self.cache, last, _ = _prefill_chunk(
+                    self.cfg, lora, scores, params, self.cache, row_select, 0, pad, pad, 0, 0, False
+                )
         _first_token(last, *(np.asarray(v) for v in (0.0, 0, 1.0, 0)))  # as _prefill_one passes a request's
 
     # ---- the loop
@@ -346,6 +340,7 @@ class Engine:
         self.cache, last, scores = _prefill_chunk(
             self.cfg,
             lora,
+            request.prompt_logprobs,
             params,
             self.cache,
             select,
@@ -355,7 +350,6 @@ class Engine:
             start,
             n,
             self.fresh[r],
-            request.prompt_logprobs,
         )
         self.fresh[r], self.filled[r] = False, start + n
         if request.prompt_logprobs:

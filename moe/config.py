@@ -41,6 +41,13 @@ class ModelConfig:
     d_ff: int = 14336  # hidden width of the dense MLP, or of each expert
     n_experts: int = 0  # 0: dense SwiGLU MLP in every layer
     top_k: int = 2  # experts per token (ignored when dense)
+    # MoE variants beyond Mixtral (docs/moe-variants.md); every default is Mixtral's
+    n_shared_experts: int = 0  # SwiGLU experts every token passes through, added to the routed output (DeepSeekMoE)
+    d_ff_shared: Optional[int] = None  # hidden width of each shared expert; None: d_ff
+    router_scores: Literal["softmax", "sigmoid"] = "softmax"  # sigmoid: per-expert scores (DeepSeek-V3)
+    norm_topk: bool = True  # the chosen top-k weights renormalized to sum to 1 (Mixtral; Qwen3's norm_topk_prob)
+    routed_scale: float = 1.0  # the routed experts' weights times this (DeepSeek-V3's routed_scaling_factor)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3, OLMoE)
     rope_theta: float = 10000.0
     sliding_window: Optional[int] = None  # None: plain causal attention
     max_seq_len: int = 32768
@@ -159,7 +166,8 @@ class LoRAConfig:
     alpha: float = 16.0
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     dropout: float = 0.0  # on the adapters' input
-    targets: tuple[Literal["q", "k", "v", "o", "w1", "w2", "w3", "mlp", "gate"], ...] = ("q", "k", "v", "o")
+    # shared: the MoE block's shared experts (w1, w2 and w3 of each)
+    targets: tuple[Literal["q", "k", "v", "o", "w1", "w2", "w3", "mlp", "gate", "shared"], ...] = ("q", "k", "v", "o")
     train_router: bool = False  # the router trained fully beside the adapters (else frozen, or "gate": LoRA)
 
 
@@ -260,6 +268,7 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.n_experts=1 is a dense model with a router; use n_experts=0")
     if m.is_moe and not 1 <= m.top_k <= m.n_experts:
         raise ConfigError(f"model.top_k ({m.top_k}) must be between 1 and model.n_experts ({m.n_experts})")
+    _validate_moe_variant(m)
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(
             f"model.sliding_window must be >= 1 (keys attended, itself included) or null for "
@@ -279,6 +288,28 @@ def validate_model(m: ModelConfig) -> None:
         )
     if m.init_std <= 0:
         raise ConfigError(f"model.init_std must be > 0, got {m.init_std}")
+
+
+def _validate_moe_variant(m: ModelConfig) -> None:
+    if m.n_shared_experts < 0:
+        raise ConfigError(f"model.n_shared_experts must be >= 0 (0: none), got {m.n_shared_experts}")
+    if m.n_shared_experts and not m.is_moe:
+        raise ConfigError(
+            "model.n_shared_experts needs a sparse model (model.n_experts >= 2); a dense model's "
+            "MLP already sees every token: widen model.d_ff instead"
+        )
+    if m.d_ff_shared is not None and (m.d_ff_shared < 1 or not m.n_shared_experts):
+        raise ConfigError(
+            f"model.d_ff_shared ({m.d_ff_shared}) is the width of each shared expert: it must be "
+            ">= 1 and needs model.n_shared_experts >= 1 (or set it to null)"
+        )
+    if not m.routed_scale > 0:
+        raise ConfigError(f"model.routed_scale must be > 0, got {m.routed_scale}")
+    if m.router_scores == "sigmoid" and m.is_moe and m.top_k == 1 and m.norm_topk:
+        raise ConfigError(
+            "model.router_scores=sigmoid with top_k=1 and norm_topk=true gives every token the "
+            "weight 1, so the router gets no gradient; set model.norm_topk=false"
+        )
 
 
 def validate_train(cfg: Config) -> None:
@@ -321,7 +352,9 @@ def validate_tuning(cfg: Config) -> None:
         if lora.rank < 1:
             raise ConfigError(f"lora.rank must be >= 1 (or null to train every weight), got {lora.rank}")
         if not lora.targets:
-            raise ConfigError("lora.targets is empty; name at least one of q, k, v, o, w1, w2, w3, mlp, gate")
+            raise ConfigError("lora.targets is empty; name at least one of q, k, v, o, w1, w2, w3, mlp, gate, shared")
+        if "shared" in lora.targets and not cfg.model.n_shared_experts:
+            raise ConfigError("lora.targets has 'shared' but the model has no shared experts: drop it")
         if lora.alpha <= 0 or not 0 <= lora.dropout < 1:
             raise ConfigError(f"lora.alpha must be > 0 and lora.dropout in [0, 1), got {lora.alpha}, {lora.dropout}")
         if "gate" in lora.targets and lora.train_router:

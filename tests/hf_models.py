@@ -1,7 +1,14 @@
 """Small random Mistral and Mixtral models built in transformers, saved as HF folders."""
 
 import torch
-from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 SEQ = 12
 COMMON = dict(
@@ -15,10 +22,37 @@ COMMON = dict(
     initializer_range=0.1,
     rms_norm_eps=2e-4,
 )  # not the default of either class
+QWEN_IDS = dict(bos_token_id=1, eos_token_id=2)  # Qwen3MoeConfig leaves them unset; ours always has both
 VARIANTS = {
     "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=3, rope_theta=3e5)),
     "mistral-window": (MistralForCausalLM, MistralConfig, dict(sliding_window=5, rope_theta=5e4)),
     "mistral-head-dim": (MistralForCausalLM, MistralConfig, dict(head_dim=16, sliding_window=None, rope_theta=2e3)),
+    # qk-norm, head_dim apart from d_model / n_heads, experts narrower than the (unused) dense width
+    "qwen3-moe": (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeConfig,
+        dict(
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+            head_dim=16,
+            rope_theta=1e6,
+            **QWEN_IDS,
+        ),
+    ),
+    "qwen3-moe-raw-topk": (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeConfig,
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            norm_topk_prob=False,
+            rope_theta=5e4,
+            **QWEN_IDS,
+        ),
+    ),
 }
 
 

@@ -17,6 +17,7 @@ from helpers import ROOT, run_on_terminal
         ("mistral-7b", "7,241,732,096", "7,241,732,096"),
         ("mixtral-8x7b", "46,702,792,704", "12,879,925,248"),
         ("mixtral-8x22b", "140,630,071,296", "39,161,468,928"),
+        ("qwen3-30b-a3b", "30,532,122,624", "3,353,032,704"),
     ],
 )
 def test_moe_params_prints_published_counts(name, total, active, capsys):

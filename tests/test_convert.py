@@ -51,7 +51,7 @@ def test_ours_to_hf_loads_in_transformers_with_same_logits(tmp_path, variant):
     expected = np.asarray(M.logits(cfg, params, tokens))
     assert np.abs(hf_logits(tmp_path / "out", tokens) - expected).max() <= 1e-4
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["architectures"] == [("Mixtral" if cfg.is_moe else "Mistral") + "ForCausalLM"]
+    assert config["architectures"] == [VARIANTS[variant][0].__name__]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -67,10 +67,12 @@ def test_exported_config_equals_transformers_own_field_by_field(tmp_path, varian
     theirs = AutoConfig.from_pretrained(hf_dir).to_dict()
     ours = AutoConfig.from_pretrained(tmp_path / "out").to_dict()
     training_only = {"_name_or_path", "initializer_range", "router_aux_loss_coef"}
+    if "moe_intermediate_size" in theirs:  # Qwen3-MoE: the dense MLP width, unused without dense layers
+        training_only.add("intermediate_size")
     if theirs.get("head_dim") is None:
         assert ours["head_dim"] == theirs["hidden_size"] // theirs["num_attention_heads"]
         training_only.add("head_dim")
-    assert set(ours) == set(theirs)
+    assert set(ours) - training_only == set(theirs) - training_only
     assert {k: ours[k] for k in ours if k not in training_only} == {
         k: theirs[k] for k in theirs if k not in training_only
     }
@@ -78,7 +80,7 @@ def test_exported_config_equals_transformers_own_field_by_field(tmp_path, varian
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("variant", ["mixtral", "mistral-head-dim"])
+@pytest.mark.parametrize("variant", ["mixtral", "mistral-head-dim", "qwen3-moe"])
 def test_round_trip_is_bit_exact(tmp_path, variant, dtype):
     hf_dir = make_hf(tmp_path, variant, dtype=dtype)
     convert_from_hf(hf_dir, tmp_path / "ckpt")
@@ -138,6 +140,41 @@ def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, changes, mess
     _edit_config(hf_dir, **changes)
     with pytest.raises(ConversionError, match=message):
         load_hf(hf_dir)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(mlp_only_layers=[1]), "layers \\[1\\] have a dense MLP"),
+        (dict(decoder_sparse_step=2), "layers \\[0\\] have a dense MLP"),
+        (dict(use_sliding_window=True, sliding_window=4), "use_sliding_window=true .* is not implemented"),
+    ],
+)
+def test_qwen3_moe_features_we_do_not_implement_are_refused(tmp_path, changes, message):
+    hf_dir = make_hf(tmp_path, "qwen3-moe")
+    _edit_config(hf_dir, **changes)
+    with pytest.raises(ConversionError, match=message):
+        load_hf(hf_dir)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(n_shared_experts=1), "n_shared_experts=1 has no place in Hugging Face's MixtralForCausalLM"),
+        (dict(router_scores="sigmoid"), "router_scores='sigmoid' has no place"),
+        (dict(norm_topk=False), "norm_topk=False has no place in Hugging Face's MixtralForCausalLM"),
+        (dict(qk_norm=True, sliding_window=4), "sliding_window=4 has no place in Hugging Face's Qwen3MoeForCausalLM"),
+        (dict(qk_norm=True, n_experts=0), "qk_norm on a dense model"),
+    ],
+)
+def test_models_no_hugging_face_class_holds_are_refused_on_export(tmp_path, fields, message):
+    from helpers import tiny_model
+
+    cfg = tiny_model(**fields)
+    params = jax.tree_util.tree_map(np.asarray, M.init(cfg, jax.random.key(0)))
+    with pytest.raises(ConversionError, match=message):
+        save_hf(cfg, params, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):

@@ -15,15 +15,18 @@ PUBLISHED = {  # (total, active per token), from the published configurations
     "mistral-7b": (7_241_732_096, 7_241_732_096),
     "mixtral-8x7b": (46_702_792_704, 12_879_925_248),
     "mixtral-8x22b": (140_630_071_296, 39_161_468_928),
+    "qwen3-30b-a3b": (30_532_122_624, 3_353_032_704),  # published as 30.5B and 3.3B
 }
 
 
 def formula_count(m):
     """Parameter count from the architecture's formula, independent of the module code."""
     hd = m.resolved_head_dim
-    attn = m.d_model * hd * (2 * m.n_heads + 2 * m.n_kv_heads)
+    attn = m.d_model * hd * (2 * m.n_heads + 2 * m.n_kv_heads) + (2 * hd if m.qk_norm else 0)
     ffn = 3 * m.d_model * m.d_ff
-    per_layer_total = attn + 2 * m.d_model + (m.n_experts * ffn + m.d_model * m.n_experts if m.is_moe else ffn)
+    shared = 3 * m.d_model * (m.d_ff_shared or m.d_ff) * m.n_shared_experts
+    per_layer_total = attn + 2 * m.d_model + shared
+    per_layer_total += m.n_experts * ffn + m.d_model * m.n_experts if m.is_moe else ffn
     per_layer_active = per_layer_total - ((m.n_experts - m.top_k) * ffn if m.is_moe else 0)
     outer = 2 * m.vocab_size * m.d_model + m.d_model
     return outer + m.n_layers * per_layer_total, outer + m.n_layers * per_layer_active

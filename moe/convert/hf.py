@@ -26,7 +26,15 @@ from moe.checkpoint.params import ParamReader, ParamWriter
 from moe.checkpoint.runs import checkpoint_of
 from moe.config import ModelConfig
 from moe.convert.hf_tokenizer import default_tokenizer, tokenizer_model, write_tokenizer
-from moe.convert.table import ConversionError, Entry, entries, hf_config_from_model, model_config_from_hf
+from moe.convert.table import (
+    CLASS_OF,
+    ConversionError,
+    Entry,
+    entries,
+    family,
+    hf_config_from_model,
+    model_config_from_hf,
+)
 from moe.model import param_shapes
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -88,7 +96,7 @@ def check_tensors(cfg: ModelConfig, source: SafetensorsSource) -> list[Entry]:
     if unexpected:
         raise ConversionError(
             f"{len(unexpected)} unexpected tensors in {source.dir} that this "
-            f"{'Mixtral' if cfg.is_moe else 'Mistral'} model has no place for, e.g. {unexpected[:3]}"
+            f"{CLASS_OF[family(cfg)]} model has no place for, e.g. {unexpected[:3]}"
         )
     for e in expected:
         want = tuple(e.rule.hf_shape(cfg))

@@ -6,6 +6,11 @@ axis (and expert axis). A rule names both sides and the two reshapes between the
 
 Config: `model_config_from_hf` and `hf_config_from_model` map config.json to ModelConfig
 and back, refusing every Hugging Face feature this model does not implement.
+
+Three Hugging Face families: MistralForCausalLM (dense), MixtralForCausalLM (sparse,
+softmax top-k renormalized) and Qwen3MoeForCausalLM (sparse with qk-norm, norm_topk_prob
+either way, head_dim apart from d_model / n_heads). `family` says which one a ModelConfig
+exports as, or why none holds it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import numpy as np
 
 from moe.config import ConfigError, ModelConfig, validate_model
 
-ARCHITECTURES = {"MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
+ARCHITECTURES = {
+    "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+CLASS_OF = {kind: arch for arch, kind in ARCHITECTURES.items()}
 
 
 class ConversionError(ValueError):
@@ -75,8 +85,36 @@ class Rule:
         return "{expert}" in self.hf
 
 
+def family(cfg: ModelConfig) -> str:
+    """ "mistral", "mixtral" or "qwen3_moe": the Hugging Face family that holds this model
+    exactly; ConversionError naming what none of them has."""
+    if cfg.is_moe and cfg.qk_norm:
+        kind = "qwen3_moe"
+    elif cfg.qk_norm:
+        raise ConversionError("model.qk_norm on a dense model: no supported Hugging Face class has it")
+    else:
+        kind = "mixtral" if cfg.is_moe else "mistral"
+    beyond = {  # ModelConfig fields no supported Hugging Face class holds, with the value it holds
+        "n_shared_experts": 0,
+        "router_scores": "softmax",
+        "routed_scale": 1.0,
+    }
+    if kind == "mixtral":
+        beyond["norm_topk"] = True
+    if kind == "qwen3_moe":
+        beyond["sliding_window"] = None
+    for field, value in beyond.items():
+        if getattr(cfg, field) != value:
+            raise ConversionError(
+                f"model.{field}={getattr(cfg, field)!r} has no place in Hugging Face's {CLASS_OF[kind]} "
+                f"(which has {field}={value!r}); it converts only to this project's checkpoints"
+            )
+    return kind
+
+
 def rules(cfg: ModelConfig) -> list[Rule]:
-    d, f, v, e = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_experts
+    d, f, v, e, hd = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_experts, cfg.resolved_head_dim
+    kind = family(cfg)
     layer = "model.layers.{layer}."
     q, k, vv = _proj_in("n_heads"), _proj_in("n_kv_heads"), _proj_in("n_kv_heads")
     table = [
@@ -94,13 +132,25 @@ def rules(cfg: ModelConfig) -> list[Rule]:
         ),
         Rule(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same, lambda c: (d,)),
     ]
+    if cfg.qk_norm:
+        table += [
+            Rule(
+                ("layers", "attn", f"{n}_norm", "scale"),
+                layer + f"self_attn.{n}_norm.weight",
+                _same,
+                _same,
+                lambda c: (hd,),
+            )
+            for n in ("q", "k")
+        ]
     if cfg.is_moe:
-        moe = layer + "block_sparse_moe."
+        moe = layer + ("block_sparse_moe." if kind == "mixtral" else "mlp.")
+        w1, w3, w2 = ("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         table += [
             Rule(("layers", "moe", "gate"), moe + "gate.weight", _t, _t, lambda c: (e, d)),
-            Rule(("layers", "moe", "w1"), moe + "experts.{expert}.w1.weight", _t, _t, lambda c: (f, d)),
-            Rule(("layers", "moe", "w3"), moe + "experts.{expert}.w3.weight", _t, _t, lambda c: (f, d)),
-            Rule(("layers", "moe", "w2"), moe + "experts.{expert}.w2.weight", _t, _t, lambda c: (d, f)),
+            Rule(("layers", "moe", "w1"), moe + f"experts.{{expert}}.{w1}.weight", _t, _t, lambda c: (f, d)),
+            Rule(("layers", "moe", "w3"), moe + f"experts.{{expert}}.{w3}.weight", _t, _t, lambda c: (f, d)),
+            Rule(("layers", "moe", "w2"), moe + f"experts.{{expert}}.{w2}.weight", _t, _t, lambda c: (d, f)),
         ]
     else:
         table += [
@@ -170,12 +220,41 @@ def _rope_theta(hf: dict) -> float:
     return float(theta)
 
 
+def _qwen3_moe_fields(hf: dict) -> dict:
+    """ModelConfig fields of a Qwen3MoeForCausalLM config.json; refuses its dense layers and window."""
+    if hf.get("use_sliding_window"):
+        raise ConversionError(
+            "config.json: use_sliding_window=true (Qwen3's window on some layers) is not implemented; "
+            "only use_sliding_window=false converts exactly"
+        )
+    dense = [i for i in range(hf["num_hidden_layers"]) if not _qwen3_sparse(hf, i)]
+    if dense:
+        raise ConversionError(
+            f"config.json: layers {dense[:8]} have a dense MLP (mlp_only_layers / decoder_sparse_step); "
+            "a model with both dense and MoE layers is not implemented"
+        )
+    return dict(
+        d_ff=hf["moe_intermediate_size"],
+        n_experts=hf.get("num_experts", hf.get("num_local_experts")),
+        top_k=hf["num_experts_per_tok"],
+        norm_topk=bool(hf.get("norm_topk_prob", False)),
+        qk_norm=True,
+        sliding_window=None,
+    )
+
+
+def _qwen3_sparse(hf: dict, layer: int) -> bool:
+    """As Qwen3MoeDecoderLayer decides: an MoE MLP unless listed in mlp_only_layers or off the step."""
+    step = hf.get("decoder_sparse_step", 1)
+    return layer not in (hf.get("mlp_only_layers") or []) and (layer + 1) % step == 0
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict; refuses what we do not implement."""
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
     kind = ARCHITECTURES.get(arch) if arch else hf.get("model_type")
-    if kind not in ("mistral", "mixtral"):
+    if kind not in CLASS_OF:
         raise ConversionError(
             f"config.json: architecture {arch or hf.get('model_type')!r} is not supported; "
             f"expected one of {sorted(ARCHITECTURES)}"
@@ -188,6 +267,11 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             )
     n_heads = hf["num_attention_heads"]
     try:
+        fields = dict(d_ff=hf["intermediate_size"], n_experts=0, sliding_window=hf.get("sliding_window"))
+        if kind == "mixtral":
+            fields.update(n_experts=hf["num_local_experts"], top_k=hf.get("num_experts_per_tok", 2))
+        elif kind == "qwen3_moe":
+            fields.update(_qwen3_moe_fields(hf))
         cfg = ModelConfig(
             vocab_size=hf["vocab_size"],
             d_model=hf["hidden_size"],
@@ -195,16 +279,13 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=hf.get("head_dim"),
-            d_ff=hf["intermediate_size"],
-            n_experts=hf["num_local_experts"] if kind == "mixtral" else 0,
-            top_k=hf.get("num_experts_per_tok", 2) if kind == "mixtral" else 2,
             rope_theta=_rope_theta(hf),
-            sliding_window=hf.get("sliding_window"),
             max_seq_len=hf.get("max_position_embeddings", 32768),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             param_dtype="bfloat16" if _hf_dtype(hf) == "bfloat16" else "float32",
             bos_id=hf.get("bos_token_id") or 1,
             eos_id=_first(hf.get("eos_token_id"), 2),
+            **fields,
         )
         validate_model(cfg)
     except KeyError as e:
@@ -227,11 +308,11 @@ def _hf_dtype(hf: dict) -> str:
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict:
-    """A complete config.json for MistralForCausalLM or MixtralForCausalLM."""
-    arch = "MixtralForCausalLM" if cfg.is_moe else "MistralForCausalLM"
+    """A complete config.json for MistralForCausalLM, MixtralForCausalLM or Qwen3MoeForCausalLM."""
+    kind = family(cfg)
     hf = {
-        "architectures": [arch],
-        "model_type": ARCHITECTURES[arch],
+        "architectures": [CLASS_OF[kind]],
+        "model_type": kind,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
@@ -255,12 +336,25 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict:
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if cfg.is_moe:
+    if kind == "mixtral":
         hf.update(
             num_local_experts=cfg.n_experts,
             num_experts_per_tok=cfg.top_k,
             router_aux_loss_coef=0.02,
             output_router_logits=False,
             router_jitter_noise=0.0,
+        )
+    if kind == "qwen3_moe":
+        hf.update(
+            moe_intermediate_size=cfg.d_ff,
+            num_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.top_k,
+            norm_topk_prob=cfg.norm_topk,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=False,
+            attention_bias=False,
+            router_aux_loss_coef=0.001,
+            output_router_logits=False,
         )
     return hf

@@ -26,7 +26,7 @@ from jax import lax
 
 from moe.config import LoRAConfig, ModelConfig
 from moe.model import splash
-from moe.model.layers import DTYPES, apply_rope, kernel_init, param_with_axes
+from moe.model.layers import DTYPES, RMSNorm, apply_rope, kernel_init, param_with_axes
 from moe.model.lora import adapt, project
 
 QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
@@ -249,6 +249,8 @@ class Attention(nn.Module):
         q = project(x, wq, 1)  # [batch, seq, heads, head_dim]
         k = project(x, wk, 1)  # [batch, seq, kv_heads, head_dim]
         v = project(x, wv, 1)
+        if cfg.qk_norm:  # each head's query and key RMS-normalized over head_dim (Qwen3, OLMoE)
+            q, k = RMSNorm(cfg, name="q_norm")(q), RMSNorm(cfg, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         batch, seq = x.shape[:2]
         q = q.reshape(batch, seq, n_kv, h // n_kv, hd)  # [batch, seq, kv_heads, group, head_dim]

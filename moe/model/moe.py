@@ -15,6 +15,7 @@ tokens, layers and devices (sums reduce; means do not):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -25,23 +26,40 @@ from jax.sharding import PartitionSpec as P
 from moe.config import LoRAConfig, ModelConfig
 from moe.model import dispatch as dispatch_lib
 from moe.model.experts import ExpertList
-from moe.model.layers import DTYPES, kernel_init, param_with_axes
+from moe.model.layers import DTYPES, SwiGLU, kernel_init, param_with_axes
 from moe.model.lora import Adapted, adapt, project
 from moe.model.qarray import QArray
 from moe.parallel import expert_parallel
 
 
-def route(logits_te, top_k: int):
-    """float32 softmax over experts, top-k, renormalized. Returns (probs, weights, indices)."""
-    probs_te = jax.nn.softmax(logits_te.astype(jnp.float32), axis=-1)
-    weight_tk, expert_idx_tk = jax.lax.top_k(probs_te, top_k)
-    weight_tk = weight_tk / jnp.sum(weight_tk, axis=-1, keepdims=True)
+def route(logits_te, top_k: int, scores: str = "softmax", norm_topk: bool = True, scale: float = 1.0, bias_e=None):
+    """Router scores in float32 and the top-k choice. Returns (probs [tokens, experts],
+    weights [tokens, top_k], indices [tokens, top_k]).
+
+    scores: "softmax" over the experts (Mixtral, Qwen3-MoE) or "sigmoid" per expert
+    (DeepSeek-V3). bias_e [experts] (balance=bias) is added to the scores for the choice
+    only; the weights are the chosen experts' own scores, renormalized to sum to 1 when
+    norm_topk, then times `scale`."""
+    logits_te = logits_te.astype(jnp.float32)
+    probs_te = jax.nn.softmax(logits_te, axis=-1) if scores == "softmax" else jax.nn.sigmoid(logits_te)
+    if bias_e is None:
+        weight_tk, expert_idx_tk = jax.lax.top_k(probs_te, top_k)
+    else:
+        _, expert_idx_tk = jax.lax.top_k(probs_te + bias_e.astype(jnp.float32), top_k)
+        weight_tk = jnp.take_along_axis(probs_te, expert_idx_tk, axis=-1)
+    if norm_topk:
+        weight_tk = weight_tk / jnp.sum(weight_tk, axis=-1, keepdims=True)
+    if scale != 1.0:
+        weight_tk = weight_tk * scale
     return probs_te, weight_tk, expert_idx_tk
 
 
-def router_stats(logits_te, probs_te, expert_idx_tk, valid_t):
-    """Per-layer sums for the balancing and z losses; `valid_t` masks out padding."""
+def router_stats(logits_te, probs_te, expert_idx_tk, valid_t, sigmoid: bool = False):
+    """Per-layer sums for the balancing and z losses; `valid_t` masks out padding. Sigmoid
+    scores enter the balancing loss normalized over the experts (as DeepSeek-V3's)."""
     n_experts = probs_te.shape[-1]
+    if sigmoid:
+        probs_te = probs_te / jnp.sum(probs_te, axis=-1, keepdims=True)
     valid = valid_t.astype(jnp.float32)
     counts = jnp.einsum("tke,t->e", jax.nn.one_hot(expert_idx_tk, n_experts, dtype=jnp.float32), valid)
     z = jax.nn.logsumexp(logits_te.astype(jnp.float32), axis=-1)
@@ -76,9 +94,11 @@ class SparseMoE(nn.Module):
         w2 = self._weight("w2", (e, f, d), ("exp", "mlp", "embed"), 1)
         x_td = x.reshape(batch * seq, d)
         logits_te = project(x_td.astype(jnp.float32), gate.astype(jnp.float32), 1)  # [tokens, experts]
-        probs_te, weight_tk, expert_idx_tk = route(logits_te, cfg.top_k)
+        probs_te, weight_tk, expert_idx_tk = route(
+            logits_te, cfg.top_k, cfg.router_scores, cfg.norm_topk, cfg.routed_scale
+        )
         valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
-        stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t)
+        stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t, cfg.router_scores == "sigmoid")
         self.sow(
             "intermediates", "expert_idx", expert_idx_tk.reshape(batch, seq, -1)
         )  # moe/study/routing.py reads these
@@ -118,7 +138,19 @@ class SparseMoE(nn.Module):
             )
         else:
             y_td = fn(*args)
-        return y_td.reshape(batch, seq, d), stats
+        y = y_td.reshape(batch, seq, d)
+        if cfg.n_shared_experts:  # every token through the shared experts, one SwiGLU of their summed width
+            lora = self.lora if self.lora is not None and "shared" in self.lora.targets else None
+            lora = None if lora is None else dataclasses.replace(lora, targets=("mlp",))  # all three, as a dense MLP's
+            y = y + SwiGLU(shared_config(cfg), lora, name="shared")(x, select)
+        return y, stats
+
+
+def shared_config(cfg: ModelConfig) -> ModelConfig:
+    """The shared experts as one dense SwiGLU: n_shared_experts of width d_ff_shared side by
+    side are one of their summed width (their outputs add up)."""
+    width = cfg.n_shared_experts * (cfg.d_ff_shared or cfg.d_ff)
+    return dataclasses.replace(cfg, d_ff=width, n_experts=0, n_shared_experts=0, d_ff_shared=None)
 
 
 def expert_weight_spec(w, spec, a_spec, b_spec):

@@ -10,7 +10,7 @@ import jax
 from moe.config import ModelConfig
 from moe.model import param_shapes
 
-COMPONENTS = ("embedding", "attention", "mlp", "router", "experts", "norms", "lm_head")
+COMPONENTS = ("embedding", "attention", "mlp", "router", "experts", "shared", "norms", "lm_head")
 
 
 def component_of(path: tuple[str, ...]) -> str:
@@ -23,6 +23,8 @@ def component_of(path: tuple[str, ...]) -> str:
         return "norms"
     if "attn" in path:
         return "attention"
+    if "shared" in path:  # the MoE block's shared experts: every token uses them
+        return "shared"
     if "mlp" in path:
         return "mlp"
     if "moe" in path:
@@ -56,6 +58,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 def format_count(cfg: ModelConfig, count: ParamCount) -> str:
     kind = f"sparse MoE, {cfg.n_experts} experts, top-{cfg.top_k}" if cfg.is_moe else "dense"
+    if cfg.n_shared_experts:
+        kind += f", {cfg.n_shared_experts} shared"
     lines = [
         f"model: {kind}, {cfg.n_layers} layers, d_model {cfg.d_model}",
         f"{'component':<12}{'total':>20}{'active':>20}",

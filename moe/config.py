@@ -48,6 +48,10 @@ class ModelConfig:
     norm_topk: bool = True  # the chosen top-k weights renormalized to sum to 1 (Mixtral; Qwen3's norm_topk_prob)
     routed_scale: float = 1.0  # the routed experts' weights times this (DeepSeek-V3's routed_scaling_factor)
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3, OLMoE)
+    # aux_loss: the Switch/Mixtral loss (train.aux_loss_coef); bias: DeepSeek-V3's auxiliary-loss-free
+    # per-expert bias on the choice, moved by bias_update_rate after every step; none: neither
+    balance: Literal["aux_loss", "bias", "none"] = "aux_loss"
+    bias_update_rate: float = 0.001
     rope_theta: float = 10000.0
     sliding_window: Optional[int] = None  # None: plain causal attention
     max_seq_len: int = 32768
@@ -96,6 +100,7 @@ COMPUTE_FIELDS = frozenset(
         "attention",
         "init_std",
         "max_seq_len",
+        "bias_update_rate",
     }
 )
 
@@ -303,6 +308,10 @@ def _validate_moe_variant(m: ModelConfig) -> None:
             f"model.d_ff_shared ({m.d_ff_shared}) is the width of each shared expert: it must be "
             ">= 1 and needs model.n_shared_experts >= 1 (or set it to null)"
         )
+    if m.balance == "bias" and not m.is_moe:
+        raise ConfigError("model.balance=bias balances experts; a dense model has none: use balance=aux_loss")
+    if not m.bias_update_rate > 0:
+        raise ConfigError(f"model.bias_update_rate must be > 0, got {m.bias_update_rate}")
     if not m.routed_scale > 0:
         raise ConfigError(f"model.routed_scale must be > 0, got {m.routed_scale}")
     if m.router_scores == "sigmoid" and m.is_moe and m.top_k == 1 and m.norm_topk:

@@ -99,6 +99,11 @@ def family(cfg: ModelConfig) -> str:
         "router_scores": "softmax",
         "routed_scale": 1.0,
     }
+    if cfg.balance == "bias":
+        raise ConversionError(
+            "model.balance=bias: the per-expert bias on the router's choice has no place in "
+            f"Hugging Face's {CLASS_OF[kind]}; it converts only to this project's checkpoints"
+        )
     if kind == "mixtral":
         beyond["norm_topk"] = True
     if kind == "qwen3_moe":

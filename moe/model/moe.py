@@ -3,6 +3,10 @@
 Router numerics follow Mixtral: logits = x @ W_gate (no bias), softmax in float32, take the
 top-k probabilities and renormalize them to sum to 1.
 
+With model.balance=bias the block holds a per-expert bias [experts] that is added to the
+scores for the top-k choice only (DeepSeek-V3's auxiliary-loss-free balancing; the train
+step moves it, moe/training/balance.py).
+
 The block also returns per-layer sums from which the losses are formed over any set of
 tokens, layers and devices (sums reduce; means do not):
   expert_counts [E]  top-k assignments per expert        (-> f_e of the balancing loss)
@@ -94,8 +98,11 @@ class SparseMoE(nn.Module):
         w2 = self._weight("w2", (e, f, d), ("exp", "mlp", "embed"), 1)
         x_td = x.reshape(batch * seq, d)
         logits_te = project(x_td.astype(jnp.float32), gate.astype(jnp.float32), 1)  # [tokens, experts]
+        bias_e = None
+        if cfg.balance == "bias":  # moved by the train step (moe/training/balance.py), never by gradients
+            bias_e = param_with_axes(self, "bias", nn.initializers.zeros, (e,), ("exp",), jnp.float32)
         probs_te, weight_tk, expert_idx_tk = route(
-            logits_te, cfg.top_k, cfg.router_scores, cfg.norm_topk, cfg.routed_scale
+            logits_te, cfg.top_k, cfg.router_scores, cfg.norm_topk, cfg.routed_scale, bias_e
         )
         valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
         stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t, cfg.router_scores == "sigmoid")

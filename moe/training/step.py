@@ -25,7 +25,7 @@ import moe.model as model_lib
 from moe.config import Config
 from moe.model.moe import load_balancing_loss, z_loss
 from moe.parallel.mesh import batch_sharding, replicated, rules
-from moe.training import dpo, objectives
+from moe.training import balance, dpo, objectives
 from moe.training import trainable as trainable_lib
 from moe.training.metrics import DPO_METRICS
 from moe.training.objectives import forward, loss_mask
@@ -56,8 +56,9 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def decay_mask(params):
-    """True where weight decay applies: every weight but the norm scales."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] != "scale", params)
+    """True where weight decay applies: every weight but the norm scales and the balancing
+    bias (which has no gradient either, so the optimizer leaves it as it is)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] not in ("scale", "bias"), params)
 
 
 def router_labels(params):
@@ -143,8 +144,11 @@ def combine(cfg: Config, terms: dict, total_tokens, router_totals: dict | None =
         rows = jnp.sum(totals["router_rows"])
         aux = load_balancing_loss(totals["expert_counts"], terms["prob_sum"], rows)
         z = z_loss(terms["z_sum"], rows)
-        loss = loss + cfg.train.aux_loss_coef * aux + cfg.train.z_loss_coef * z
+        aux_coef = cfg.train.aux_loss_coef if cfg.model.balance == "aux_loss" else 0.0  # reported either way
+        loss = loss + aux_coef * aux + cfg.train.z_loss_coef * z
         metrics.update(aux_loss=aux, z_loss=z, expert_load=_expert_load(cfg, totals), ep_overflow=terms["ep_overflow"])
+        if cfg.model.balance == "bias":  # the whole batch's counts move the bias (train_step)
+            metrics["expert_counts"] = totals["expert_counts"]
     else:
         metrics.update(aux_loss=jnp.zeros(()), z_loss=jnp.zeros(()))
     return loss, metrics
@@ -201,15 +205,18 @@ def grads_and_metrics(cfg: Config, params, batch, frozen=None, rng=None):
     def body(carry, xs):
         (loss, metrics), grads = grad_fn(params, *xs)
         metrics.pop("expert_load", None)  # of the whole batch already
+        metrics.pop("expert_counts", None)
         return jax.tree_util.tree_map(jnp.add, carry, (loss, grads, metrics)), None
 
     first = jax.tree_util.tree_map(lambda x: x[0], (micro, rngs))
     (_, shapes), grad_shapes = jax.eval_shape(lambda: grad_fn(params, *first))
-    shapes = {k: v for k, v in shapes.items() if k != "expert_load"}
+    shapes = {k: v for k, v in shapes.items() if k not in ("expert_load", "expert_counts")}
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (jnp.zeros(()), grad_shapes, shapes))
     (loss, grads, metrics), _ = jax.lax.scan(body, zeros, (micro, rngs))
     if totals is not None:
         metrics["expert_load"] = _expert_load(cfg, totals)
+        if cfg.model.balance == "bias":
+            metrics["expert_counts"] = totals["expert_counts"]
     return loss, grads, metrics
 
 
@@ -224,6 +231,9 @@ def train_step(cfg: Config, optimizer: optax.GradientTransformation, state: Trai
     loss, grads, metrics = grads_and_metrics(cfg, state.params, batch, frozen, dropout_rng(cfg, state.step))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    counts = metrics.pop("expert_counts", None)
+    if counts is not None:  # model.balance=bias: moved after the step, unless the step was skipped
+        params = balance.update(cfg.model, params, counts, moved=opt_state.last_finite)
     consecutive, total = nonfinite_counts(opt_state)
     metrics = dict(
         metrics,

@@ -166,3 +166,69 @@ def test_every_variant_together_trains_the_whole_model():
     assert {"layers/attn/q_norm/scale", "layers/moe/shared/w1", "layers/moe/gate"} <= set(flat)
     for name, g in flat.items():
         assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0, name
+
+
+@pytest.mark.parametrize(
+    "mesh,n_experts,top_k,exchange",
+    [
+        (dict(data=1, expert=8), 32, 8, "ragged"),
+        (dict(data=2, expert=4), 64, 6, "ragged"),
+        (dict(data=1, expert=8), 64, 8, "padded"),
+    ],
+)
+def test_expert_parallelism_exchanges_fine_grained_experts_exactly(mesh, n_experts, top_k, exchange):
+    from moe import config as C
+    from moe.parallel import expert_parallel
+    from moe.parallel import mesh as S
+
+    keys = jax.random.split(jax.random.key(11), 6)
+    tokens, d_model, d_ff = 64, 16, 8
+    x = jax.random.normal(keys[0], (tokens, d_model))
+    w1, w3 = (jax.random.normal(k, (n_experts, d_model, d_ff)) * 0.3 for k in keys[1:3])
+    w2 = jax.random.normal(keys[3], (n_experts, d_ff, d_model)) * 0.3
+    _, weight, idx = route(jax.random.normal(keys[4], (tokens, n_experts)), top_k)
+    cotangent = jax.random.normal(keys[5], (tokens, d_model))
+    cfg = C.Config(model=tiny_model(n_experts=n_experts, top_k=top_k), mesh=C.MeshConfig(**mesh))
+    device_mesh = S.make_mesh(cfg)
+
+    def parallel(*a):
+        return expert_parallel.dispatch(device_mesh, *a, local_dispatch=DISPATCH["grouped"], exchange=exchange)
+
+    def loss(fn):
+        return jax.jit(
+            jax.value_and_grad(lambda x, w, a, b, c: jnp.sum(fn(x, idx, w, a, b, c) * cotangent), argnums=range(5))
+        )
+
+    want_loss, want = loss(DISPATCH["dense"])(x, weight, w1, w3, w2)
+    got_loss, got = loss(lambda *a: parallel(*a)[0])(x, weight, w1, w3, w2)
+    assert abs(float(got_loss) - float(want_loss)) <= 1e-4
+    for name, a, b in zip(("x", "weight", "w1", "w3", "w2"), got, want):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5, name
+    assert float(jax.jit(lambda *a: parallel(*a)[1])(x, idx, weight, w1, w3, w2)) == 0.0  # nothing dropped
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "gather", "dense"])
+def test_quantized_fine_grained_and_shared_experts_compute_their_dequantized_weights(dispatch):
+    import moe.model as M
+    from moe.model.qarray import QArray
+    from moe.quant.params import dequantize_params, quantize_params
+
+    cfg = tiny_model(
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        n_experts=16,
+        top_k=4,
+        d_ff=64,
+        n_shared_experts=1,
+        moe_dispatch=dispatch,
+    )
+    params = M.init(cfg, jax.random.key(12))
+    tokens = jax.random.randint(jax.random.key(13), (2, 10), 0, cfg.vocab_size)
+    for fmt in ("int4", "nf4"):
+        quantized = quantize_params(params, fmt)
+        assert isinstance(quantized["layers"]["moe"]["shared"]["w2"], QArray)
+        inside = jax.jit(lambda p: M.apply(cfg, p, tokens)[0])(quantized)
+        first = jax.jit(lambda p: M.apply(cfg, dequantize_params(p), tokens)[0])(quantized)
+        np.testing.assert_array_equal(np.asarray(inside), np.asarray(first))

@@ -36,6 +36,9 @@ LAYOUTS = {
     ("moe", "w1"): (2, 1),
     ("moe", "w3"): (2, 1),
     ("moe", "w2"): (2, 1),
+    ("shared", "w1"): (2, 1),  # the MoE block's shared experts
+    ("shared", "w3"): (2, 1),
+    ("shared", "w2"): (2, 1),
     ("lm_head", "kernel"): (2, 1),
     ("embed", "embedding"): (2, None),
 }

@@ -111,12 +111,31 @@ def test_hf_mistral_upcycles_and_converts_to_a_mixtral_transformers_reads(tmp_pa
         np.testing.assert_allclose(mixtral(ids).logits.numpy(), dense_model(ids).logits.numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dispatch", ["grouped", "gather", "dense"])
+def test_fine_grained_upcycling_splits_the_mlp_and_computes_the_dense_model(upcycled, tmp_path, dispatch):
+    _, dense_dir, dense, _, _, reference = upcycled
+    fields = dict(d_ff=12, top_k=8, routed_scale=4.0, balance="bias")  # 48 = 4 slices of 12; 2 of each chosen
+    moe = dataclasses.replace(dense, model=dataclasses.replace(dense.model, n_experts=16, **fields))
+    moe_yaml = _write_config(tmp_path / "fine.yaml", moe)
+    assert cli.main(["upcycle", str(dense_dir), str(moe_yaml), str(tmp_path / "fine")]) == 0
+    params = restore_params(tmp_path / "fine" / "params")
+    dense_w2 = np.asarray(restore_params(dense_dir / "params")["layers"]["mlp"]["w2"])  # [layers, 48, d]
+    np.testing.assert_array_equal(np.asarray(params["layers"]["moe"]["w2"])[:, 6], dense_w2[:, 24:36])  # slice 6 % 4
+    np.testing.assert_array_equal(np.asarray(params["layers"]["moe"]["bias"]), 0.0)
+    out = model_lib.logits(dataclasses.replace(moe.model, moe_dispatch=dispatch), params, TOKENS)
+    np.testing.assert_allclose(np.asarray(out), reference, atol=1e-5, rtol=0)
+    normal = ["--router-init", "normal"]
+    assert cli.main(["upcycle", str(dense_dir), str(moe_yaml), str(tmp_path / "fine-normal"), *normal]) == 1
+
+
 def test_bad_inputs_are_one_line_errors_and_write_nothing(upcycled, tmp_path, capsys):
     _, dense_dir, dense, _, _, _ = upcycled
     heads = dataclasses.replace(dense, model=dataclasses.replace(dense.model, n_experts=4, n_heads=8, head_dim=8))
     cases = [
         (_moe_config(tmp_path, dense, d_model=64)[0], "model.d_model is 32 in the source but 64"),
-        (_moe_config(tmp_path, dense, d_ff=64)[0], "model.d_ff is 48 in the source but 64"),
+        (_moe_config(tmp_path, dense, d_ff=64)[0], "model.d_ff (64) must divide the dense d_ff (48)"),
+        (_moe_config(tmp_path, dense, d_ff=16)[0], "multiples of 3"),
+        (_moe_config(tmp_path, dense, d_ff=24)[0], "only with model.routed_scale=2"),
         (_write_config(tmp_path / "heads.yaml", heads), "model.n_heads is 4 in the source but 8"),
         (_moe_config(tmp_path, dense, vocab_size=128)[0], "model.vocab_size is 97 in the source but 128"),
         (_moe_config(tmp_path, dense, n_experts=0)[0], "the target config is dense"),

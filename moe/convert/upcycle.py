@@ -8,6 +8,13 @@ zeros (every expert equally likely: top-k ties go to the first experts) or norma
 config's init_std. Without noise the MoE computes exactly the dense model: every expert is
 the same MLP and the renormalized top-k weights sum to 1.
 
+Fine-grained upcycling: when the MoE's d_ff is the dense d_ff / G, each expert takes a
+slice of the dense MLP's hidden units (expert e the slice e mod G, so every G consecutive
+experts hold the whole MLP), and the MoE needs top_k and n_experts multiples of G,
+model.routed_scale = G and the zeros router. Then every token's top-k (ties go to the
+first experts) holds each slice top_k / G times with weight G / top_k, whose sum is the
+dense MLP: a SwiGLU is the sum of its hidden units' contributions.
+
 Streamed slice by slice (moe/convert/stream.py) into OUT/params + OUT/config.yaml, written
 under OUT.partial and renamed when complete.
 """
@@ -28,7 +35,7 @@ from moe.model import param_shapes
 
 ROUTER_INITS = ("zeros", "normal")
 # what may differ between the dense source and the MoE: the experts, and how it computes
-FREE_FIELDS = config_lib.COMPUTE_FIELDS | {"n_experts", "top_k"}
+FREE_FIELDS = config_lib.COMPUTE_FIELDS | {"n_experts", "top_k", "d_ff", "routed_scale", "balance"}
 MLP = ("layers", "mlp")
 
 
@@ -48,6 +55,39 @@ def check(dense: ModelConfig, moe: ModelConfig, where: str) -> None:
             f"{where} does not match the MoE config: {listed}; the MoE must keep the dense "
             f"shape ({' '.join(f'model.{n}={d}' for n, d, _ in diffs)})"
         )
+
+
+def granularity(dense: ModelConfig, moe: ModelConfig, router_init: str) -> int:
+    """G: how many experts the dense MLP is split into (1: each expert a whole copy)."""
+    if dense.d_ff % moe.d_ff:
+        raise UpcycleError(
+            f"the MoE's model.d_ff ({moe.d_ff}) must divide the dense d_ff ({dense.d_ff}): each expert "
+            "takes an equal slice of the dense MLP (or a whole copy, with the same d_ff)"
+        )
+    g = dense.d_ff // moe.d_ff
+    if moe.n_experts % g or moe.top_k % g:
+        raise UpcycleError(
+            f"splitting the dense MLP into {g} slices needs model.n_experts ({moe.n_experts}) and "
+            f"model.top_k ({moe.top_k}) to be multiples of {g}, so every token's top-k holds each slice"
+        )
+    if moe.routed_scale != g or not moe.norm_topk or moe.n_shared_experts:
+        raise UpcycleError(
+            f"the MoE computes the dense model only with model.routed_scale={g} (the dense MLP split "
+            f"into {g}), model.norm_topk=true and no shared experts; got routed_scale={moe.routed_scale}, "
+            f"norm_topk={moe.norm_topk}, n_shared_experts={moe.n_shared_experts}"
+        )
+    if g > 1 and router_init != "zeros":
+        raise UpcycleError(
+            "fine-grained upcycling needs --router-init zeros: a random router would not give "
+            "every token one expert of each slice"
+        )
+    return g
+
+
+def _slice(name: str, w: np.ndarray, part: int, width: int) -> np.ndarray:
+    """Slice `part` of the dense MLP's hidden units: w1, w3 [d_model, d_ff] by columns, w2 by rows."""
+    cols = slice(part * width, (part + 1) * width)
+    return w[cols] if name == "w2" else w[:, cols]
 
 
 def _noise(seed: int, layer: int, expert: int, name: str, shape, std: float) -> np.ndarray:
@@ -72,6 +112,7 @@ def upcycle(
         )
     check(dense_cfg.model, target.model, source)
     m = target.model
+    g = granularity(dense_cfg.model, m, router_init)
     cfg = dataclasses.replace(target, train=dataclasses.replace(target.train, init_from=None))
     dtype = NP_DTYPES[m.param_dtype]
     with written_atomically(out_dir, src) as tmp:
@@ -82,7 +123,7 @@ def upcycle(
                 return writer.write(path, index, np.asarray(array).astype(dtype))
             name, layer = path[2], index[0]
             for e in range(m.n_experts):
-                w = np.asarray(array, np.float32)
+                w = _slice(name, np.asarray(array, np.float32), e % g, m.d_ff)
                 if noise > 0:
                     w = w + _noise(seed, layer, e, name, w.shape, noise)
                 writer.write(("layers", "moe", name), (layer, e), w.astype(dtype))
@@ -96,6 +137,8 @@ def upcycle(
                 else rng.normal(0.0, m.init_std, (m.d_model, m.n_experts)).astype(np.float32)
             )
             writer.write(("layers", "moe", "gate"), (layer,), gate.astype(dtype))
+            if m.balance == "bias":
+                writer.write(("layers", "moe", "bias"), (layer,), np.zeros(m.n_experts, np.float32))
         writer.close()
         (tmp / "config.yaml").write_text(config_lib.dump(cfg))
     return cfg

@@ -110,6 +110,7 @@ class SparseMoE(nn.Module):
             "intermediates", "expert_idx", expert_idx_tk.reshape(batch, seq, -1)
         )  # moe/study/routing.py reads these
         self.sow("intermediates", "top1_prob", probs_te.max(axis=-1).reshape(batch, seq))
+        self.sow("intermediates", "router_logits", logits_te.reshape(batch, seq, e))  # expert surgery reads these
 
         quantized = isinstance(w1.w if isinstance(w1, Adapted) else w1, QArray)
         fn = dispatch_lib.DISPATCH[

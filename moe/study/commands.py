@@ -1,4 +1,5 @@
-"""`moe sweep`, `moe report`, `moe plot` and `moe analyze`: arguments and what they run.
+"""`moe sweep`, `moe report`, `moe plot`, `moe analyze` and `moe experts prune|merge`:
+arguments and what they run.
 
 A command's code is imported when it runs, so `moe --help` does not load JAX.
 """
@@ -59,6 +60,40 @@ def run_analyze(args) -> int:
     return 0
 
 
+def run_experts(args) -> int:
+    from moe.study import surgery
+
+    record = surgery.run(args.method, args.source, args.out, args.keep, args.data, args.by, args.docs, args.doc_tokens)
+    print(surgery.summary(record))
+    print(f"wrote {args.out} ({args.keep} experts per layer; surgery.json records the choice)")
+    return 0
+
+
+def _add_experts(sub) -> None:
+    p = sub.add_parser("experts", help="expert surgery: prune or merge an MoE's experts by how it routes given texts")
+    methods = p.add_subparsers(dest="method", required=True)
+    for method, help_text, count in (
+        ("prune", "keep the K experts per layer with the most routing weight (or load)", "--keep"),
+        ("merge", "merge each layer's experts into K groups by router similarity (MC-SMoE)", "--to"),
+    ):
+        q = methods.add_parser(method, help=help_text)
+        q.add_argument("source", help="an MoE: run directory, checkpoint step, converted or HF folder")
+        q.add_argument("out", type=storage.out_dir, help="the new checkpoint folder (must not exist)")
+        q.add_argument(count, dest="keep", type=int, required=True, metavar="K", help="experts per layer afterwards")
+        q.add_argument(
+            "--data",
+            required=True,
+            help="texts to route: comma-separated files, folders or globs (relative names also under the stdlib)",
+        )
+        if method == "prune":
+            q.add_argument("--by", default="weight", choices=["weight", "load"], help="what an expert is ranked by")
+        else:
+            q.set_defaults(by="load")
+        q.add_argument("--docs", type=int, default=32, help="documents read from the data")
+        q.add_argument("--doc-tokens", type=int, default=256, help="tokens read from the beginning of each document")
+        q.set_defaults(func=run_experts)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("sweep", help="run a sweep spec here (resumable), or print its launch commands")
     p.add_argument(
@@ -101,3 +136,4 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", required=True, metavar="DIR", type=storage.out_dir, help="the folder for the outputs")
     p.set_defaults(func=run_analyze)
+    _add_experts(sub)

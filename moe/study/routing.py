@@ -79,7 +79,7 @@ def repeat_rates(documents: list[np.ndarray]) -> dict:
     }
 
 
-def _domains(specs: list[str]) -> dict[str, list[Path]]:
+def domains(specs: list[str]) -> dict[str, list[Path]]:
     root = corpus.stdlib_root()
     out = {}
     for spec in specs:
@@ -97,7 +97,7 @@ def _domains(specs: list[str]) -> dict[str, list[Path]]:
     return out
 
 
-def _encode(sp, files: list[Path], docs: int, seq: int) -> list[list[int]]:
+def encode(sp, files: list[Path], docs: int, seq: int) -> list[list[int]]:
     """Up to `docs` documents (a file each, evenly spread over the domain), at most seq tokens."""
     step = max(1, len(files) // docs)
     out = []
@@ -127,7 +127,7 @@ def analyze(
 ) -> dict:
     if not specs:
         raise AnalyzeError("give at least one NAME=PATHS domain")
-    domains = _domains(specs)  # every domain checked before anything runs
+    found = domains(specs)  # every domain checked before anything runs
     src = source_lib.load(source, dtype)
     m = src.model
     if not m.is_moe:
@@ -137,7 +137,7 @@ def analyze(
         raise AnalyzeError(f"--layers must be in 0..{m.n_layers - 1}, got {layers}")
     sp = tokenizer_lib.load(src.tokenizer)
     seq = min(seq, m.max_seq_len)
-    encoded = {name: _encode(sp, files, docs, seq) for name, files in domains.items()}
+    encoded = {name: encode(sp, files, docs, seq) for name, files in found.items()}
     for name, texts in encoded.items():
         if not texts:
             raise AnalyzeError(f"domain {name!r} has no text (its files are empty); give other files")

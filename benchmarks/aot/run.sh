@@ -42,3 +42,10 @@ plan mixtral-8x7b v5p-128 fsdp64-fusedloss splash megablox mesh.fsdp=64 mesh.dat
 for attention in xla splash; do
   plan mistral-7b v5p-32 fsdp16 "$attention" auto mesh.fsdp=16 mesh.data=1 train.batch_size=32 train.seq_len=4096
 done
+# Qwen3-30B-A3B: 128 fine-grained experts, top-8; fsdp alone and with expert parallelism
+qwen="train.batch_size=64 train.seq_len=4096"
+# shellcheck disable=SC2086
+plan qwen3-30b-a3b v5p-64 fsdp32 splash megablox mesh.fsdp=32 mesh.data=1 $qwen
+# shellcheck disable=SC2086
+plan qwen3-30b-a3b v5p-64 fsdp8-expert4-ragged-buffer2 splash megablox mesh.fsdp=8 mesh.expert=4 mesh.data=1 $qwen \
+  model.ep_buffer_factor=2

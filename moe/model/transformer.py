@@ -5,10 +5,13 @@ Parameter tree (the checkpoint format; moe/convert maps it to Hugging Face names
   layers/attn_norm/scale     [layers, d_model]
   layers/attn/{q,k,v}        [layers, d_model, heads | kv_heads, head_dim]
   layers/attn/o              [layers, heads, head_dim, d_model]
+  layers/attn/{q,k}_norm/scale [layers, head_dim]                                      (qk_norm)
   layers/mlp_norm/scale      [layers, d_model]
   layers/mlp/{w1,w3}, w2     [layers, d_model, d_ff], [layers, d_ff, d_model]          (dense)
   layers/moe/gate            [layers, d_model, experts]                                 (MoE)
   layers/moe/{w1,w3}, w2     [layers, experts, d_model, d_ff], [layers, experts, d_ff, d_model]
+  layers/moe/shared/{w1,w3}, w2  [layers, d_model, shared width], [layers, shared width, d_model]  (shared experts)
+  layers/moe/bias            [layers, experts]                              (balance=bias; float32)
   final_norm/scale           [d_model]
   lm_head/kernel             [d_model, vocab]
 With LoRA (moe/model/lora.py), each targeted weight W has W_lora_a and W_lora_b beside it.

@@ -85,6 +85,22 @@ def test_bank_rows_equal_their_merged_models_in_every_dispatch_path(served):
         np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, err_msg=dispatch)
 
 
+def test_adapters_on_shared_experts_serve_as_their_merged_model(tmp_path):
+    cfg = tiny_model(n_experts=4, top_k=2, n_shared_experts=1, d_ff_shared=16, max_seq_len=96)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("shared", "w1"))
+    base, adapters = trained(cfg, lora, seed=5)
+    loaded = [adapters_lib.load("s", save_run(tmp_path / "s", cfg, lora, adapters), cfg, base)]
+    bank = adapters_lib.bank(base, loaded, "float32")
+    tokens = jax.random.randint(jax.random.key(6), (2, 9), 0, cfg.vocab_size)
+    expected = np.concatenate(
+        [M.apply(cfg, merged(base, adapters, lora), tokens[:1])[0], M.apply(cfg, base, tokens[1:])[0]]
+    )
+    out, _ = Transformer(cfg, lora=bank.lora).apply(
+        {"params": bank.params}, tokens, adapter_select=jnp.asarray(bank.select(["s", None]))
+    )
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
 def test_two_adapters_and_the_base_in_one_batch_each_equal_their_merged_model(served):
     cfg, base, loaded, models = served
     rng = np.random.default_rng(0)

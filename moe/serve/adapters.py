@@ -153,6 +153,7 @@ def bank(params: dict, adapters: list[Adapter], param_dtype: str) -> Bank:
             jnp.array(a),  # copies into buffers of its own, aliasing no numpy memory
             jnp.array(b),
         )
-    targets = tuple(sorted({w[-1] for adapter in adapters for w in adapter.pairs}))
+    # a shared expert's w1, w2, w3 are the `shared` target (all three), the routed experts' their own names
+    targets = tuple(sorted({"shared" if "shared" in w else w[-1] for adapter in adapters for w in adapter.pairs}))
     lora = LoRAConfig(rank=total, alpha=float(total), targets=targets)  # scale 1: each B holds its own
     return Bank(traverse_util.unflatten_dict(flat), lora, columns)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moe import platform, storage
@@ -88,7 +89,8 @@ def wait_for(condition, timeout=300):
 
 def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, children):
     n = 4
-    common = [f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2"]
+    # with auxiliary-loss-free balancing: the experts' bias moves after every step, outside the optimizer
+    common = [f"train.steps={2 * n}", f"checkpoint.every_steps={n}", "data.workers=2", "model.balance=bias"]
     full = moe_train(tmp_path / "full", *common)
     assert full.returncode == 0, full.stdout + full.stderr
     assert "leaked" not in full.stderr  # grain's workers leave no shared memory (or semaphore) behind
@@ -130,6 +132,8 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, children):
         assert len(want) == len(got) > 0
         for x, y in zip(want, got):
             assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), item
+    bias = restore_params(tmp_path / "killed" / "checkpoints" / str(2 * n) / "params")["layers"]["moe"]["bias"]
+    assert np.abs(np.asarray(bias)).max() > 0  # the bias moved, and resumed bit for bit above
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

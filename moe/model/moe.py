@@ -97,20 +97,8 @@ class SparseMoE(nn.Module):
         w3 = self._weight("w3", (e, d, f), ("exp", "embed", "mlp"), 1)
         w2 = self._weight("w2", (e, f, d), ("exp", "mlp", "embed"), 1)
         x_td = x.reshape(batch * seq, d)
-        logits_te = project(x_td.astype(jnp.float32), gate.astype(jnp.float32), 1)  # [tokens, experts]
-        bias_e = None
-        if cfg.balance == "bias":  # moved by the train step (moe/training/balance.py), never by gradients
-            bias_e = param_with_axes(self, "bias", nn.initializers.zeros, (e,), ("exp",), jnp.float32)
-        probs_te, weight_tk, expert_idx_tk = route(
-            logits_te, cfg.top_k, cfg.router_scores, cfg.norm_topk, cfg.routed_scale, bias_e
-        )
         valid_t = jnp.ones((batch * seq,), bool) if valid is None else valid.reshape(-1)
-        stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t, cfg.router_scores == "sigmoid")
-        self.sow(
-            "intermediates", "expert_idx", expert_idx_tk.reshape(batch, seq, -1)
-        )  # moe/study/routing.py reads these
-        self.sow("intermediates", "top1_prob", probs_te.max(axis=-1).reshape(batch, seq))
-        self.sow("intermediates", "router_logits", logits_te.reshape(batch, seq, e))  # expert surgery reads these
+        weight_tk, expert_idx_tk, stats = self._route(x_td, gate, valid_t, (batch, seq))
 
         quantized = isinstance(w1.w if isinstance(w1, Adapted) else w1, QArray)
         fn = dispatch_lib.DISPATCH[
@@ -152,6 +140,23 @@ class SparseMoE(nn.Module):
             lora = None if lora is None else dataclasses.replace(lora, targets=("mlp",))  # all three, as a dense MLP's
             y = y + SwiGLU(shared_config(cfg), lora, name="shared")(x, select)
         return y, stats
+
+    def _route(self, x_td, gate, valid_t, batch_seq):
+        """(top-k weights [tokens, top_k], expert indices [tokens, top_k], router statistics);
+        sows what moe/study reads (choices, first-choice probability, logits)."""
+        cfg = self.cfg
+        logits_te = project(x_td.astype(jnp.float32), gate.astype(jnp.float32), 1)  # [tokens, experts]
+        bias_e = None
+        if cfg.balance == "bias":  # moved by the train step (moe/training/balance.py), never by gradients
+            bias_e = param_with_axes(self, "bias", nn.initializers.zeros, (cfg.n_experts,), ("exp",), jnp.float32)
+        probs_te, weight_tk, expert_idx_tk = route(
+            logits_te, cfg.top_k, cfg.router_scores, cfg.norm_topk, cfg.routed_scale, bias_e
+        )
+        stats = router_stats(logits_te, probs_te, expert_idx_tk, valid_t, cfg.router_scores == "sigmoid")
+        self.sow("intermediates", "expert_idx", expert_idx_tk.reshape(*batch_seq, -1))  # moe/study/routing.py
+        self.sow("intermediates", "top1_prob", probs_te.max(axis=-1).reshape(batch_seq))
+        self.sow("intermediates", "router_logits", logits_te.reshape(*batch_seq, -1))  # moe/study/surgery.py
+        return weight_tk, expert_idx_tk, stats
 
 
 def shared_config(cfg: ModelConfig) -> ModelConfig:

@@ -8,6 +8,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # compile the same steps again and again; the cache changes no number, only the time.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "moe-tests-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# A size limit turns on the cache's file lock (filelock): without one, jax writes an entry
+# in place, and a process reading it while another writes it (two xdist workers compiling
+# the same serving-engine program) deserialized a truncated executable and aborted.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402
 

@@ -2,12 +2,13 @@
 # TPU plans compiled on this CPU host (libtpu), before and after the Pallas kernels:
 # attention through XLA or splash, expert matmuls through XLA's ragged_dot or megablox.
 #   bash benchmarks/aot/run.sh [CONFIG]  # writes benchmarks/aot/<config>-<topology>-<mesh>-<attention>-<dispatch>.txt
-# With CONFIG (e.g. mistral-7b), only that config's plans.
+# With CONFIG (e.g. mistral-7b), only that config's plans; with CONFIG-MESH... (e.g.
+# mixtral-8x7b-fsdp64-fine), only the plans whose config and mesh name start so.
 cd "$(dirname "$0")/../.." || exit 1
 export JAX_PLATFORMS=cpu XLA_FLAGS=
 only="${1:-}"
 plan() {  # config topology mesh-name attention dispatch overrides...
-  [[ -n "$only" && "$1" != "$only" ]] && return 0
+  [[ -n "$only" && "$1" != "$only" && "$1-$3" != "$only"* ]] && return 0
   local out="benchmarks/aot/$1-$2-$3-$4-$5.txt"
   echo "moe aot configs/$1.yaml --topology $2 ${*:6} model.attention=$4 model.moe_dispatch=$5" > "$out"
   moe aot "configs/$1.yaml" --topology "$2" "${@:6}" "model.attention=$4" "model.moe_dispatch=$5" 2>&1 \
@@ -49,3 +50,11 @@ plan qwen3-30b-a3b v5p-64 fsdp32 splash megablox mesh.fsdp=32 mesh.data=1 $qwen
 # shellcheck disable=SC2086
 plan qwen3-30b-a3b v5p-64 fsdp8-expert4-ragged-buffer2 splash megablox mesh.fsdp=8 mesh.expert=4 mesh.data=1 $qwen \
   model.ep_buffer_factor=2
+# the MoE-variants study at 8x7B size (experiments/moe-variants): 32 fine-grained experts of
+# d_ff / 4, top-8 (the same active and total parameters), and top-7 beside one shared expert
+# shellcheck disable=SC2086
+plan mixtral-8x7b v5p-128 fsdp64-fine32-top8 splash megablox mesh.fsdp=64 mesh.data=1 $big \
+  model.n_experts=32 model.top_k=8 model.d_ff=3584
+# shellcheck disable=SC2086
+plan mixtral-8x7b v5p-128 fsdp64-fine32-top7-shared1 splash megablox mesh.fsdp=64 mesh.data=1 $big \
+  model.n_experts=32 model.top_k=7 model.d_ff=3584 model.n_shared_experts=1

@@ -43,7 +43,8 @@ def main() -> None:
         times = _alternating(calls, ROUNDS)
         for (experts, top_k), t in zip(SHAPES, times):
             d_ff = base.d_ff * 8 // experts
-            print(f"{dispatch:8s} {experts:3d} experts, top-{top_k:2d}, d_ff {d_ff:5d}: {t * 1e3:7.1f} ms  ({t / times[0]:.2f}x)")
+            shape = f"{experts:3d} experts, top-{top_k:2d}, d_ff {d_ff:5d}"
+            print(f"{dispatch:8s} {shape}: {t * 1e3:7.1f} ms  ({t / times[0]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ for factor in 2 1.25; do
   plan mixtral-8x7b v5p-128 "fsdp8-expert8-ragged-buffer$factor" splash megablox $ep model.ep_exchange=ragged \
     "model.ep_buffer_factor=$factor"
 done
-# the fused lm_head + loss (train.fused_loss, default since session 10; the plans above were
+# the fused lm_head + loss (train.fused_loss, default since 2026-12-03; the plans above were
 # compiled before it, with the plain loss or train.loss_chunk's rematerialized blocks)
 # shellcheck disable=SC2086
 plan mixtral-8x7b v5p-128 fsdp64-fusedloss splash megablox mesh.fsdp=64 mesh.data=1 $big train.fused_loss=true

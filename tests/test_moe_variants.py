@@ -76,16 +76,21 @@ def test_a_bias_changes_the_choice_and_never_the_weights(scores):
     np.testing.assert_array_equal(weights, jnp.take_along_axis(probs, idx, axis=1))  # no bias inside
 
 
-@pytest.mark.parametrize("path", [p for p in PATHS if p != "dense"])
-@pytest.mark.parametrize("n_experts,top_k", [(32, 8), (64, 6)])
-def test_every_dispatch_path_routes_fine_grained_experts_like_dense(path, n_experts, top_k):
-    keys = jax.random.split(jax.random.key(3), 5)
-    tokens, d_model, d_ff = 45, 16, 8
+def routed_copies(seed: int, tokens: int, n_experts: int, top_k: int, d_model: int = 16, d_ff: int = 8):
+    """A dispatch's arguments: x [tokens, d_model], expert indices and weights [tokens, top_k]
+    from a random router, and the experts' w1, w3 [experts, d_model, d_ff], w2 [experts, d_ff, d_model]."""
+    keys = jax.random.split(jax.random.key(seed), 5)
     x = jax.random.normal(keys[0], (tokens, d_model))
     w1, w3 = (jax.random.normal(k, (n_experts, d_model, d_ff)) * 0.3 for k in keys[1:3])
     w2 = jax.random.normal(keys[3], (n_experts, d_ff, d_model)) * 0.3
     _, weight, idx = route(jax.random.normal(keys[4], (tokens, n_experts)), top_k)
-    args = (x, idx, weight, w1, w3, w2)
+    return x, idx, weight, w1, w3, w2
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "dense"])
+@pytest.mark.parametrize("n_experts,top_k", [(32, 8), (64, 6)])
+def test_every_dispatch_path_routes_fine_grained_experts_like_dense(path, n_experts, top_k):
+    args = routed_copies(3, 45, n_experts, top_k)
     loss = lambda fn: lambda *a: jnp.sum(jnp.cos(fn(*a)))  # noqa: E731
     ref = jax.value_and_grad(loss(DISPATCH["dense"]), argnums=(0, 2, 3, 4, 5))(*args)
     got = jax.jit(jax.value_and_grad(loss(DISPATCH[path]), argnums=(0, 2, 3, 4, 5)))(*args)
@@ -181,13 +186,8 @@ def test_expert_parallelism_exchanges_fine_grained_experts_exactly(mesh, n_exper
     from moe.parallel import expert_parallel
     from moe.parallel import mesh as S
 
-    keys = jax.random.split(jax.random.key(11), 6)
-    tokens, d_model, d_ff = 64, 16, 8
-    x = jax.random.normal(keys[0], (tokens, d_model))
-    w1, w3 = (jax.random.normal(k, (n_experts, d_model, d_ff)) * 0.3 for k in keys[1:3])
-    w2 = jax.random.normal(keys[3], (n_experts, d_ff, d_model)) * 0.3
-    _, weight, idx = route(jax.random.normal(keys[4], (tokens, n_experts)), top_k)
-    cotangent = jax.random.normal(keys[5], (tokens, d_model))
+    x, idx, weight, w1, w3, w2 = routed_copies(11, 64, n_experts, top_k)
+    cotangent = jax.random.normal(jax.random.key(12), x.shape)
     cfg = C.Config(model=tiny_model(n_experts=n_experts, top_k=top_k), mesh=C.MeshConfig(**mesh))
     device_mesh = S.make_mesh(cfg)
 

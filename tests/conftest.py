@@ -15,12 +15,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# The test processes themselves compile without the disk cache: with jax 0.10.2 on CPU,
-# serializing or loading some executables there aborted the process (the serving engine's
-# warm-up, `generate` beside a running server, a sharded train step), about once per full
-# run; the subprocesses keep it (the environment above).
-jax.config.update("jax_enable_compilation_cache", False)
 
+import gc  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -58,6 +54,25 @@ def no_process_outlives_the_suite():
         except OSError:
             pass
     assert not left, f"processes started by the tests outlived them (killed now): {left}"
+
+
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def free_compiled_programs():
+    """Every executable XLA compiles for CPU keeps about six memory mappings until jax drops
+    it, and a test process compiles thousands: a whole suite in one xdist worker passes
+    Linux's vm.max_map_count (65530), where the next mmap fails and the process dies in
+    whatever maps memory next (a compile, the compilation cache). The programs a module
+    shares stay compiled while it runs; jax's caches are emptied when it ends."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+    maps = Path(f"/proc/{os.getpid()}/maps")
+    if maps.is_file() and MAX_MAP_COUNT.is_file():  # Linux, as CI: what a module leaves behind
+        count, limit = len(maps.read_text().splitlines()), int(MAX_MAP_COUNT.read_text())
+        assert count < limit // 2, f"this test process holds {count} memory mappings of at most {limit}"
 
 
 @pytest.fixture(scope="session")

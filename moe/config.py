@@ -66,6 +66,9 @@ class ModelConfig:
     ep_buffer_factor: Optional[float] = None  # ragged receive buffers: this x a device's copies; None: worst case
     # auto: splash on TPU, cudnn on GPU (16-bit); moe/model/attention.py
     attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+    # attention across sequence shards when mesh.context > 1 (moe/parallel/context.py): keys
+    # and values all-gathered, or passed around a ring; auto: ring from 8 shards up
+    context_parallel: Literal["auto", "all_gather", "ring"] = "auto"
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02
     bos_id: int = 1
@@ -98,6 +101,7 @@ COMPUTE_FIELDS = frozenset(
         "ep_buffer_factor",
         "remat",
         "attention",
+        "context_parallel",
         "init_std",
         "max_seq_len",
         "bias_update_rate",
@@ -208,10 +212,12 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    context: int = 1  # sequence shards (context parallelism, moe/parallel/context.py)
     expert: int = 1
     tensor: int = 1
     dcn_data: int = 1  # multislice: how much of each axis crosses slices (DCN)
     dcn_fsdp: int = 1
+    dcn_context: int = 1
     dcn_expert: int = 1
     dcn_tensor: int = 1
     rules: Literal["default", "replicated"] = "default"  # logical-axis rules preset

@@ -12,7 +12,9 @@ model.attention picks the implementation without a cache: "xla" (this file's), "
 (moe/model/splash.py: jax's Pallas flash-attention kernel for TPU, the same masks), "cudnn"
 (cuDNN's fused flash attention through jax.nn.dot_product_attention: GPU, 16-bit dtypes)
 or "auto": splash on TPU for sequences it takes, cudnn on GPU in bfloat16/float16, else
-xla. Decoding with a cache is always xla.
+xla. Decoding with a cache is always xla. Under a mesh that splits the sequence
+(mesh.context > 1), attention goes through moe/parallel/context.py, which runs this file's
+dot_product_attention on each shard.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from moe.config import LoRAConfig, ModelConfig
 from moe.model import splash
 from moe.model.layers import DTYPES, RMSNorm, apply_rope, kernel_init, param_with_axes
 from moe.model.lora import adapt, project
+from moe.parallel import context
+from moe.parallel import mesh as mesh_lib
 
 QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
 CAUSAL_BLOCK = 128  # query rows per block of training self-attention (fewer: one block)
@@ -267,7 +271,20 @@ class Attention(nn.Module):
             else:
                 keys, values = written["k"], written["v"]
         impl = resolve(cfg.attention, dtype=cfg.dtype)
-        if kv is None and impl == "splash" and splash.supports(seq):
+        mesh = mesh_lib.active_mesh() if kv is None else None
+        if context.size(mesh) > 1:  # the sequence split over mesh.context: moe/parallel/context.py
+            out = context.attention(
+                mesh,
+                q,
+                k,
+                v,
+                attn.get("q_seg"),
+                window=cfg.sliding_window,
+                strategy=cfg.context_parallel,
+                local_attention=dot_product_attention,
+                mask_fn=attention_mask,
+            )
+        elif kv is None and impl == "splash" and splash.supports(seq):
             out = splash.splash_attention(q, k, v, cfg.sliding_window, attn.get("q_seg"))  # index-based masks
         elif kv is None and impl == "cudnn":
             out = fused_attention(q, k, v, cfg.sliding_window, attn.get("q_seg"))  # index-based masks

@@ -34,6 +34,7 @@ from moe.model.layers import DTYPES, SwiGLU, kernel_init, param_with_axes
 from moe.model.lora import Adapted, adapt, project
 from moe.model.qarray import QArray
 from moe.parallel import expert_parallel
+from moe.parallel import mesh as mesh_lib
 
 
 def route(logits_te, top_k: int, scores: str = "softmax", norm_topk: bool = True, scale: float = 1.0, bias_e=None):
@@ -121,11 +122,12 @@ class SparseMoE(nn.Module):
             w3.astype(dtype),
             w2.astype(dtype),
         )
-        mesh = expert_parallel.active_mesh()
-        if expert_parallel.wants_shard_map(mesh, x_td.shape[0]):
-            y_td, stats["ep_overflow"] = expert_parallel.dispatch(
+        mesh = mesh_lib.active_mesh()
+        if expert_parallel.wants_shard_map(mesh, batch, seq):  # tokens [batch, seq, ...] as the mesh splits them
+            y, stats["ep_overflow"] = expert_parallel.dispatch(
                 mesh,
-                *args,
+                *(a.reshape(batch, seq, -1) for a in args[:3]),
+                *args[3:],
                 local_dispatch=fn,
                 capacity_factor=cfg.capacity_factor,
                 buffer_factor=cfg.ep_buffer_factor,
@@ -133,8 +135,7 @@ class SparseMoE(nn.Module):
                 weight_spec=expert_weight_spec,
             )
         else:
-            y_td = fn(*args)
-        y = y_td.reshape(batch, seq, d)
+            y = fn(*args).reshape(batch, seq, d)
         if cfg.n_shared_experts:  # every token through the shared experts, one SwiGLU of their summed width
             lora = self.lora if self.lora is not None and "shared" in self.lora.targets else None
             lora = None if lora is None else dataclasses.replace(lora, targets=("mlp",))  # all three, as a dense MLP's

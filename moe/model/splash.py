@@ -23,6 +23,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from moe.parallel import expert_parallel
+from moe.parallel import mesh as mesh_lib
 from moe.parallel.mesh import BATCH_AXES
 
 LANES = 128  # the kernel's key blocks are whole multiples of the TPU's 128 lanes
@@ -87,7 +88,7 @@ def splash_attention(q, k, v, sliding_window=None, segment_ids=None):
     k_bhsd, v_bhsd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     fn = functools.partial(_attend, sliding_window=sliding_window)
-    mesh = expert_parallel.active_mesh()
+    mesh = mesh_lib.active_mesh()
     if expert_parallel.wants_shard_map(mesh, batch):  # a multi-device mesh the batch divides over
         shape = dict(mesh.shape)
         rows = tuple(a for a in BATCH_AXES if a in shape)

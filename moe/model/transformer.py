@@ -25,13 +25,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe.config import LoRAConfig, ModelConfig
+from moe.config import ConfigError, LoRAConfig, ModelConfig
 from moe.model import kv_cache
 from moe.model.attention import Attention
 from moe.model.layers import DTYPES, RMSNorm, SwiGLU, kernel_init, param_with_axes, rope_cos_sin
 from moe.model.lora import DROPOUT_RNG
 from moe.model.moe import SparseMoE
 from moe.model.qarray import as_array
+from moe.parallel import context
+from moe.parallel import mesh as mesh_lib
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -153,6 +155,11 @@ class Transformer(nn.Module):
 
     def _cached(self, x, positions, cache, select):
         cfg = self.cfg
+        if context.size(mesh_lib.active_mesh()) > 1:
+            raise ConfigError(
+                "a decoding cache holds whole sequences: decode under a mesh with mesh.context=1 "
+                "(context parallelism is for training and scoring)"
+            )
         attn, new_pos, new_end, append = kv_cache.plan_write(cache, positions, cfg.sliding_window)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), cfg.resolved_head_dim, cfg.rope_theta)
         valid = positions >= 0

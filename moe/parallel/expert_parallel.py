@@ -34,25 +34,20 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe.parallel import collectives
-from moe.parallel.mesh import BATCH_AXES
+from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS
 
 EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
 
 
-def active_mesh():
-    """The mesh set with jax.set_mesh, or None outside one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else mesh
-
-
-def wants_shard_map(mesh, n_tokens: int) -> bool:
-    """True under a multi-device mesh, for token counts that split over the batch axes
-    (shape-only traces such as init with one token use the plain dispatch). Without it,
-    the compiler may replicate the sort-based dispatch on every device of the batch."""
+def wants_shard_map(mesh, n_rows: int, seq: int = 1) -> bool:
+    """True under a multi-device mesh, for rows that split over the batch axes and sequences
+    over `context` (shape-only traces such as init with one token use the plain dispatch).
+    Without it, the compiler may replicate the sort-based dispatch on every device."""
     if mesh is None or mesh.size == 1:
         return False
-    shards = math.prod(size for axis, size in dict(mesh.shape).items() if axis in BATCH_AXES)
-    return n_tokens % shards == 0
+    shape = dict(mesh.shape)
+    shards = math.prod(size for axis, size in shape.items() if axis in BATCH_AXES)
+    return n_rows % shards == 0 and seq % shape.get(CONTEXT_AXIS, 1) == 0
 
 
 def _positions(dest, n_shards: int):
@@ -157,23 +152,19 @@ def _keys_per_shard(weights, batch_axes: tuple[str, ...]):
     return jax.tree_util.tree_map(lambda leaf: jax.random.fold_in(leaf, index) if is_key(leaf) else leaf, weights)
 
 
-def _local(
-    x_td,
-    expert_idx_tk,
-    weight_tk,
-    w1,
-    w3,
-    w2,
-    *,
-    dispatch,
-    n_shards,
-    capacity_factor,
-    buffer_factor,
-    exchange,
-    tensor_split,
-    batch_axes=(),
-):
+def _local(x_btd, expert_idx_btk, weight_btk, w1, w3, w2, *, batch_axes=(), **exchange_args):
+    """One device's tokens [rows, seq / context, ...], flattened for the exchange."""
     w1, w3, w2 = _keys_per_shard((w1, w3, w2), batch_axes)
+    rows, seq = x_btd.shape[:2]
+    flat = (a.reshape(rows * seq, a.shape[-1]) for a in (x_btd, expert_idx_btk, weight_btk))
+    y, overflow = _exchange_and_run(*flat, w1, w3, w2, **exchange_args)
+    return y.reshape(rows, seq, -1), overflow
+
+
+def _exchange_and_run(
+    x_td, expert_idx_tk, weight_tk, w1, w3, w2, *, dispatch, n_shards, capacity_factor, buffer_factor, exchange, tensor_split
+):
+    """The copies of this device's tokens [tokens, ...] through their experts and back."""
     if n_shards == 1:  # every expert is here: dispatch this device's tokens directly
         y = dispatch(x_td, expert_idx_tk, weight_tk, w1, w3, w2)
         return (jax.lax.psum(y, TENSOR_AXIS) if tensor_split else y), jnp.zeros((1,), jnp.float32)
@@ -214,13 +205,18 @@ def dispatch(
     exchange="ragged",
     weight_spec=plain_weight_spec,
 ):
-    """(the expert-parallel MoE output [tokens, d_model] for tokens sharded over the batch
-    axes, the token copies the ragged exchange's receive buffers could not hold).
+    """(the expert-parallel MoE output [rows, seq, d_model] for tokens [rows, seq, ...] split
+    over the batch axes and `context` (or [tokens, d_model] for tokens [tokens, ...] split
+    over the batch axes), the token copies the ragged exchange's receive buffers could not
+    hold).
 
     weight_spec(w, spec, a_spec, b_spec) gives the shard_map spec of each expert weight; the
     model passes one that knows its weight types (LoRA-adapted, quantized)."""
     shape = dict(mesh.shape)
     batch = tuple(a for a in BATCH_AXES if a in shape)
+    flat = x_td.ndim == 2  # [tokens, ...]: rows of one token each
+    context = CONTEXT_AXIS if shape.get(CONTEXT_AXIS, 1) > 1 and not flat else None
+    split = batch + ((context,) if context else ())
     tensor_split = shape.get(TENSOR_AXIS, 1) > 1
     tensor = TENSOR_AXIS if tensor_split else None
     fn = functools.partial(
@@ -231,18 +227,19 @@ def dispatch(
         buffer_factor=buffer_factor,
         exchange=exchange,
         tensor_split=tensor_split,
-        batch_axes=batch,
+        batch_axes=split,
     )
-    tokens_spec = P(batch)
     expert = EXPERT_AXIS if EXPERT_AXIS in shape else None
     specs_in = (P(expert, None, tensor), P(expert, None, None), P(expert, None, tensor))  # w1, w3: W, A, B
     specs_out = (P(expert, tensor, None), P(expert, tensor, None), P(expert, None, None))  # w2
     w_specs = (weight_spec(w1, *specs_in), weight_spec(w3, *specs_in), weight_spec(w2, *specs_out))
-    y_td, overflow = jax.shard_map(
+    tokens = [a[:, None] if flat else a for a in (x_td, expert_idx_tk, weight_tk)]
+    tokens_spec = P(batch, context)
+    y, overflow = jax.shard_map(
         fn,
         mesh=mesh,
         in_specs=(tokens_spec, tokens_spec, tokens_spec, *w_specs),
-        out_specs=(tokens_spec, tokens_spec),
+        out_specs=(tokens_spec, P(split)),
         check_vma=False,
-    )(x_td, expert_idx_tk, weight_tk, w1, w3, w2)
-    return y_td, jnp.sum(overflow)
+    )(*tokens, w1, w3, w2)
+    return (y[:, 0] if flat else y), jnp.sum(overflow)

@@ -3,6 +3,9 @@
 The model names only logical axes (moe/model); the presets below map them to the mesh axes
     data    pure data parallelism (gradients all-reduced)
     fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3)
+    context the sequence split into contiguous shards (context parallelism; its devices
+            also shard the parameters, as fsdp's do); attention across the shards is
+            moe/parallel/context.py
     expert  expert parallelism: each device holds n_experts / expert experts
     tensor  tensor parallelism over heads, MLP width and vocabulary
 Changing the layout is a config change: `mesh.fsdp=4 mesh.expert=2 mesh.rules=default`.
@@ -23,17 +26,18 @@ from jax.sharding import PartitionSpec as P
 
 from moe.config import Config, ConfigError, MeshConfig
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "context", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over these (expert too, outside the MoE block)
+CONTEXT_AXIS = "context"  # the sequence is split over this one
 
 RULES = {
     # FSDP over the embedding dimension, experts over `expert`, heads / MLP / vocab over `tensor`.
     "default": (
         ("activation_batch", BATCH_AXES),
-        ("activation_length", None),
+        ("activation_length", CONTEXT_AXIS),
         ("activation_embed", None),
         ("vocab", "tensor"),
-        ("embed", "fsdp"),
+        ("embed", ("fsdp", CONTEXT_AXIS)),
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
@@ -43,10 +47,10 @@ RULES = {
         ("norm", None),
         ("lora", None),
     ),
-    # Every parameter replicated; only the batch is split (plain data parallelism).
+    # Every parameter replicated; only the batch (and the sequence) is split.
     "replicated": (
         ("activation_batch", BATCH_AXES),
-        ("activation_length", None),
+        ("activation_length", CONTEXT_AXIS),
         ("activation_embed", None),
         ("vocab", None),
         ("embed", None),
@@ -104,8 +108,18 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
     ]:
         if tp > 1 and value % tp:
             raise ConfigError(f"model.{name} ({value}) must be divisible by mesh.tensor ({tp})")
-    if sizes["fsdp"] > 1 and m.d_model % sizes["fsdp"]:
-        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by mesh.fsdp ({sizes['fsdp']})")
+    shards = sizes["fsdp"] * sizes[CONTEXT_AXIS]  # the parameters' d_model is split over both
+    if shards > 1 and m.d_model % shards:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by mesh.fsdp x mesh.context ({shards}), "
+            "over which the parameters are sharded"
+        )
+    context = sizes[CONTEXT_AXIS]
+    if context > 1 and t.seq_len % context:
+        raise ConfigError(
+            f"train.seq_len ({t.seq_len}) must be divisible by mesh.context ({context}): each device "
+            f"holds a contiguous shard of every sequence; use a seq_len that is a multiple of {context}"
+        )
 
 
 def make_mesh(cfg: Config, devices=None) -> Mesh:
@@ -115,7 +129,7 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
 
 
 def device_grid(cfg: Config, devices: list) -> np.ndarray:
-    """Devices arranged [data, fsdp, expert, tensor]; with DCN sizes, each axis's outer
+    """Devices arranged [data, fsdp, context, expert, tensor]; with DCN sizes, each axis's outer
     dcn_* blocks are whole slices (devices' slice_index), so only they talk over DCN."""
     sizes = mesh_shape(cfg.mesh, len(devices))
     check_divisibility(cfg, sizes)
@@ -137,8 +151,15 @@ def rules(cfg: Config):
     return RULES[cfg.mesh.rules]
 
 
+def active_mesh():
+    """The mesh set with jax.set_mesh, or None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """A batch array [rows, seq]: rows over the batch axes, the sequence over `context`."""
+    return NamedSharding(mesh, P(BATCH_AXES, CONTEXT_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

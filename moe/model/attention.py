@@ -272,7 +272,7 @@ class Attention(nn.Module):
                 keys, values = written["k"], written["v"]
         impl = resolve(cfg.attention, dtype=cfg.dtype)
         mesh = mesh_lib.active_mesh() if kv is None else None
-        if context.size(mesh) > 1:  # the sequence split over mesh.context: moe/parallel/context.py
+        if context.applies(mesh, batch, seq):  # the sequence split over mesh.context: moe/parallel/context.py
             out = context.attention(
                 mesh,
                 q,

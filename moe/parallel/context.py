@@ -27,6 +27,7 @@ dot_product_attention), as the MoE block passes its dispatch to expert_parallel.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,18 @@ STRATEGIES = ("all_gather", "ring")
 def size(mesh) -> int:
     """The number of sequence shards of `mesh` (1 without a mesh or a context axis)."""
     return 1 if mesh is None else dict(mesh.shape).get(CONTEXT_AXIS, 1)
+
+
+def applies(mesh, rows: int, seq: int) -> bool:
+    """Whether attention over [rows, seq] takes this file's path: a mesh with `context` > 1
+    that the rows and the sequence divide over (shape-only traces, such as init on one
+    token, take the plain path; a training sequence that does not divide is refused
+    earlier, by mesh.check_divisibility)."""
+    n_shards = size(mesh)
+    if n_shards == 1:
+        return False
+    batch = math.prod(n for axis, n in dict(mesh.shape).items() if axis in BATCH_AXES)
+    return seq % n_shards == 0 and rows % batch == 0
 
 
 def resolve(strategy: str, n_shards: int) -> str:

@@ -2,6 +2,7 @@
 the sliding-window halo) and whole train steps under meshes with `context` equal one device."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,24 @@ def qkv(seed=0, batch=2, seq=SEQ, kv=2, group=2, head_dim=8):
     return tuple(jnp.asarray(a, jnp.float32) for a in (q, k, v))
 
 
+def attend_one_device(q, k, v, *, index, window, seg):
+    return dot_product_attention(q, k, v, index, index, window, seg, seg)
+
+
+def attend_shards(mesh, q, k, v, *, seg, window, strategy):
+    return context.attention(
+        mesh,
+        q,
+        k,
+        v,
+        seg,
+        window=window,
+        strategy=strategy,
+        local_attention=dot_product_attention,
+        mask_fn=attention_mask,
+    )
+
+
 def value_and_grads(attend, q, k, v):
     """(the output, the gradients of sum(sin(output)) with respect to q, k and v)"""
 
@@ -67,25 +86,11 @@ def test_attention_over_shards_equals_one_device_in_value_and_gradient(n_shards,
     mesh = context_mesh(n_shards)
     for window in windows(n_shards):
         for seg in (None, jnp.asarray(packed_segments(2, SEQ))):  # documents cross shard boundaries
-            want = value_and_grads(
-                lambda q, k, v: dot_product_attention(q, k, v, index, index, window, seg, seg), q, k, v
-            )
+            reference = functools.partial(attend_one_device, index=index, window=window, seg=seg)
+            want = value_and_grads(reference, q, k, v)
             with jax.set_mesh(mesh):
                 got = value_and_grads(
-                    lambda q, k, v: context.attention(
-                        mesh,
-                        q,
-                        k,
-                        v,
-                        seg,
-                        window=window,
-                        strategy=strategy,
-                        local_attention=dot_product_attention,
-                        mask_fn=attention_mask,
-                    ),
-                    q,
-                    k,
-                    v,
+                    functools.partial(attend_shards, mesh, seg=seg, window=window, strategy=strategy), q, k, v
                 )
             case = f"window={window} packed={seg is not None}"
             np.testing.assert_allclose(got[0], want[0], atol=1e-5, err_msg=case)

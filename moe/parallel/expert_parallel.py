@@ -162,7 +162,19 @@ def _local(x_btd, expert_idx_btk, weight_btk, w1, w3, w2, *, batch_axes=(), **ex
 
 
 def _exchange_and_run(
-    x_td, expert_idx_tk, weight_tk, w1, w3, w2, *, dispatch, n_shards, capacity_factor, buffer_factor, exchange, tensor_split
+    x_td,
+    expert_idx_tk,
+    weight_tk,
+    w1,
+    w3,
+    w2,
+    *,
+    dispatch,
+    n_shards,
+    capacity_factor,
+    buffer_factor,
+    exchange,
+    tensor_split,
 ):
     """The copies of this device's tokens [tokens, ...] through their experts and back."""
     if n_shards == 1:  # every expert is here: dispatch this device's tokens directly

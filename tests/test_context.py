@@ -78,13 +78,11 @@ def windows(n_shards):
     return [None, max(2, shard // 2), shard + 1, 2 * shard + 3, SEQ]
 
 
-@pytest.mark.parametrize("n_shards", [2, 4, 8])
-@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
-def test_attention_over_shards_equals_one_device_in_value_and_gradient(n_shards, strategy):
+def check_against_one_device(n_shards, strategy, window_sizes):
     q, k, v = qkv()
     index = jnp.arange(SEQ)[None]
     mesh = context_mesh(n_shards)
-    for window in windows(n_shards):
+    for window in window_sizes:
         for seg in (None, jnp.asarray(packed_segments(2, SEQ))):  # documents cross shard boundaries
             reference = functools.partial(attend_one_device, index=index, window=window, seg=seg)
             want = value_and_grads(reference, q, k, v)
@@ -96,6 +94,20 @@ def test_attention_over_shards_equals_one_device_in_value_and_gradient(n_shards,
             np.testing.assert_allclose(got[0], want[0], atol=1e-5, err_msg=case)
             for a, b in zip(got[1], want[1]):
                 np.testing.assert_allclose(a, b, atol=1e-5, err_msg=case)
+
+
+@pytest.mark.parametrize("n_shards", [2, 4, 8])
+@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
+def test_attention_over_shards_equals_one_device_in_value_and_gradient(n_shards, strategy):
+    check_against_one_device(n_shards, strategy, windows(n_shards))
+
+
+def test_ring_steps_in_pieces_of_query_rows_equal_one_device(monkeypatch):
+    # long shards split each ring step's queries (8 rows here) into rematerialized pieces of 2
+    monkeypatch.setattr(context, "BLOCK_SCORES", 16)
+    monkeypatch.setattr(context, "MIN_ROWS", 2)
+    assert context._rows_per_block(8, 8) == 2
+    check_against_one_device(4, "ring", [None, SEQ])
 
 
 def test_halo_pieces_cover_the_window():

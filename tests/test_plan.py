@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import subprocess
@@ -20,9 +21,9 @@ def moe_plan(*args):
 
 def test_factorizations_are_every_ordered_split_of_the_chips():
     meshes = plan.factorizations(8)
-    assert len(meshes) == 20  # 2^3 over four axes: C(3 + 3, 3)
-    assert all(m["data"] * m["fsdp"] * m["expert"] * m["tensor"] == 8 for m in meshes)
-    assert len({tuple(m.values()) for m in meshes}) == 20
+    assert len(meshes) == 35  # 2^3 over five axes: C(3 + 4, 4)
+    assert all(m["data"] * m["fsdp"] * m["context"] * m["expert"] * m["tensor"] == 8 for m in meshes)
+    assert len({tuple(m.values()) for m in meshes}) == 35
 
 
 TINY = [
@@ -42,11 +43,12 @@ def test_plan_compiles_every_dividing_mesh_ranks_them_and_caches(tmp_path):
     first = moe_plan(*args, "--out", tmp_path / "plans.json")
     assert first.returncode == 0, first.stdout + first.stderr
     result = json.loads((tmp_path / "plans.json").read_text())
-    # tiny-moe: 4 heads, 2 kv heads, 8 experts; 8 sequences over data x fsdp x expert
+    # tiny-moe: 4 heads, 2 kv heads, 8 experts; 8 sequences over data x fsdp x expert, 64 tokens over context
+    sizes = (1, 2, 4)
     expected = {
-        (d, f, e, t) for d in (1, 2, 4) for f in (1, 2, 4) for e in (1, 2, 4) for t in (1, 2) if d * f * e * t == 4
+        (d, f, c, e, t) for d, f, c, e in itertools.product(sizes, repeat=4) for t in (1, 2) if d * f * c * e * t == 4
     }
-    assert {tuple(p["mesh"][a] for a in plan.AXES) for p in result["plans"]} == expected and len(expected) == 9
+    assert {tuple(p["mesh"][a] for a in plan.AXES) for p in result["plans"]} == expected and len(expected) == 14
     reports = [p["report"] for p in result["plans"]]
     for r in reports:  # `moe aot --out` fields, from a real compile
         assert r["fits"] and r["total_bytes"] <= r["hbm_bytes"] and r["flops"] > 0 and r["temp_bytes"] > 0
@@ -95,11 +97,11 @@ def test_multislice_candidates_split_only_data_and_fsdp_over_dcn():
 
     cfg = config.load(ROOT / "configs/tiny-moe.yaml", ["train.batch_size=8", "model.vocab_size=512"])
     meshes, _ = plan.candidates(cfg, "v5p-8", slices=2)
-    assert meshes and all(m["data"] * m["fsdp"] * m["expert"] * m["tensor"] == 8 for m in meshes)
+    assert meshes and all(m["data"] * m["fsdp"] * m["context"] * m["expert"] * m["tensor"] == 8 for m in meshes)
     for m in meshes:
         assert m["dcn_data"] * m["dcn_fsdp"] == 2 and m["data"] % m["dcn_data"] == 0 and m["fsdp"] % m["dcn_fsdp"] == 0
-    found = {(m["data"], m["fsdp"], m["expert"], m["tensor"], m["dcn_data"]) for m in meshes}
-    assert {(2, 1, 4, 1, 2), (1, 2, 4, 1, 1), (2, 2, 2, 1, 2), (2, 2, 2, 1, 1)} <= found
+    found = {(m["data"], m["fsdp"], m["context"], m["expert"], m["tensor"], m["dcn_data"]) for m in meshes}
+    assert {(2, 1, 1, 4, 1, 2), (1, 2, 1, 4, 1, 1), (2, 2, 1, 2, 1, 2), (2, 2, 1, 2, 1, 1), (2, 1, 2, 2, 1, 2)} <= found
     assert not any(m["data"] == m["fsdp"] == 1 for m in meshes)  # expert / tensor alone never cross slices
     held, _ = plan.candidates(cfg, "v5p-8", slices=2, fixed={"tensor": 1, "data": 2})
     assert held and all(m["tensor"] == 1 and m["data"] == 2 for m in held) and len(held) < len(meshes)
@@ -108,6 +110,6 @@ def test_multislice_candidates_split_only_data_and_fsdp_over_dcn():
         f"mesh.dcn_fsdp={meshes[0]['dcn_fsdp']}",
     ]
     assert (
-        plan.describe({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1})
-        == "2, 2, 2, 1 (DCN: data 2)"
+        plan.describe({"data": 2, "fsdp": 2, "context": 1, "expert": 2, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1})
+        == "2, 2, 1, 2, 1 (DCN: data 2)"
     )

@@ -200,7 +200,9 @@ def test_mesh_layouts_that_do_not_divide_are_refused(mesh, message):
 
 def test_fsdp_that_does_not_divide_d_model_is_refused():
     cfg = run_config(dict(data=1, fsdp=8), d_model=36, n_heads=2, n_kv_heads=2)
-    with pytest.raises(C.ConfigError, match="model.d_model \\(36\\) must be divisible by mesh.fsdp \\(8\\)"):
+    with pytest.raises(
+        C.ConfigError, match="model.d_model \\(36\\) must be divisible by mesh.fsdp x mesh.context \\(8\\)"
+    ):
         S.make_mesh(cfg)
 
 
@@ -227,11 +229,11 @@ class _SliceDevice:
         return f"d{self.id}/s{self.slice_index}"
 
 
-@pytest.mark.parametrize("axis", ["data", "fsdp"])
+@pytest.mark.parametrize("axis", ["data", "fsdp", "context"])
 def test_dcn_sizes_put_whole_slices_on_the_outer_blocks_of_their_axis(axis):
     # 2 slices of 4 devices; the DCN-crossing axis must change slice only between its halves
     devices = [_SliceDevice(i, i // 4) for i in range(8)]
-    mesh = {"data": 1, "fsdp": 1, "expert": 2, "tensor": 1, axis: 4, f"dcn_{axis}": 2}
+    mesh = {"data": 1, "fsdp": 1, "context": 1, "expert": 2, "tensor": 1, axis: 4, f"dcn_{axis}": 2}
     grid = S.device_grid(run_config(mesh), devices)
     assert grid.shape == tuple(mesh[a] for a in S.AXES)
     slices = np.vectorize(lambda d: d.slice_index)(np.moveaxis(grid, S.AXES.index(axis), 0))

@@ -3,8 +3,9 @@ optional KV cache (moe/model/kv_cache.py) for decoding: one implementation for b
 
 Masks are built from absolute positions, so the same code serves a training batch (query
 and key positions 0..seq-1) and a cache whose slots hold any positions (-1: empty). Long
-query sequences are processed in chunks of QUERY_CHUNK rows, so [seq, seq] scores are
-never materialized: memory grows as seq x keys / (seq / QUERY_CHUNK), not seq^2. A
+query sequences are processed in blocks of QUERY_CHUNK rows (fewer against more than
+SCORE_KEYS keys), each recomputed in the backward pass, so [seq, keys] scores are never
+materialized, forward or backward: one block's at a time. A
 sequence attending to itself (no cache: training, perplexity) goes in blocks of
 CAUSAL_BLOCK query rows that skip the key blocks its mask hides (causal_self_attention).
 
@@ -34,6 +35,8 @@ from moe.parallel import context
 from moe.parallel import mesh as mesh_lib
 
 QUERY_CHUNK = 1024  # queries per block when a sequence is longer than this
+SCORE_KEYS = 4096  # ... against up to this many keys; fewer rows per block against more
+MIN_QUERY_CHUNK = 128
 CAUSAL_BLOCK = 128  # query rows per block of training self-attention (fewer: one block)
 MAX_CAUSAL_BLOCKS = 16  # longer sequences take longer blocks, up to QUERY_CHUNK rows
 
@@ -131,13 +134,22 @@ def _attend_bwd(layout, residuals, dout):
 _attend_block.defvjp(_attend_fwd, _attend_bwd)
 
 
+def query_chunk(n_keys: int, chunk: int = QUERY_CHUNK) -> int:
+    """Query rows per block against `n_keys` keys: `chunk`, fewer when the keys are many,
+    so a block's scores hold at most chunk x SCORE_KEYS entries per head."""
+    return min(chunk, max(MIN_QUERY_CHUNK, chunk * SCORE_KEYS // max(n_keys, 1)))
+
+
 def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None, k_seg=None, chunk: int = QUERY_CHUNK):
     """q: [batch, q, kv_heads, group, head_dim]; k, v: [batch, s, kv_heads, head_dim].
 
     Query head h = kv * group + g uses kv head kv (h // group). Softmax in float32. Masks
-    as attention_mask; queries longer than `chunk` go in blocks of `chunk` (padded at the end).
+    as attention_mask; queries longer than a block (query_chunk(s, chunk) rows) go in
+    blocks (padded at the end), each rematerialized in the backward pass, so only one
+    block's scores are ever live.
     """
     n_q = q.shape[1]
+    chunk = query_chunk(k.shape[1], chunk)
     if n_q <= chunk:
         return _attend_block(q, k, v, attention_mask(q_pos, k_pos, sliding_window, q_seg, k_seg))
     n_blocks = -(-n_q // chunk)
@@ -150,6 +162,7 @@ def dot_product_attention(q, k, v, q_pos, k_pos, sliding_window=None, q_seg=None
     has_seg = q_seg is not None
     xs = (blocks(q), blocks(q_pos, -1), blocks(q_seg) if has_seg else jnp.zeros((n_blocks,)))
 
+    @jax.checkpoint
     def one(args):
         q_b, pos_b, seg_b = args
         mask = attention_mask(pos_b, k_pos, sliding_window, seg_b if has_seg else None, k_seg)

@@ -128,6 +128,37 @@ def _rescale(peak, new_peak):
     return jnp.where(jnp.isfinite(peak), jnp.exp(peak - jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)), 0.0)
 
 
+BLOCK_SCORES = 1024 * 4096  # a ring step's scores per head and row of the batch, at most
+MIN_ROWS = 128
+
+
+def _rows_per_block(shard: int, n_keys: int) -> int:
+    """Query rows per piece of a ring step: the whole shard, or the largest divisor of it
+    that keeps rows x keys within BLOCK_SCORES (at least MIN_ROWS)."""
+    budget = max(MIN_ROWS, BLOCK_SCORES // n_keys)
+    return next((r for r in range(min(budget, shard), 0, -1) if shard % r == 0), shard)
+
+
+def _ring_step(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window, mask_fn):
+    """_block_scores of one ring step, the queries in pieces of _rows_per_block rows, each
+    recomputed in the backward pass: only one piece's scores are live at a time."""
+    shard = q.shape[1]
+    rows = _rows_per_block(shard, k.shape[1])
+    if rows == shard:
+        return _block_scores(q, k, v, mask_fn(q_pos, k_pos, window, q_seg, k_seg))
+    pieces = lambda a: jnp.moveaxis(a.reshape(a.shape[0], shard // rows, rows, *a.shape[2:]), 1, 0)  # noqa: E731
+
+    @jax.checkpoint
+    def one(args):
+        q_r, pos_r, seg_r = args
+        return _block_scores(q_r, k, v, mask_fn(pos_r, k_pos, window, None if q_seg is None else seg_r, k_seg))
+
+    seg = pieces(q_seg) if q_seg is not None else jnp.zeros((shard // rows,))
+    peak, total, out = jax.lax.map(one, (pieces(q), pieces(q_pos), seg))
+    joined = lambda a: jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], shard)  # [n, b, kv, g, rows] -> [b, kv, g, q]  # noqa: E731
+    return joined(peak), joined(total), jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
 def _ring(q, k, v, seg, *, window, n_shards, mask_fn):
     """Online softmax over the blocks as they come round: step t holds the block of the
     device t to the left; each step's ppermute is independent of its scores, so the
@@ -141,20 +172,19 @@ def _ring(q, k, v, seg, *, window, n_shards, mask_fn):
     total = jnp.zeros((b, n_kv, group, shard), jnp.float32)
     acc = jnp.zeros(q.shape, jnp.float32)
     block = (k, v, seg)
+    to_q = lambda s: jnp.moveaxis(s, 3, 1)[..., None]  # [b, kv, g, q] -> [b, q, kv, g, 1]  # noqa: E731
     for step in range(n_shards):
         k_b, v_b, seg_b = block
         if step + 1 < n_shards:  # the next block is on its way while this one is used
             block = jax.tree_util.tree_map(lambda x: jax.lax.ppermute(x, CONTEXT_AXIS, ring), block)
         k_pos = (((me - step) % n_shards) * shard + jnp.arange(shard))[None]
-        mask = mask_fn(q_pos, k_pos, window, seg, seg_b)  # [b or 1, 1, 1, q, s]
-        b_peak, b_total, b_out = _block_scores(q, k_b, v_b, mask)
+        b_peak, b_total, b_out = _ring_step(q, k_b, v_b, q_pos, k_pos, seg, seg_b, window=window, mask_fn=mask_fn)
         new_peak = jnp.maximum(peak, b_peak)
         old_scale, b_scale = _rescale(peak, new_peak), _rescale(b_peak, new_peak)
         total = total * old_scale + b_total * b_scale
-        to_q = lambda s: jnp.moveaxis(s, 3, 1)[..., None]  # [b, kv, g, q] -> [b, q, kv, g, 1]  # noqa: E731
         acc = acc * to_q(old_scale) + b_out * to_q(b_scale)
         peak = new_peak
-    return (acc / jnp.moveaxis(total, 3, 1)[..., None]).astype(q.dtype)
+    return (acc / to_q(total)).astype(q.dtype)
 
 
 def attention(mesh, q, k, v, seg, *, window, strategy, local_attention, mask_fn):

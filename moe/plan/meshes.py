@@ -4,8 +4,9 @@ in parallel processes (`moe aot --out`) and ranked.
     moe plan configs/mixtral-8x7b.yaml --topology v5p-128 --jobs 2 train.batch_size=128 train.seq_len=4096
 
 A mesh is a candidate when its axes multiply to the topology's chips and the model divides
-over them (moe/parallel/mesh.py check_divisibility: batch over data x fsdp x expert, experts over
-expert, heads / kv heads / d_ff / vocab over tensor, d_model over fsdp). Candidates are
+over them (moe/parallel/mesh.py check_divisibility: batch over data x fsdp x expert, the
+sequence over context, experts over expert, heads / kv heads / d_ff / vocab over tensor,
+d_model over fsdp x context). Candidates are
 pruned before compiling when tensor parallelism would leave a host (more than its 4
 chips) or when parameters and optimizer state alone exceed the chip's HBM (computed from
 the shardings, without compiling). Compiled reports are cached by the resolved config,
@@ -38,7 +39,7 @@ from moe.parallel import mesh as mesh_lib
 from moe.plan import aot
 from moe.training import state as state_lib
 
-AXES = mesh_lib.AXES  # data, fsdp, expert, tensor
+AXES = mesh_lib.AXES  # data, fsdp, context, expert, tensor
 CHIPS_PER_HOST = 4  # v4, v5p, v5e and v6e hosts hold 4 chips (8 for some v5e / v6e hosts)
 
 
@@ -73,13 +74,13 @@ def describe(mesh: dict) -> str:
 
 
 def factorizations(chips: int) -> list[dict]:
-    """Every (data, fsdp, expert, tensor) whose product is `chips`."""
+    """Every (data, fsdp, context, expert, tensor) whose product is `chips`."""
     divisors = [d for d in range(1, chips + 1) if chips % d == 0]
     meshes = []
-    for data, fsdp, expert in itertools.product(divisors, repeat=3):
-        tensor, left = divmod(chips, data * fsdp * expert)
+    for data, fsdp, context, expert in itertools.product(divisors, repeat=4):
+        tensor, left = divmod(chips, data * fsdp * context * expert)
         if not left:
-            meshes.append(dict(zip(AXES, (data, fsdp, expert, tensor))))
+            meshes.append(dict(zip(AXES, (data, fsdp, context, expert, tensor))))
     return meshes
 
 
@@ -271,7 +272,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"{result['config']} on {where} ({result['chips']} chips), batch {result['batch']} x "
         f"{result['seq']}: {len(result['plans'])} meshes compiled, {len(result['pruned'])} left out",
-        "| rank | data, fsdp, expert, tensor | fits | params | opt state | temporaries | total "
+        "| rank | data, fsdp, context, expert, tensor | fits | params | opt state | temporaries | total "
         "| compiled / model FLOPs (one layer) | collectives | roofline step s | MFU bound |",
         "|---" * 11 + "|",
     ]

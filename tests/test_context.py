@@ -3,12 +3,15 @@ the sliding-window halo) and whole train steps under meshes with `context` equal
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from test_aot import needs_libtpu
+from test_loop import checkpoint_steps, moe_train, records
 from test_sharding import run_config, sharded_grads
 
 from moe import config as C
@@ -19,6 +22,8 @@ from moe.parallel import context
 from moe.parallel import mesh as S
 from moe.plan import aot
 from moe.training import step as T
+
+from helpers import ROOT
 
 SEQ = 32
 
@@ -226,3 +231,66 @@ def test_decoding_under_a_context_mesh_is_refused():
     with jax.set_mesh(S.make_mesh(dataclasses.replace(cfg, mesh=C.MeshConfig(data=4, context=2)))):
         with pytest.raises(C.ConfigError, match="decode under a mesh with mesh.context=1"):
             generate(cfg.model, params, [[1, 2, 3]], 2)
+
+
+LONG = ["train.seq_len=8192", "model.max_seq_len=8192", "model.sliding_window=3000", "train.batch_size=2"]
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+@pytest.mark.slow
+def test_moe_train_at_8k_tokens_over_four_context_shards_equals_one_device_and_resumes_after_a_kill(tmp_path):
+    """8192 tokens per sequence, a 3000-key window (each shard of 2048 reaches two shards
+    back): mesh.context=4 x data=2 on 8 CPU devices against one device, killed after the
+    checkpoint of step 2 and resumed."""
+    common = [*LONG, "train.steps=4", "checkpoint.every_steps=2", "train.eval_every=4"]
+    one = moe_train(tmp_path / "one", *common)
+    assert one.returncode == 0, one.stdout + one.stderr
+    sharded = [*common, "mesh.data=2", "mesh.context=4"]
+    killed = moe_train(tmp_path / "context", *sharded, env={**EIGHT_DEVICES, "MOE_FAULT_SIGKILL_AT_STEP": "3"})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert checkpoint_steps(tmp_path / "context") == [2]
+    resumed = moe_train(tmp_path / "context", *sharded, env=EIGHT_DEVICES)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from the checkpoint at step 2" in resumed.stdout + resumed.stderr
+    assert "'context': 4" in (tmp_path / "context" / "train.log").read_text()
+    a, b = records(tmp_path / "one"), records(tmp_path / "context")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["batch_crc32"] for r in a] == [r["batch_crc32"] for r in b]  # the same batches, resumed or not
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], atol=1e-5)
+
+
+def tpu_plan(tmp_path, name, *overrides):
+    """`moe aot` of a small tiny-moe for v5p-8 (4 chips) with a 64-key window: its report."""
+    from test_aot import moe_aot
+
+    out = tmp_path / f"{name}.json"
+    common = ["model.vocab_size=512", "model.n_layers=1", "model.sliding_window=64", "train.batch_size=4"]
+    result = moe_aot(ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "--out", out, *common, *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(out.read_text())
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_the_tpu_plans_halo_bytes_per_sequence_hold_as_the_context_size_or_the_sequence_doubles(tmp_path):
+    # the compiled TPU programs' collective-permutes (the halo, forward and backward, one
+    # layer) per sequence a chip holds: the same for 2 and 4 shards of 1024 tokens and for
+    # 4 shards of 2048; the all-gathers of fsdp's weights are left aside
+    plans = {
+        "context=2": (
+            tpu_plan(tmp_path, "c2", "train.seq_len=1024", "mesh.data=1", "mesh.fsdp=2", "mesh.context=2"),
+            2,
+        ),
+        "context=4": (tpu_plan(tmp_path, "c4", "train.seq_len=1024", "mesh.data=1", "mesh.context=4"), 4),
+        "context=4, 2048": (
+            tpu_plan(
+                tmp_path, "c4-long", "train.seq_len=2048", "model.max_seq_len=2048", "mesh.data=1", "mesh.context=4"
+            ),
+            4,
+        ),
+    }
+    per_row = {}
+    for name, (report, rows) in plans.items():
+        assert report["fits"] and report["mesh"]["context"] == int(name[8])
+        per_row[name] = report["collective_bytes_by_kind"]["collective-permute"] / rows
+    assert len(set(per_row.values())) == 1 and per_row["context=2"] > 0, per_row

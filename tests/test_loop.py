@@ -34,7 +34,7 @@ SMALL = [
 
 
 def moe_train(run_dir, *overrides, wait=True, env=None):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
     command = [
         sys.executable,
         "-m",

@@ -73,8 +73,8 @@ def test_plan_compiles_every_dividing_mesh_ranks_them_and_caches(tmp_path):
     "args, message",
     [
         (
-            ["train.batch_size=1"],
-            "no mesh of 4 chips divides this model with a micro-batch of 1 sequences; "
+            ["train.batch_size=1", "train.seq_len=63"],  # one sequence, and no context split of 63 tokens
+            "no mesh of 4 chips divides this model with a micro-batch of 1 sequences of 63 tokens; "
             "set train.batch_size= to a multiple",
         ),
         (["--topology", "v9-8"], "unknown topology 'v9-8'"),

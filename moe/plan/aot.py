@@ -116,6 +116,7 @@ class AotReport:
     peaks: tuple[float, float] | None = None  # the chip's (FLOP/s, HBM bytes/s)
     collective_bytes: int | None = None  # collective_bytes(): what the program's collectives produce
     collectives: dict = dataclasses.field(default_factory=dict)  # collective_counts(): instructions by kind
+    collective_kinds_bytes: dict = dataclasses.field(default_factory=dict)  # collective_bytes_by_kind()
 
     def to_dict(self) -> dict:
         """The report for scripts (`moe aot --json`, `moe plan`): per-chip bytes by kind,
@@ -137,6 +138,7 @@ class AotReport:
             "model_flops_one_layer": self.model_flops_one_layer,
             "collective_bytes": self.collective_bytes,
             "collectives": self.collectives,
+            "collective_bytes_by_kind": self.collective_kinds_bytes,
             "roofline": self.roofline(),
             "kernels": self.kernels,
             "compile_seconds": self.compile_seconds,
@@ -191,7 +193,11 @@ class AotReport:
                 f"{self.peaks[1] / 1e9:.0f} GB/s): MFU at most {roof['mfu']:.1%}"
             )
         if self.collective_bytes is not None:
-            kinds = ", ".join(f"{n} {kind}" for kind, n in self.collectives.items())
+            kinds = ", ".join(
+                f"{n} {kind}"
+                + (f" ({gib(self.collective_kinds_bytes[kind])})" if kind in self.collective_kinds_bytes else "")
+                for kind, n in self.collectives.items()
+            )
             lines.append(
                 f"collectives produce {gib(self.collective_bytes)} per chip (each instruction once)"
                 + (f": {kinds}" if kinds else "")
@@ -235,18 +241,25 @@ _COLLECTIVE = re.compile(
 )
 
 
-def collective_bytes(hlo_text: str) -> int:
-    """Bytes per chip that the collectives of a compiled program produce, each instruction
-    counted once (a loop body once, as XLA's cost analysis does); an async start counts
-    its largest buffer (its tuple also holds the operand)."""
-    total = 0
+def collective_bytes_by_kind(hlo_text: str) -> dict[str, int]:
+    """Bytes per chip that the collectives of a compiled program produce, by kind, each
+    instruction counted once (a loop body once, as XLA's cost analysis does: in a scan
+    over the layers, one layer's); an async start counts its largest buffer (its tuple
+    also holds the operand)."""
+    totals: dict[str, int] = {}
     for match in _COLLECTIVE.finditer(hlo_text):
         sizes = [
             DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
             for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))
         ]
-        total += (max(sizes) if match.group(3) else sum(sizes)) if sizes else 0
-    return total
+        size = (max(sizes) if match.group(3) else sum(sizes)) if sizes else 0
+        totals[match.group(2)] = totals.get(match.group(2), 0) + size
+    return dict(sorted(totals.items()))
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """collective_bytes_by_kind's total."""
+    return sum(collective_bytes_by_kind(hlo_text).values())
 
 
 def collective_counts(hlo_text: str) -> dict[str, int]:
@@ -365,6 +378,7 @@ def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> AotRepo
     report.fits = report.total_bytes <= hbm
     text = compiled.as_text()
     report.kernels = tpu_kernels(text)
-    report.collective_bytes = collective_bytes(text)
+    report.collective_kinds_bytes = collective_bytes_by_kind(text)
+    report.collective_bytes = sum(report.collective_kinds_bytes.values())
     report.collectives = collective_counts(text)
     return report

@@ -216,9 +216,10 @@ def plan(
         raise ConfigError(f"no mesh of {chips} chips with {fixed} divides this model; relax --fix")
     if not meshes and not pruned:
         raise ConfigError(
-            f"no mesh of {chips} chips divides this model with a micro-batch of {micro} sequences; "
-            f"set train.batch_size= to a multiple of {chips} (or of {chips // CHIPS_PER_HOST} with tensor "
-            "parallelism)"
+            f"no mesh of {chips} chips divides this model with a micro-batch of {micro} sequences of "
+            f"{cfg.train.seq_len} tokens; set train.batch_size= to a multiple of {chips} (or of "
+            f"{chips // CHIPS_PER_HOST} with tensor parallelism), or train.seq_len= to a multiple of the "
+            "chips left to mesh.context"
         )
     if not meshes:
         raise ConfigError(

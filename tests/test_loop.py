@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -313,3 +314,16 @@ def test_two_processes_log_the_same_losses_as_one_and_only_process_0_writes_the_
     assert gcs["runs/two/config.yaml"] == 1
     log = (storage.location("gs://moe-test/runs/two") / "train.log").read_text()
     assert log.count("resolved config") == 1 and log.count("over 8 devices in 2 processes") == 1
+
+
+def test_a_data_pipeline_whose_close_never_returns_does_not_hang_the_end_of_a_run(caplog):
+    from moe.training import loop
+
+    class Stuck:  # as grain's close, blocked on a message its worker left half-written
+        def close(self):
+            threading.Event().wait()
+
+    start = time.perf_counter()
+    loop._close_data(Stuck(), timeout_s=0.5)
+    assert time.perf_counter() - start < 5
+    assert "the data pipeline did not stop within" in caplog.text

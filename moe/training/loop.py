@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 import zlib
 
@@ -320,6 +321,19 @@ def _train(cfg: Config, mesh, train_docs, val_docs, run_dir, staging, progress: 
         bar.close()
         checkpoints.close()
         metrics_log.close()
-        if hasattr(batches, "close"):
-            batches.close()
+        _close_data(batches)
     return record
+
+
+def _close_data(batches, timeout_s: float = 60.0) -> None:
+    """Stop the data pipeline's worker processes, waiting at most timeout_s. Grain 0.2's
+    close can block forever reading a message its prefetch process left half-written
+    when it exited (seen after runs of 8192-token rows); by then every step and checkpoint
+    is stored, so the run logs it and ends instead of hanging."""
+    if not hasattr(batches, "close"):
+        return
+    closing = threading.Thread(target=batches.close, name="close-data", daemon=True)
+    closing.start()
+    closing.join(timeout_s)
+    if closing.is_alive():
+        log.warning("the data pipeline did not stop within %.0f s; ending without waiting for it", timeout_s)

@@ -296,3 +296,38 @@ def test_the_tpu_plans_halo_bytes_per_sequence_hold_as_the_context_size_or_the_s
         assert report["fits"] and report["mesh"]["context"] == int(name[8])
         per_row[name] = report["collective_bytes_by_kind"]["collective-permute"] / rows
     assert len(set(per_row.values())) == 1 and per_row["context=2"] > 0, per_row
+
+
+def test_lora_adapters_over_context_and_expert_shards_equal_one_device():
+    """Adapters on q, v, the experts and the router; context=2 x expert=4: the logits and
+    every gradient (adapters and base) equal one device's."""
+    from jax.sharding import NamedSharding
+    from test_lora import ALL, lora_params
+
+    import moe.model as model_lib
+    from moe.training import state as state_lib
+
+    cfg = C.Config(
+        model=dataclasses.replace(run_config().model, max_seq_len=SEQ),
+        lora=dataclasses.replace(ALL, targets=("q", "v", "mlp", "gate")),
+        train=C.TrainConfig(batch_size=4, seq_len=SEQ),
+        mesh=C.MeshConfig(data=1, context=2, expert=4),
+    )
+    params = lora_params(cfg.model, cfg.lora)
+    tokens = jax.random.randint(jax.random.key(5), (4, SEQ), 0, cfg.model.vocab_size)
+    weights = jax.random.normal(jax.random.key(6), (4, SEQ, cfg.model.vocab_size))
+
+    def loss(p, t):  # a mean over the tokens, as the training loss
+        return jnp.sum(model_lib.apply(cfg.model, p, t, lora=cfg.lora)[0] * weights) / tokens.size
+
+    want = jax.jit(jax.value_and_grad(loss))(params, tokens)
+    mesh = S.make_mesh(cfg)
+    shardings = state_lib.like_params(cfg, mesh, params)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(T._with_rules(cfg, jax.value_and_grad(loss)), in_shardings=(shardings, S.batch_sharding(mesh)))
+        got = fn(
+            jax.device_put(params, shardings), jax.device_put(tokens, NamedSharding(mesh, S.batch_sharding(mesh).spec))
+        )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got[1])[0], jax.tree_util.tree_leaves(want[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path))

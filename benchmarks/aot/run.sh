@@ -58,3 +58,23 @@ plan mixtral-8x7b v5p-128 fsdp64-fine32-top8 splash megablox mesh.fsdp=64 mesh.d
 # shellcheck disable=SC2086
 plan mixtral-8x7b v5p-128 fsdp64-fine32-top7-shared1 splash megablox mesh.fsdp=64 mesh.data=1 $big \
   model.n_experts=32 model.top_k=7 model.d_ff=3584 model.n_shared_experts=1
+# long context (docs/context.md): 32 sequences of 32768 tokens, each split over mesh.context
+# (attention inside a shard is the blocked XLA attention whatever model.attention says)
+long="train.batch_size=32 train.seq_len=32768"
+for split in "fsdp32-context2 mesh.fsdp=32 mesh.context=2" "fsdp16-context4 mesh.fsdp=16 mesh.context=4" \
+  "fsdp8-context8 mesh.fsdp=8 mesh.context=8"; do
+  read -r name meshes <<< "$split"
+  # shellcheck disable=SC2086
+  plan mixtral-8x7b v5p-128 "long32k-$name" xla megablox mesh.data=1 $meshes $long
+done
+# shellcheck disable=SC2086
+plan mixtral-8x7b v5p-128 long32k-fsdp8-context8-allgather xla megablox mesh.data=1 mesh.fsdp=8 mesh.context=8 \
+  $long model.context_parallel=all_gather
+# shellcheck disable=SC2086
+plan mixtral-8x7b v5p-256 long32k-fsdp32-context4 xla megablox mesh.data=1 mesh.fsdp=32 mesh.context=4 $long
+# the 7B dense with its 4096-key window: the halo, as the context size doubles
+for split in "fsdp8-context2 mesh.fsdp=8 mesh.context=2" "fsdp4-context4 mesh.fsdp=4 mesh.context=4"; do
+  read -r name meshes <<< "$split"
+  # shellcheck disable=SC2086
+  plan mistral-7b v5p-32 "long32k-$name" xla auto mesh.data=1 $meshes train.batch_size=8 train.seq_len=32768
+done

@@ -267,6 +267,7 @@ def tpu_plan(tmp_path, name, *overrides):
 
     out = tmp_path / f"{name}.json"
     common = ["model.vocab_size=512", "model.n_layers=1", "model.sliding_window=64", "train.batch_size=4"]
+    common += ["model.max_seq_len=2048"]
     result = moe_aot(ROOT / "configs/tiny-moe.yaml", "--topology", "v5p-8", "--out", out, *common, *overrides)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text())
@@ -285,9 +286,7 @@ def test_the_tpu_plans_halo_bytes_per_sequence_hold_as_the_context_size_or_the_s
         ),
         "context=4": (tpu_plan(tmp_path, "c4", "train.seq_len=1024", "mesh.data=1", "mesh.context=4"), 4),
         "context=4, 2048": (
-            tpu_plan(
-                tmp_path, "c4-long", "train.seq_len=2048", "model.max_seq_len=2048", "mesh.data=1", "mesh.context=4"
-            ),
+            tpu_plan(tmp_path, "c4-long", "train.seq_len=2048", "mesh.data=1", "mesh.context=4"),
             4,
         ),
     }

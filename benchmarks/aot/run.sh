@@ -72,9 +72,12 @@ plan mixtral-8x7b v5p-128 long32k-fsdp8-context8-allgather xla megablox mesh.dat
   $long model.context_parallel=all_gather
 # shellcheck disable=SC2086
 plan mixtral-8x7b v5p-256 long32k-fsdp32-context4 xla megablox mesh.data=1 mesh.fsdp=32 mesh.context=4 $long
-# the 7B dense with its 4096-key window: the halo, as the context size doubles
-for split in "fsdp8-context2 mesh.fsdp=8 mesh.context=2" "fsdp4-context4 mesh.fsdp=4 mesh.context=4"; do
-  read -r name meshes <<< "$split"
-  # shellcheck disable=SC2086
-  plan mistral-7b v5p-32 "long32k-$name" xla auto mesh.data=1 $meshes train.batch_size=8 train.seq_len=32768
-done
+# the 7B dense with its 4096-key window: the halo, as the context size doubles on the same
+# chips (twice the sequences per chip) and on twice the chips (the same sequences per chip)
+long7b="train.batch_size=8 train.seq_len=32768"
+# shellcheck disable=SC2086
+plan mistral-7b v5p-32 long32k-fsdp8-context2 xla auto mesh.data=1 mesh.fsdp=8 mesh.context=2 $long7b
+# shellcheck disable=SC2086
+plan mistral-7b v5p-32 long32k-fsdp4-context4 xla auto mesh.data=1 mesh.fsdp=4 mesh.context=4 $long7b
+# shellcheck disable=SC2086
+plan mistral-7b v5p-64 long32k-fsdp8-context4 xla auto mesh.data=1 mesh.fsdp=8 mesh.context=4 $long7b

@@ -108,18 +108,25 @@ def encode(sp, files: list[Path], docs: int, seq: int) -> list[list[int]]:
     return out
 
 
-def _route_docs(src, docs: list[list[int]], seq: int, batch: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per document, its choices [layers, tokens, top_k] and first-choice probabilities [layers, tokens]."""
-    fn = jax.jit(lambda p, t: routing(src.model, p, t))
+def per_document(fn, docs: list[list[int]], seq: int, batch: int = 8, desc: str | None = None) -> list[tuple]:
+    """fn(tokens [batch, seq]) -> arrays [layers, batch, seq, ...], run over the documents
+    in zero-padded batches of `batch` rows: per document, each array cut to its tokens."""
     out = []
-    for first in progress.bar(range(0, len(docs), batch), desc="routing documents", unit="batch"):
+    starts = range(0, len(docs), batch)
+    for first in progress.bar(starts, desc=desc, unit="batch") if desc else starts:
         group = docs[first : first + batch]
         tokens = np.zeros((batch, seq), np.int32)
         for r, ids in enumerate(group):
             tokens[r, : len(ids)] = ids
-        idx, top1 = (np.asarray(a) for a in fn(src.params, jnp.asarray(tokens)))  # [layers, batch, seq(, k)]
-        out += [(idx[:, r, : len(ids)], top1[:, r, : len(ids)]) for r, ids in enumerate(group)]
+        arrays = [np.asarray(a) for a in fn(jnp.asarray(tokens))]
+        out += [tuple(a[:, r, : len(ids)] for a in arrays) for r, ids in enumerate(group)]
     return out
+
+
+def _route_docs(src, docs: list[list[int]], seq: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per document, its choices [layers, tokens, top_k] and first-choice probabilities [layers, tokens]."""
+    fn = jax.jit(lambda p, t: routing(src.model, p, t))
+    return per_document(lambda tokens: fn(src.params, tokens), docs, seq, desc="routing documents")
 
 
 def analyze(

@@ -56,15 +56,8 @@ def router_logits(cfg, params, tokens):
 def usage(cfg, params, docs: list[list[int]], seq: int) -> dict:
     """Per layer [layers, experts]: load (top-k copies) and weight (summed top-k weights), and
     the router logits of every token [layers, tokens, experts], over the documents."""
-    fn = jax.jit(lambda p, t: router_logits(cfg, p, t))
-    logits = []
-    for first in range(0, len(docs), 8):
-        group = docs[first : first + 8]
-        tokens = np.zeros((8, seq), np.int32)
-        for r, ids in enumerate(group):
-            tokens[r, : len(ids)] = ids
-        out = np.asarray(fn(params, jnp.asarray(tokens)))  # [layers, 8, seq, experts]
-        logits += [out[:, r, : len(ids)] for r, ids in enumerate(group)]
+    fn = jax.jit(lambda p, t: (router_logits(cfg, p, t),))  # [layers, batch, seq, experts]
+    logits = [doc[0] for doc in routing.per_document(lambda tokens: fn(params, tokens), docs, seq)]
     logits_lte = np.concatenate(logits, axis=1)
     bias = params["layers"]["moe"].get("bias")
     load, weight = [], []

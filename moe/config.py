@@ -67,7 +67,7 @@ class ModelConfig:
     # auto: splash on TPU, cudnn on GPU (16-bit); moe/model/attention.py
     attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
     # attention across sequence shards when mesh.context > 1 (moe/parallel/context.py): keys
-    # and values all-gathered, or passed around a ring; auto: ring from 8 shards up
+    # and values all-gathered, or passed around a ring; auto: all_gather (docs/context.md)
     context_parallel: Literal["auto", "all_gather", "ring"] = "auto"
     remat: Literal["none", "full", "save_dots"] = "none"
     init_std: float = 0.02

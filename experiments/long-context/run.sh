@@ -16,5 +16,5 @@ common=(configs/study-moe.yaml --no-progress 'data.paths=[runs/long-context/corp
 XLA_FLAGS=--xla_force_host_platform_device_count=4 moe train "${common[@]}" --run-dir runs/long-context/context4 \
   mesh.data=1 mesh.context=4
 XLA_FLAGS='' moe train "${common[@]}" --run-dir runs/long-context/context1
-XLA_FLAGS='' moe eval "runs/long-context/context4/checkpoints/$steps" --passkey --lengths 8192 \
+XLA_FLAGS='' moe eval "runs/long-context/context4/checkpoints/$steps" --passkey --lengths 8176 \
   --depths 0 0.5 1 --trials 2 --out experiments/long-context/passkey-context4 --no-progress

@@ -56,12 +56,11 @@ def applies(mesh, rows: int, seq: int) -> bool:
     return seq % n_shards == 0 and rows % batch == 0
 
 
-def resolve(strategy: str, n_shards: int) -> str:
-    """model.context_parallel: "auto" is all_gather up to 4 shards and ring beyond, where
-    the gathered keys grow past a quarter of the sequence per device (docs/context.md)."""
-    if strategy != "auto":
-        return strategy
-    return "all_gather" if n_shards <= 4 else "ring"
+def resolve(strategy: str) -> str:
+    """model.context_parallel: "auto" is all_gather, which the 32k TPU plans found no worse
+    than ring in memory and faster in the roofline up to 8 shards (docs/context.md); ring
+    is for sequences whose gathered keys a chip cannot hold."""
+    return "all_gather" if strategy == "auto" else strategy
 
 
 def uses_halo(window: int | None, seq: int) -> bool:
@@ -201,7 +200,7 @@ def attention(mesh, q, k, v, seg, *, window, strategy, local_attention, mask_fn)
     heads = TENSOR_AXIS if shape.get(TENSOR_AXIS, 1) > 1 and k.shape[2] % shape[TENSOR_AXIS] == 0 else None
     if uses_halo(window, q.shape[1]):
         fn = functools.partial(_halo, window=window, n_shards=n_shards, local_attention=local_attention)
-    elif resolve(strategy, n_shards) == "ring":
+    elif resolve(strategy) == "ring":
         fn = functools.partial(_ring, window=window, n_shards=n_shards, mask_fn=mask_fn)
     else:
         fn = functools.partial(_all_gather, window=window, n_shards=n_shards, local_attention=local_attention)

@@ -68,8 +68,8 @@ for split in "fsdp32-context2 mesh.fsdp=32 mesh.context=2" "fsdp16-context4 mesh
   plan mixtral-8x7b v5p-128 "long32k-$name" xla megablox mesh.data=1 $meshes $long
 done
 # shellcheck disable=SC2086
-plan mixtral-8x7b v5p-128 long32k-fsdp8-context8-allgather xla megablox mesh.data=1 mesh.fsdp=8 mesh.context=8 \
-  $long model.context_parallel=all_gather
+plan mixtral-8x7b v5p-128 long32k-fsdp8-context8-ring xla megablox mesh.data=1 mesh.fsdp=8 mesh.context=8 \
+  $long model.context_parallel=ring
 # shellcheck disable=SC2086
 plan mixtral-8x7b v5p-256 long32k-fsdp32-context4 xla megablox mesh.data=1 mesh.fsdp=32 mesh.context=4 $long
 # the 7B dense with its 4096-key window: the halo, as the context size doubles on the same

@@ -9,7 +9,8 @@ three ways of reaching the keys it needs:
                 reduce-scattered back); queries stay local.
     ring        key/value blocks passed around the `context` ring with ppermute, one hop
                 per step, each block's scores combined with the running ones by an online
-                (log-sum-exp) softmax; no device ever holds more than two blocks.
+                (log-sum-exp) softmax; the forward holds two blocks at a time (the
+                backward keeps every step's, as all_gather keeps the whole sequence).
     halo        sliding-window layers (model.sliding_window W < seq): a shard's queries
                 reach back at most W - 1 positions, so it receives only the W - 1 keys and
                 values before its first position, from as many left neighbours as hold
@@ -36,7 +37,6 @@ from jax.sharding import PartitionSpec as P
 from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS
 
 TENSOR_AXIS = "tensor"
-STRATEGIES = ("all_gather", "ring")
 
 
 def size(mesh) -> int:
@@ -160,8 +160,8 @@ def _ring_step(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window, mask_fn):
 
 def _ring(q, k, v, seg, *, window, n_shards, mask_fn):
     """Online softmax over the blocks as they come round: step t holds the block of the
-    device t to the left; each step's ppermute is independent of its scores, so the
-    transfer of the next block overlaps this block's compute."""
+    device t to the left; each step's ppermute is issued before, and independent of, its
+    scores, so the scheduler may overlap the next block's transfer with this block's work."""
     shard = q.shape[1]
     me = jax.lax.axis_index(CONTEXT_AXIS)
     q_pos = (me * shard + jnp.arange(shard))[None]
@@ -174,7 +174,7 @@ def _ring(q, k, v, seg, *, window, n_shards, mask_fn):
     to_q = lambda s: jnp.moveaxis(s, 3, 1)[..., None]  # [b, kv, g, q] -> [b, q, kv, g, 1]  # noqa: E731
     for step in range(n_shards):
         k_b, v_b, seg_b = block
-        if step + 1 < n_shards:  # the next block is on its way while this one is used
+        if step + 1 < n_shards:  # the next block sent before this one is used
             block = jax.tree_util.tree_map(lambda x: jax.lax.ppermute(x, CONTEXT_AXIS, ring), block)
         k_pos = (((me - step) % n_shards) * shard + jnp.arange(shard))[None]
         b_peak, b_total, b_out = _ring_step(q, k_b, v_b, q_pos, k_pos, seg, seg_b, window=window, mask_fn=mask_fn)

@@ -241,13 +241,16 @@ def _free_port():
 
 
 def test_two_processes_log_the_same_losses_as_one_and_only_process_0_writes_the_shared_files(tmp_path, children, gcs):
+    # rows split over the processes (data=2 is the outer axis), each process's sequences
+    # over 2 of its devices (context) and its experts over 2 (expert)
     common = [
         "train.steps=3",
         "checkpoint.every_steps=3",
         "data.workers=0",
         "train.batch_size=8",
         "mesh.data=2",
-        "mesh.expert=4",
+        "mesh.context=2",
+        "mesh.expert=2",
     ]
     single = subprocess.run(
         [
@@ -305,6 +308,7 @@ def test_two_processes_log_the_same_losses_as_one_and_only_process_0_writes_the_
     outputs = [c.communicate(timeout=600)[0] for c in children]
     assert all(c.returncode == 0 for c in children), [out[-4000:] for out in outputs]
     assert "over 8 devices in 2 processes" in outputs[0] and "met the other processes" in outputs[1]
+    assert "'context': 2, 'expert': 2" in outputs[0]
     one, two = records(tmp_path / "one"), records("gs://moe-test/runs/two")  # the 2-process run on gs://
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):

@@ -28,13 +28,12 @@ dot_product_attention), as the MoE block passes its dispatch to expert_parallel.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS
+from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS, splits_evenly
 
 TENSOR_AXIS = "tensor"
 
@@ -49,11 +48,7 @@ def applies(mesh, rows: int, seq: int) -> bool:
     that the rows and the sequence divide over (shape-only traces, such as init on one
     token, take the plain path; a training sequence that does not divide is refused
     earlier, by mesh.check_divisibility)."""
-    n_shards = size(mesh)
-    if n_shards == 1:
-        return False
-    batch = math.prod(n for axis, n in dict(mesh.shape).items() if axis in BATCH_AXES)
-    return seq % n_shards == 0 and rows % batch == 0
+    return size(mesh) > 1 and splits_evenly(mesh, rows, seq)
 
 
 def resolve(strategy: str) -> str:

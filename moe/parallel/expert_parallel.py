@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe.parallel import collectives
-from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS
+from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS, splits_evenly
 
 EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
 
@@ -43,11 +43,7 @@ def wants_shard_map(mesh, n_rows: int, seq: int = 1) -> bool:
     """True under a multi-device mesh, for rows that split over the batch axes and sequences
     over `context` (shape-only traces such as init with one token use the plain dispatch).
     Without it, the compiler may replicate the sort-based dispatch on every device."""
-    if mesh is None or mesh.size == 1:
-        return False
-    shape = dict(mesh.shape)
-    shards = math.prod(size for axis, size in shape.items() if axis in BATCH_AXES)
-    return n_rows % shards == 0 and seq % shape.get(CONTEXT_AXIS, 1) == 0
+    return mesh is not None and mesh.size > 1 and splits_evenly(mesh, n_rows, seq)
 
 
 def _positions(dest, n_shards: int):

@@ -157,6 +157,14 @@ def active_mesh():
     return None if mesh.empty else mesh
 
 
+def splits_evenly(mesh, rows: int, seq: int = 1) -> bool:
+    """Whether [rows, seq] arrays divide over `mesh`: rows over the batch axes, the
+    sequence over `context`."""
+    shape = dict(mesh.shape)
+    shards = math.prod(size for axis, size in shape.items() if axis in BATCH_AXES)
+    return rows % shards == 0 and seq % shape.get(CONTEXT_AXIS, 1) == 0
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """A batch array [rows, seq]: rows over the batch axes, the sequence over `context`."""
     return NamedSharding(mesh, P(BATCH_AXES, CONTEXT_AXIS))

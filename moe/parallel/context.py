@@ -33,9 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS, splits_evenly
-
-TENSOR_AXIS = "tensor"
+from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS, TENSOR_AXIS, splits_evenly
 
 
 def size(mesh) -> int:

@@ -34,9 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe.parallel import collectives
-from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS, splits_evenly
-
-EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
+from moe.parallel.mesh import BATCH_AXES, CONTEXT_AXIS, EXPERT_AXIS, TENSOR_AXIS, splits_evenly
 
 
 def wants_shard_map(mesh, n_rows: int, seq: int = 1) -> bool:

@@ -29,6 +29,7 @@ from moe.config import Config, ConfigError, MeshConfig
 AXES = ("data", "fsdp", "context", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over these (expert too, outside the MoE block)
 CONTEXT_AXIS = "context"  # the sequence is split over this one
+EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
 
 RULES = {
     # FSDP over the embedding dimension, experts over `expert`, heads / MLP / vocab over `tensor`.

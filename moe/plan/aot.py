@@ -114,9 +114,12 @@ class AotReport:
     kernels: dict = dataclasses.field(default_factory=dict)  # tpu_kernels(): Mosaic kernel calls by origin
     compiled_bytes: float | None = None  # XLA's "bytes accessed" (the scanned layer body once, as FLOPs)
     peaks: tuple[float, float] | None = None  # the chip's (FLOP/s, HBM bytes/s)
-    collective_bytes: int | None = None  # collective_bytes(): what the program's collectives produce
     collectives: dict = dataclasses.field(default_factory=dict)  # collective_counts(): instructions by kind
-    collective_kinds_bytes: dict = dataclasses.field(default_factory=dict)  # collective_bytes_by_kind()
+    collective_kinds_bytes: dict | None = None  # collective_bytes_by_kind(): what the collectives produce
+
+    @property
+    def collective_bytes(self) -> int | None:
+        return None if self.collective_kinds_bytes is None else sum(self.collective_kinds_bytes.values())
 
     def to_dict(self) -> dict:
         """The report for scripts (`moe aot --json`, `moe plan`): per-chip bytes by kind,
@@ -379,6 +382,5 @@ def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> AotRepo
     text = compiled.as_text()
     report.kernels = tpu_kernels(text)
     report.collective_kinds_bytes = collective_bytes_by_kind(text)
-    report.collective_bytes = sum(report.collective_kinds_bytes.values())
     report.collectives = collective_counts(text)
     return report
